@@ -1,0 +1,50 @@
+"""Exceptions raised by flujo-sqlite.
+
+Every exception derives from :class:`FlujoSQLiteError`, and also from the standard exception
+that means the same thing, so existing ``except ValueError`` / ``except TypeError`` /
+``except sqlite3.OperationalError`` clauses keep working when you switch from Flujo's backend.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+__all__ = [
+    "FlujoSQLiteError",
+    "InvalidStateError",
+    "SerializationError",
+    "DatabaseError",
+    "DatabaseLockedError",
+    "CorruptDatabaseError",
+    "BackendClosedError",
+]
+
+
+class FlujoSQLiteError(Exception):
+    """Root of every error raised by flujo-sqlite."""
+
+
+class InvalidStateError(FlujoSQLiteError, ValueError):
+    """An argument or a state field has a value the store cannot accept. Nothing was written."""
+
+
+class SerializationError(FlujoSQLiteError, TypeError):
+    """A value in the state cannot be stored as JSON. The message names where it sits, e.g.
+    ``pipeline_context['model']``, and its type. Nothing was written; register a serializer
+    with :func:`flujo_sqlite.register_serializer` to store such objects."""
+
+
+class DatabaseError(FlujoSQLiteError, sqlite3.DatabaseError):
+    """SQLite failed: a full disk, a read-only file, an unexpected layout, an I/O error."""
+
+
+class DatabaseLockedError(DatabaseError, sqlite3.OperationalError):
+    """Another connection kept the database locked for longer than we were willing to wait."""
+
+
+class CorruptDatabaseError(DatabaseError):
+    """The file is not a readable SQLite database. flujo-sqlite never moves or replaces it."""
+
+
+class BackendClosedError(FlujoSQLiteError, RuntimeError):
+    """The backend was closed; create a new one."""

@@ -1,0 +1,57 @@
+//! The core's one error type. The binding layer maps each variant to exactly one Python
+//! exception class; messages are written for the person who has to fix the problem.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The caller passed something the store cannot accept; nothing was written.
+    #[error("{0}")]
+    InvalidInput(String),
+
+    /// Another connection kept the write lock for longer than the configured wait.
+    #[error(
+        "database {path} is locked: another connection held its write lock for {waited:.1?} \
+         and we gave up waiting. Check for other processes (or a long-running transaction, \
+         e.g. an open sqlite3 shell) using this file, or raise `busy_timeout`."
+    )]
+    Locked { path: PathBuf, waited: Duration },
+
+    /// The file exists but is not a readable SQLite database.
+    #[error(
+        "{path} is not a usable SQLite database ({detail}). flujo-sqlite never renames, \
+         replaces or empties your file: restore it from a backup, rescue what it holds with \
+         `SQLiteBackend.recover()`, or move it aside yourself so a fresh database can be created."
+    )]
+    Corrupt { path: PathBuf, detail: String },
+
+    /// SQLite could not open or create the file at all.
+    #[error("cannot open database {path}: {detail}")]
+    CannotOpen { path: PathBuf, detail: String },
+
+    /// The file was written by a newer release whose layout we do not know.
+    #[error(
+        "database {path} has schema version {found}, newer than the versions this flujo-sqlite \
+         understands (up to {supported}); upgrade flujo-sqlite to open it"
+    )]
+    SchemaTooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+
+    /// The file's tables cannot hold what this call needs (a layout we cannot migrate).
+    #[error("database {path} has an unexpected layout: {detail}")]
+    Layout { path: PathBuf, detail: String },
+
+    /// `close()` was called; the engine accepts no more work.
+    #[error("this SQLiteBackend is closed; create a new one to keep working with {path}")]
+    Closed { path: PathBuf },
+
+    /// Any other SQLite failure (disk full, read-only file, I/O error...).
+    #[error("SQLite error on {path}: {detail}")]
+    Storage { path: PathBuf, detail: String },
+}

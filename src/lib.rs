@@ -1,0 +1,14 @@
+//! flujo-sqlite: a fast, safe, file-compatible SQLite state backend for Flujo.
+//!
+//! The core (everything but `python`) is plain Rust: it knows nothing of Python and is tested
+//! with `cargo test`. The `python` module, built only with the `python` feature, is the thin
+//! pyo3 binding that maturin compiles into `flujo_sqlite._native`.
+
+pub mod engine;
+pub mod error;
+pub mod model;
+pub mod sqlite;
+pub mod timestamp;
+
+#[cfg(feature = "python")]
+mod python;

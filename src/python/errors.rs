@@ -1,0 +1,45 @@
+//! The one place where core errors become Python exceptions. The classes live in
+//! `flujo_sqlite/errors.py` (they need multiple inheritance from stdlib exceptions).
+
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyType;
+
+use crate::error::Error;
+
+fn class<'py>(py: Python<'py>, cell: &'static PyOnceLock<Py<PyType>>, name: &str) -> PyResult<Bound<'py, PyType>> {
+    cell.import(py, "flujo_sqlite.errors", name).map(|c| c.clone())
+}
+
+macro_rules! exception_class {
+    ($fn_name:ident, $class:literal) => {
+        pub(crate) fn $fn_name(py: Python<'_>, message: impl Into<String>) -> PyErr {
+            static CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+            match class(py, &CLASS, $class) {
+                Ok(class) => PyErr::from_type(class, message.into()),
+                Err(import_failed) => import_failed,
+            }
+        }
+    };
+}
+
+exception_class!(invalid_state, "InvalidStateError");
+exception_class!(serialization_error, "SerializationError");
+exception_class!(database_error, "DatabaseError");
+exception_class!(database_locked, "DatabaseLockedError");
+exception_class!(corrupt_database, "CorruptDatabaseError");
+exception_class!(backend_closed, "BackendClosedError");
+
+pub(crate) fn to_py_err(py: Python<'_>, error: &Error) -> PyErr {
+    let message = error.to_string();
+    match error {
+        Error::InvalidInput(_) => invalid_state(py, message),
+        Error::Locked { .. } => database_locked(py, message),
+        Error::Corrupt { .. } => corrupt_database(py, message),
+        Error::Closed { .. } => backend_closed(py, message),
+        Error::CannotOpen { .. }
+        | Error::SchemaTooNew { .. }
+        | Error::Layout { .. }
+        | Error::Storage { .. } => database_error(py, message),
+    }
+}

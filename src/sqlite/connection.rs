@@ -1,0 +1,111 @@
+//! Opening connections and translating SQLite's failures into the core's error type.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+
+use super::options::{Durability, SqliteOptions};
+use crate::error::Error;
+
+/// Which work a connection is for; readers are opened `query_only` so a bug can never write
+/// through them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Writer,
+    Reader,
+}
+
+pub(crate) fn open(options: &SqliteOptions, role: Role) -> Result<Connection, Error> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_URI;
+    let conn = Connection::open_with_flags(&options.path, flags)
+        .map_err(|e| classify(&options.path, e))?;
+    configure(&conn, options, role).map_err(|e| classify(&options.path, e))?;
+    Ok(conn)
+}
+
+fn configure(conn: &Connection, options: &SqliteOptions, role: Role) -> rusqlite::Result<()> {
+    conn.busy_timeout(options.busy_timeout)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    let synchronous = match options.durability {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", synchronous)?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    if role == Role::Reader {
+        conn.pragma_update(None, "query_only", "ON")?;
+    }
+    Ok(())
+}
+
+/// Maps a rusqlite error to the core error a caller can act on.
+pub(crate) fn classify(path: &Path, error: rusqlite::Error) -> Error {
+    let detail = error.to_string();
+    let code = match &error {
+        rusqlite::Error::SqliteFailure(failure, _) => Some(failure.code),
+        _ => None,
+    };
+    match code {
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => Error::Locked {
+            path: path.to_owned(),
+            waited: Duration::ZERO,
+        },
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => Error::Corrupt {
+            path: path.to_owned(),
+            detail,
+        },
+        Some(ErrorCode::CannotOpen) => Error::CannotOpen {
+            path: path.to_owned(),
+            detail: cannot_open_hint(path, detail),
+        },
+        _ => Error::Storage {
+            path: path.to_owned(),
+            detail,
+        },
+    }
+}
+
+/// "unable to open database file" alone does not say what to fix; look at the path.
+fn cannot_open_hint(path: &Path, detail: String) -> String {
+    if path.is_dir() {
+        return format!("{detail}: the path is a directory, not a file");
+    }
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() && !parent.exists() => {
+            format!("{detail}: its folder {} does not exist", parent.display())
+        }
+        _ => format!("{detail}: check that the folder exists and is writable"),
+    }
+}
+
+/// Runs `attempt` until it stops failing with `Error::Locked`, backing off between tries, for
+/// at most `options.lock_wait` in all (each try may itself wait up to `busy_timeout` inside
+/// SQLite). The final error reports how long we waited.
+pub(crate) fn retry_while_locked<T>(
+    options: &SqliteOptions,
+    mut attempt: impl FnMut() -> Result<T, Error>,
+) -> Result<T, Error> {
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match attempt() {
+            Err(Error::Locked { .. }) => {
+                let waited = started.elapsed();
+                if waited >= options.lock_wait {
+                    return Err(Error::Locked {
+                        path: options.path.clone(),
+                        waited,
+                    });
+                }
+                log::debug!("{} is locked; retrying in {pause:?}", options.path.display());
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(250));
+            }
+            other => return other,
+        }
+    }
+}

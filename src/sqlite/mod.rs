@@ -1,0 +1,163 @@
+//! The SQLite storage engine: one writer thread that commits queued writes together, and a
+//! small pool of reader threads with their own connections (WAL lets them run during writes).
+//! No thread here ever touches Python.
+
+mod connection;
+mod options;
+mod queries;
+mod readers;
+mod schema;
+mod writer;
+
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::Sender;
+use rusqlite::Connection;
+
+pub use options::{Durability, SqliteOptions};
+
+use crate::engine::{Completion, Request, Response, StateEngine};
+use crate::error::{Error, Result};
+use crate::timestamp::{age_from, TimeWindow};
+use connection::{classify, Role};
+use schema::Layout;
+
+pub(crate) struct Job {
+    request: Request,
+    done: Completion,
+}
+
+/// What every engine thread shares: the options and the file's layout, prepared once.
+pub(crate) struct Shared {
+    options: SqliteOptions,
+    layout: Mutex<Option<Layout>>,
+}
+
+impl Shared {
+    /// The file's layout, preparing the file on first use. A failure is not cached: the next
+    /// call tries again (the lock may be gone, the folder may exist by then).
+    fn layout(&self) -> Result<Layout> {
+        let mut layout = self.layout.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = *layout {
+            return Ok(known);
+        }
+        let prepared = connection::retry_while_locked(&self.options, || {
+            let mut conn = connection::open(&self.options, Role::Writer)?;
+            schema::prepare(&mut conn, &self.options)
+        })?;
+        *layout = Some(prepared);
+        Ok(prepared)
+    }
+}
+
+struct Queues {
+    writes: Sender<Job>,
+    reads: Sender<Job>,
+}
+
+pub struct SqliteEngine {
+    queues: RwLock<Option<Queues>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    path: std::path::PathBuf,
+}
+
+impl SqliteEngine {
+    /// Starts the engine's threads. The file is opened (and created or migrated) by the first
+    /// request, so a problem with it is reported to that request's caller.
+    pub fn start(options: SqliteOptions) -> Result<Self> {
+        if options.readers == 0 {
+            return Err(Error::InvalidInput("readers must be at least 1".into()));
+        }
+        let path = options.path.clone();
+        let readers = options.readers;
+        let shared = Arc::new(Shared {
+            options,
+            layout: Mutex::new(None),
+        });
+        let (write_tx, write_rx) = crossbeam_channel::unbounded();
+        let (read_tx, read_rx) = crossbeam_channel::unbounded();
+        let mut threads = vec![writer::spawn(Arc::clone(&shared), write_rx)?];
+        for index in 0..readers {
+            threads.push(readers::spawn(Arc::clone(&shared), read_rx.clone(), index)?);
+        }
+        Ok(SqliteEngine {
+            queues: RwLock::new(Some(Queues {
+                writes: write_tx,
+                reads: read_tx,
+            })),
+            threads: Mutex::new(threads),
+            path,
+        })
+    }
+}
+
+impl StateEngine for SqliteEngine {
+    fn submit(&self, request: Request, done: Completion) {
+        let queues = self.queues.read().unwrap_or_else(|p| p.into_inner());
+        let Some(queues) = queues.as_ref() else {
+            return done(Err(Error::Closed {
+                path: self.path.clone(),
+            }));
+        };
+        let queue = if request.is_write() {
+            &queues.writes
+        } else {
+            &queues.reads
+        };
+        if let Err(refused) = queue.send(Job { request, done }) {
+            (refused.0.done)(Err(Error::Closed {
+                path: self.path.clone(),
+            }));
+        }
+    }
+
+    fn close(&self) {
+        // Dropping the senders lets each thread finish what is queued, then exit.
+        self.queues
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for thread in threads {
+            if thread.join().is_err() {
+                log::error!("a flujo-sqlite engine thread panicked while closing");
+            }
+        }
+    }
+}
+
+impl Drop for SqliteEngine {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Runs one read request on a reader connection.
+fn execute_read(conn: &Connection, layout: Layout, shared: &Shared, request: &Request) -> Result<Response> {
+    let fail = |e| classify(&shared.options.path, e);
+    match request {
+        Request::LoadState { run_id } => queries::load_state(conn, layout, run_id)
+            .map(|state| Response::State(state.map(Box::new)))
+            .map_err(fail),
+        Request::ListStates { status } => queries::list_states(conn, status.as_deref())
+            .map(Response::States)
+            .map_err(fail),
+        Request::ListWorkflows(query) => queries::list_workflows(conn, layout, query)
+            .map(Response::Workflows)
+            .map_err(fail),
+        Request::WorkflowStats => queries::workflow_stats(conn, layout)
+            .map(Response::Stats)
+            .map_err(fail),
+        Request::FailedWorkflows { hours_back } => {
+            let age = age_from(*hours_back, 3600.0, "hours_back").map_err(Error::InvalidInput)?;
+            let window = TimeWindow::before(chrono::Utc::now(), age);
+            queries::failed_workflows(conn, &window)
+                .map(Response::Workflows)
+                .map_err(fail)
+        }
+        Request::SaveState { .. } | Request::DeleteState { .. } | Request::CleanupOldWorkflows { .. } => {
+            unreachable!("writes are routed to the writer")
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! How a SQLite engine is set up. Defined once; the binding fills it from the constructor.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What a commit promises once the caller's `await` returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `synchronous=FULL`: the WAL is fsynced at every commit. Survives power loss; the same
+    /// setting Flujo 0.4.35 commits with.
+    #[default]
+    Full,
+    /// `synchronous=NORMAL`: survives a crash of the process, but the last commits before a power
+    /// loss or OS crash may roll back (the database stays consistent).
+    Normal,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SqliteOptions {
+    pub path: PathBuf,
+    pub durability: Durability,
+    /// How long one statement waits for another connection's lock before we back off and retry.
+    pub busy_timeout: Duration,
+    /// How long a call may wait, in total, for a lock before failing with `Error::Locked`.
+    pub lock_wait: Duration,
+    /// Connections serving reads in parallel with the writer.
+    pub readers: usize,
+}
+
+impl SqliteOptions {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        SqliteOptions {
+            path: path.into(),
+            durability: Durability::Full,
+            busy_timeout: Duration::from_secs(5),
+            lock_wait: Duration::from_secs(30),
+            readers: 2,
+        }
+    }
+}

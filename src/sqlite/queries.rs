@@ -1,0 +1,347 @@
+//! The SQL for each request, and the mapping of rows to the core's records.
+//!
+//! Statements are built only from the constant fragments below (never from caller text; all
+//! values are bound) and go through rusqlite's prepared-statement cache.
+//! Lists order by `created_at DESC, rowid DESC`: Flujo's order plus a tie-breaker, so paging
+//! sees every row exactly once, and both columns come straight from our composite indexes.
+
+use chrono::Utc;
+use rusqlite::types::ValueRef;
+use rusqlite::{params, Connection, OptionalExtension, Row, ToSql};
+
+use super::schema::Layout;
+use crate::model::{
+    Cell, StateListing, StateRecord, StoredBackground, StoredState, WorkflowQuery,
+    WorkflowStats, WorkflowSummary,
+};
+use crate::timestamp::TimeWindow;
+
+/// Rows deleted per transaction by `cleanup_old_workflows`, so the writer lock is held briefly.
+pub(crate) const CLEANUP_BATCH_ROWS: i64 = 2000;
+
+const SUMMARY_COLUMNS: &str = "run_id, pipeline_id, pipeline_name, pipeline_version, \
+     current_step_index, status, created_at, updated_at, total_steps, error_message, \
+     execution_time_ms, memory_usage_mb";
+const BACKGROUND_SELECT: &str =
+    ", metadata, is_background_task, parent_run_id, task_id, background_error";
+
+const UPSERT_STATE: &str = "INSERT INTO workflow_state (run_id, pipeline_id, pipeline_name, \
+     pipeline_version, current_step_index, pipeline_context, last_step_output, step_history, \
+     status, created_at, updated_at, total_steps, error_message, execution_time_ms, \
+     memory_usage_mb) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
+     ON CONFLICT(run_id) DO UPDATE SET pipeline_id = excluded.pipeline_id, \
+     pipeline_name = excluded.pipeline_name, pipeline_version = excluded.pipeline_version, \
+     current_step_index = excluded.current_step_index, \
+     pipeline_context = excluded.pipeline_context, last_step_output = excluded.last_step_output, \
+     step_history = excluded.step_history, status = excluded.status, \
+     created_at = excluded.created_at, updated_at = excluded.updated_at, \
+     total_steps = excluded.total_steps, error_message = excluded.error_message, \
+     execution_time_ms = excluded.execution_time_ms, memory_usage_mb = excluded.memory_usage_mb";
+
+const UPSERT_STATE_WITH_BACKGROUND: &str = "INSERT INTO workflow_state (run_id, pipeline_id, \
+     pipeline_name, pipeline_version, current_step_index, pipeline_context, last_step_output, \
+     step_history, status, created_at, updated_at, total_steps, error_message, \
+     execution_time_ms, memory_usage_mb, metadata, is_background_task, parent_run_id, task_id, \
+     background_error) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, \
+     ?15, ?16, ?17, ?18, ?19, ?20) \
+     ON CONFLICT(run_id) DO UPDATE SET pipeline_id = excluded.pipeline_id, \
+     pipeline_name = excluded.pipeline_name, pipeline_version = excluded.pipeline_version, \
+     current_step_index = excluded.current_step_index, \
+     pipeline_context = excluded.pipeline_context, last_step_output = excluded.last_step_output, \
+     step_history = excluded.step_history, status = excluded.status, \
+     created_at = excluded.created_at, updated_at = excluded.updated_at, \
+     total_steps = excluded.total_steps, error_message = excluded.error_message, \
+     execution_time_ms = excluded.execution_time_ms, memory_usage_mb = excluded.memory_usage_mb, \
+     metadata = excluded.metadata, is_background_task = excluded.is_background_task, \
+     parent_run_id = excluded.parent_run_id, task_id = excluded.task_id, \
+     background_error = excluded.background_error";
+
+pub(crate) fn save_state(
+    conn: &Connection,
+    layout: Layout,
+    run_id: &str,
+    r: &StateRecord,
+) -> rusqlite::Result<()> {
+    let base: [&dyn ToSql; 15] = [
+        &run_id,
+        &r.pipeline_id,
+        &r.pipeline_name,
+        &r.pipeline_version,
+        &r.current_step_index,
+        &r.pipeline_context,
+        &r.last_step_output,
+        &r.step_history,
+        &r.status,
+        &r.created_at,
+        &r.updated_at,
+        &r.total_steps,
+        &r.error_message,
+        &r.execution_time_ms,
+        &r.memory_usage_mb,
+    ];
+    if layout.background_columns {
+        let b = &r.background;
+        let extra: [&dyn ToSql; 5] = [
+            &b.metadata,
+            &b.is_background_task,
+            &b.parent_run_id,
+            &b.task_id,
+            &b.background_error,
+        ];
+        let all: Vec<&dyn ToSql> = base.iter().chain(extra.iter()).copied().collect();
+        conn.prepare_cached(UPSERT_STATE_WITH_BACKGROUND)?
+            .execute(all.as_slice())?;
+    } else {
+        conn.prepare_cached(UPSERT_STATE)?.execute(base.as_slice())?;
+    }
+    Ok(())
+}
+
+pub(crate) fn delete_state(conn: &Connection, run_id: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached("DELETE FROM workflow_state WHERE run_id = ?1")?
+        .execute([run_id])?;
+    Ok(())
+}
+
+pub(crate) fn load_state(
+    conn: &Connection,
+    layout: Layout,
+    run_id: &str,
+) -> rusqlite::Result<Option<StoredState>> {
+    let sql = format!(
+        "SELECT run_id, pipeline_id, pipeline_name, pipeline_version, current_step_index, \
+         pipeline_context, last_step_output, step_history, status, created_at, updated_at, \
+         total_steps, error_message, execution_time_ms, memory_usage_mb{} \
+         FROM workflow_state WHERE run_id = ?1",
+        background_select(layout)
+    );
+    conn.prepare_cached(&sql)?
+        .query_row([run_id], |row| {
+            Ok(StoredState {
+                run_id: cell(row, 0)?,
+                pipeline_id: cell(row, 1)?,
+                pipeline_name: cell(row, 2)?,
+                pipeline_version: cell(row, 3)?,
+                current_step_index: cell(row, 4)?,
+                pipeline_context: json_text(row, 5)?,
+                last_step_output: json_text(row, 6)?,
+                step_history: json_text(row, 7)?,
+                status: cell(row, 8)?,
+                created_at: cell(row, 9)?,
+                updated_at: cell(row, 10)?,
+                total_steps: cell(row, 11)?,
+                error_message: cell(row, 12)?,
+                execution_time_ms: cell(row, 13)?,
+                memory_usage_mb: cell(row, 14)?,
+                background: background(row, layout, 15)?,
+            })
+        })
+        .optional()
+}
+
+pub(crate) fn list_states(
+    conn: &Connection,
+    status: Option<&str>,
+) -> rusqlite::Result<Vec<StateListing>> {
+    let status = status.filter(|s| !s.is_empty());
+    let sql = format!(
+        "SELECT run_id, status, created_at, updated_at FROM workflow_state {} \
+         ORDER BY created_at DESC, rowid DESC",
+        if status.is_some() { "WHERE status = ?1" } else { "" }
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let map = |row: &Row| {
+        Ok(StateListing {
+            run_id: cell(row, 0)?,
+            status: cell(row, 1)?,
+            created_at: cell(row, 2)?,
+            updated_at: cell(row, 3)?,
+        })
+    };
+    let rows = match status {
+        Some(s) => stmt.query_map([s], map)?.collect(),
+        None => stmt.query_map([], map)?.collect(),
+    };
+    rows
+}
+
+pub(crate) fn list_workflows(
+    conn: &Connection,
+    layout: Layout,
+    query: &WorkflowQuery,
+) -> rusqlite::Result<Vec<WorkflowSummary>> {
+    let status = query.status.as_deref().filter(|s| !s.is_empty());
+    let pipeline = query.pipeline_id.as_deref().filter(|s| !s.is_empty());
+    let filter = match (status, pipeline) {
+        (Some(_), Some(_)) => "WHERE status = ?1 AND pipeline_id = ?2",
+        (Some(_), None) => "WHERE status = ?1",
+        (None, Some(_)) => "WHERE pipeline_id = ?2",
+        (None, None) => "",
+    };
+    let sql = format!(
+        "SELECT {SUMMARY_COLUMNS}{} FROM workflow_state {filter} \
+         ORDER BY created_at DESC, rowid DESC LIMIT ?3 OFFSET ?4",
+        background_select(layout)
+    );
+    // SQLite reads a negative LIMIT as "no limit".
+    let limit = query.limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
+    let offset = i64::try_from(query.offset).unwrap_or(i64::MAX);
+    let mut stmt = conn.prepare_cached(&sql)?;
+    for (index, value) in [(1, status), (2, pipeline)] {
+        if let Some(value) = value {
+            stmt.raw_bind_parameter(index, value)?;
+        }
+    }
+    stmt.raw_bind_parameter(3, limit)?;
+    stmt.raw_bind_parameter(4, offset)?;
+    let mut rows = stmt.raw_query();
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        out.push(summary(row, layout)?);
+    }
+    Ok(out)
+}
+
+pub(crate) fn workflow_stats(
+    conn: &Connection,
+    layout: Layout,
+) -> rusqlite::Result<WorkflowStats> {
+    let total: i64 = conn
+        .prepare_cached("SELECT count(*) FROM workflow_state")?
+        .query_row([], |r| r.get(0))?;
+    let status_counts = counts_by_status(conn, "SELECT status, count(*) FROM workflow_state \
+         WHERE status IS NOT NULL GROUP BY status")?;
+    let day = TimeWindow::before(Utc::now(), chrono::Duration::hours(24));
+    let recent: i64 = conn
+        .prepare_cached(
+            "SELECT count(*) FROM workflow_state WHERE created_at >= ?1 \
+             AND julianday(created_at) >= julianday(?2)",
+        )?
+        .query_row(params![day.text_low, day.cutoff], |r| r.get(0))?;
+    let average: Option<f64> = conn
+        .prepare_cached("SELECT avg(execution_time_ms) FROM workflow_state")?
+        .query_row([], |r| r.get(0))?;
+    let background_status_counts = if layout.background_columns {
+        Some(counts_by_status(
+            conn,
+            "SELECT status, count(*) FROM workflow_state \
+             WHERE is_background_task = 1 AND status IS NOT NULL GROUP BY status",
+        )?)
+    } else {
+        None
+    };
+    Ok(WorkflowStats {
+        total_workflows: total.max(0) as u64,
+        status_counts,
+        recent_workflows_24h: recent.max(0) as u64,
+        average_execution_time_ms: average,
+        background_status_counts,
+    })
+}
+
+fn counts_by_status(
+    conn: &Connection,
+    sql: &str,
+) -> rusqlite::Result<std::collections::BTreeMap<String, u64>> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let rows = stmt.query_map([], |r| {
+        // A status stored as a number by some other writer still counts under its text.
+        let status = match r.get_ref(0)? {
+            ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+            other => format!("{other:?}"),
+        };
+        Ok((status, r.get::<_, i64>(1)?.max(0) as u64))
+    })?;
+    rows.collect()
+}
+
+/// Failed runs updated at or after the window's cutoff, most recently updated first.
+pub(crate) fn failed_workflows(
+    conn: &Connection,
+    window: &TimeWindow,
+) -> rusqlite::Result<Vec<WorkflowSummary>> {
+    let sql = format!(
+        "SELECT {SUMMARY_COLUMNS} FROM workflow_state WHERE status = 'failed' \
+         AND updated_at >= ?1 AND julianday(updated_at) >= julianday(?2) \
+         ORDER BY updated_at DESC, rowid DESC"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params![window.text_low, window.cutoff], |row| {
+        summary(row, Layout { background_columns: false })
+    })?;
+    rows.collect()
+}
+
+/// Deletes at most `CLEANUP_BATCH_ROWS` rows created before the window's cutoff; the writer
+/// calls it repeatedly, one short transaction each, until it returns fewer.
+pub(crate) fn cleanup_batch(conn: &Connection, window: &TimeWindow) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "DELETE FROM workflow_state WHERE rowid IN (SELECT rowid FROM workflow_state \
+         WHERE created_at < ?1 AND julianday(created_at) < julianday(?2) LIMIT ?3)",
+    )?
+    .execute(params![window.text_high, window.cutoff, CLEANUP_BATCH_ROWS])
+}
+
+fn background_select(layout: Layout) -> &'static str {
+    if layout.background_columns {
+        BACKGROUND_SELECT
+    } else {
+        ""
+    }
+}
+
+fn summary(row: &Row, layout: Layout) -> rusqlite::Result<WorkflowSummary> {
+    Ok(WorkflowSummary {
+        run_id: cell(row, 0)?,
+        pipeline_id: cell(row, 1)?,
+        pipeline_name: cell(row, 2)?,
+        pipeline_version: cell(row, 3)?,
+        current_step_index: cell(row, 4)?,
+        status: cell(row, 5)?,
+        created_at: cell(row, 6)?,
+        updated_at: cell(row, 7)?,
+        total_steps: cell(row, 8)?,
+        error_message: cell(row, 9)?,
+        execution_time_ms: cell(row, 10)?,
+        memory_usage_mb: cell(row, 11)?,
+        background: background(row, layout, 12)?,
+    })
+}
+
+fn background(
+    row: &Row,
+    layout: Layout,
+    first: usize,
+) -> rusqlite::Result<Option<StoredBackground>> {
+    if !layout.background_columns {
+        return Ok(None);
+    }
+    Ok(Some(StoredBackground {
+        metadata: json_text(row, first)?,
+        is_background_task: cell(row, first + 1)?,
+        parent_run_id: cell(row, first + 2)?,
+        task_id: cell(row, first + 3)?,
+        background_error: cell(row, first + 4)?,
+    }))
+}
+
+fn cell(row: &Row, index: usize) -> rusqlite::Result<Cell> {
+    Ok(match row.get_ref(index)? {
+        ValueRef::Null => Cell::Null,
+        ValueRef::Integer(i) => Cell::Integer(i),
+        ValueRef::Real(f) => Cell::Real(f),
+        ValueRef::Text(t) => Cell::Text(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Blob(b) => Cell::Blob(b.to_vec()),
+    })
+}
+
+/// A JSON column: its text, or `None` for SQL NULL. Non-text values (written by hand through
+/// SQL) are returned as their JSON spelling so decoding still succeeds.
+fn json_text(row: &Row, index: usize) -> rusqlite::Result<Option<String>> {
+    Ok(match row.get_ref(index)? {
+        ValueRef::Null => None,
+        ValueRef::Integer(i) => Some(i.to_string()),
+        ValueRef::Real(f) => Some(f.to_string()),
+        ValueRef::Text(t) | ValueRef::Blob(t) => Some(String::from_utf8_lossy(t).into_owned()),
+    })
+}

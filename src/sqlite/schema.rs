@@ -1,0 +1,247 @@
+//! Creating, recognising and migrating the file's tables.
+//!
+//! We stay file-compatible with both Flujo releases: a fresh file gets Flujo 0.4.35's layout
+//! (which both releases open), and a file that either release wrote is used as it is. Columns
+//! are only ever added, never dropped or renamed, and the file is never moved or replaced.
+//! Our own indexes carry the `idx_flujo_sqlite_` prefix; Flujo ignores them.
+
+use std::collections::HashSet;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
+
+use super::connection::classify;
+use super::options::SqliteOptions;
+use crate::error::Error;
+
+/// The highest `user_version` a Flujo release writes (0.6.11's); a larger one is a layout we do
+/// not know.
+pub(crate) const NEWEST_KNOWN_USER_VERSION: i64 = 1;
+
+/// What the engine needs to know about a file's tables to build its statements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Layout {
+    /// `workflow_state` has Flujo 0.6.11's `metadata`, `is_background_task`, ... columns.
+    pub background_columns: bool,
+}
+
+/// Flujo 0.4.35's tables, created when the file has none. Kept byte-for-byte equivalent in
+/// meaning (columns, types, constraints) to what Flujo creates, so both releases accept the file.
+const CREATE_TABLES: &str = "
+CREATE TABLE IF NOT EXISTS workflow_state (
+    run_id TEXT PRIMARY KEY,
+    pipeline_id TEXT NOT NULL,
+    pipeline_name TEXT NOT NULL,
+    pipeline_version TEXT NOT NULL,
+    current_step_index INTEGER NOT NULL DEFAULT 0,
+    pipeline_context TEXT NOT NULL,
+    last_step_output TEXT,
+    step_history TEXT,
+    status TEXT NOT NULL CHECK (status IN ('running', 'paused', 'completed', 'failed', 'cancelled')),
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    total_steps INTEGER DEFAULT 0,
+    error_message TEXT,
+    execution_time_ms INTEGER,
+    memory_usage_mb REAL
+);
+CREATE INDEX IF NOT EXISTS idx_workflow_state_status ON workflow_state(status);
+CREATE INDEX IF NOT EXISTS idx_workflow_state_created_at ON workflow_state(created_at);
+CREATE INDEX IF NOT EXISTS idx_workflow_state_pipeline_id ON workflow_state(pipeline_id);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    pipeline_name TEXT NOT NULL,
+    pipeline_version TEXT NOT NULL,
+    status TEXT NOT NULL,
+    start_time TEXT NOT NULL,
+    end_time TEXT,
+    total_cost REAL,
+    final_context_blob TEXT
+);
+CREATE INDEX IF NOT EXISTS idx_runs_status ON runs(status);
+CREATE INDEX IF NOT EXISTS idx_runs_pipeline_name ON runs(pipeline_name);
+CREATE INDEX IF NOT EXISTS idx_runs_start_time_desc ON runs(start_time DESC);
+CREATE INDEX IF NOT EXISTS idx_runs_status_start_time ON runs(status, start_time DESC);
+CREATE TABLE IF NOT EXISTS steps (
+    step_run_id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    step_name TEXT NOT NULL,
+    step_index INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    start_time TEXT NOT NULL,
+    end_time TEXT,
+    duration_ms INTEGER,
+    cost REAL,
+    tokens INTEGER,
+    input_blob TEXT,
+    output_blob TEXT,
+    error_blob TEXT,
+    FOREIGN KEY (run_id) REFERENCES runs(run_id) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS idx_steps_run_id ON steps(run_id);
+CREATE TABLE IF NOT EXISTS spans (
+    span_id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    parent_span_id TEXT,
+    name TEXT NOT NULL,
+    start_time REAL NOT NULL,
+    end_time REAL,
+    status TEXT DEFAULT 'running',
+    attributes TEXT,
+    created_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    FOREIGN KEY (run_id) REFERENCES runs(run_id) ON DELETE CASCADE,
+    FOREIGN KEY (parent_span_id) REFERENCES spans(span_id) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS idx_spans_run_id ON spans(run_id);
+CREATE INDEX IF NOT EXISTS idx_spans_status ON spans(status);
+CREATE INDEX IF NOT EXISTS idx_spans_name ON spans(name);
+CREATE INDEX IF NOT EXISTS idx_spans_start_time ON spans(start_time);
+CREATE INDEX IF NOT EXISTS idx_spans_parent_span_id ON spans(parent_span_id);
+";
+
+/// `workflow_state` columns an older file may lack, with the definition used to add each.
+/// Defaults follow Flujo's own migrations so both releases read the migrated rows alike.
+const ADDABLE_STATE_COLUMNS: [(&str, &str); 14] = [
+    ("pipeline_id", "TEXT NOT NULL DEFAULT ''"),
+    ("pipeline_name", "TEXT NOT NULL DEFAULT ''"),
+    ("pipeline_version", "TEXT NOT NULL DEFAULT '1.0'"),
+    ("current_step_index", "INTEGER NOT NULL DEFAULT 0"),
+    ("pipeline_context", "TEXT"),
+    ("last_step_output", "TEXT"),
+    ("step_history", "TEXT"),
+    ("status", "TEXT NOT NULL DEFAULT 'running'"),
+    ("created_at", "TEXT NOT NULL DEFAULT ''"),
+    ("updated_at", "TEXT NOT NULL DEFAULT ''"),
+    ("total_steps", "INTEGER DEFAULT 0"),
+    ("error_message", "TEXT"),
+    ("execution_time_ms", "INTEGER"),
+    ("memory_usage_mb", "REAL"),
+];
+
+/// Columns added above whose blank values get a backfill, as Flujo's migrations do.
+const BACKFILLS: [(&str, &str); 4] = [
+    ("pipeline_name", "UPDATE workflow_state SET pipeline_name = pipeline_id WHERE pipeline_name = ''"),
+    ("pipeline_context", "UPDATE workflow_state SET pipeline_context = '{}' WHERE pipeline_context IS NULL"),
+    ("created_at", "UPDATE workflow_state SET created_at = datetime('now') WHERE created_at = ''"),
+    ("updated_at", "UPDATE workflow_state SET updated_at = datetime('now') WHERE updated_at = ''"),
+];
+
+const BACKGROUND_COLUMNS: [&str; 5] = [
+    "metadata",
+    "is_background_task",
+    "parent_run_id",
+    "task_id",
+    "background_error",
+];
+
+/// Indexes of ours that make the admin queries cheap; see `queries`.
+const OUR_INDEXES: [(&str, &str); 3] = [
+    (
+        "idx_flujo_sqlite_state_status_created",
+        "CREATE INDEX IF NOT EXISTS idx_flujo_sqlite_state_status_created \
+         ON workflow_state(status, created_at)",
+    ),
+    (
+        "idx_flujo_sqlite_state_pipeline_created",
+        "CREATE INDEX IF NOT EXISTS idx_flujo_sqlite_state_pipeline_created \
+         ON workflow_state(pipeline_id, created_at)",
+    ),
+    (
+        "idx_flujo_sqlite_state_status_updated",
+        "CREATE INDEX IF NOT EXISTS idx_flujo_sqlite_state_status_updated \
+         ON workflow_state(status, updated_at)",
+    ),
+];
+
+/// Brings the file to a layout we can serve, writing only when something is missing (so a
+/// fully set-up file opens without taking the write lock), and reports that layout.
+pub(crate) fn prepare(conn: &mut Connection, options: &SqliteOptions) -> Result<Layout, Error> {
+    let fail = |e| classify(&options.path, e);
+    let user_version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(fail)?;
+    if user_version > NEWEST_KNOWN_USER_VERSION {
+        return Err(Error::SchemaTooNew {
+            path: options.path.clone(),
+            found: user_version,
+            supported: NEWEST_KNOWN_USER_VERSION,
+        });
+    }
+    let journal_mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .map_err(fail)?;
+    if !journal_mode.eq_ignore_ascii_case("wal") {
+        // Persistent: every later connection, Flujo's included, uses WAL.
+        let _: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(fail)?;
+    }
+
+    if needs_changes(conn).map_err(fail)? {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(fail)?;
+        // Re-check under the write lock: another process may have done it meanwhile.
+        let existing = state_columns(&tx).map_err(fail)?;
+        if existing.is_empty() {
+            tx.execute_batch(CREATE_TABLES).map_err(fail)?;
+        } else {
+            add_missing_state_columns(&tx, &existing).map_err(fail)?;
+        }
+        for (_, ddl) in OUR_INDEXES {
+            tx.execute_batch(ddl).map_err(fail)?;
+        }
+        tx.commit().map_err(fail)?;
+        log::info!("prepared SQLite database at {}", options.path.display());
+    }
+
+    let columns = state_columns(conn).map_err(fail)?;
+    Ok(Layout {
+        background_columns: BACKGROUND_COLUMNS.iter().all(|c| columns.contains(*c)),
+    })
+}
+
+fn needs_changes(conn: &Connection) -> rusqlite::Result<bool> {
+    let columns = state_columns(conn)?;
+    if columns.is_empty() || ADDABLE_STATE_COLUMNS.iter().any(|(c, _)| !columns.contains(*c)) {
+        return Ok(true);
+    }
+    for (name, _) in OUR_INDEXES {
+        let present: Option<i64> = conn
+            .query_row(
+                "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if present.is_none() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn state_columns(conn: &Connection) -> rusqlite::Result<HashSet<String>> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('workflow_state')")?;
+    let names = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    names.collect()
+}
+
+fn add_missing_state_columns(
+    conn: &Connection,
+    existing: &HashSet<String>,
+) -> rusqlite::Result<()> {
+    for (name, definition) in ADDABLE_STATE_COLUMNS {
+        if existing.contains(name) {
+            continue;
+        }
+        // Both parts come from the constant table above, never from input.
+        conn.execute_batch(&format!(
+            "ALTER TABLE workflow_state ADD COLUMN \"{name}\" {definition}"
+        ))?;
+        if let Some((_, backfill)) = BACKFILLS.iter().find(|(column, _)| *column == name) {
+            conn.execute_batch(backfill)?;
+        }
+        log::info!("added missing column workflow_state.{name}");
+    }
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! The single writer thread, with group commit.
+//!
+//! Writes queued while a commit is in progress are committed together in the next transaction:
+//! one fsync for many saves. Each write runs inside its own savepoint, so one that fails is
+//! rolled back alone and only its caller sees the error. Callers are told of success only after
+//! COMMIT has returned, i.e. once the write is durable at the configured `Durability`.
+//! Cleanup deletes in short transactions and serves queued writes between them, so a large
+//! cleanup never holds the write lock for long.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::Receiver;
+use rusqlite::Connection;
+
+use super::connection::{self, classify, retry_while_locked, Role};
+use super::schema::Layout;
+use super::{queries, Job, Shared};
+use crate::engine::{Request, Response};
+use crate::error::{Error, Result};
+use crate::timestamp::{age_from, TimeWindow};
+
+/// Writes committed in one transaction at most; bounds the latency a batch adds to its first caller.
+const MAX_BATCH: usize = 256;
+
+pub(super) fn spawn(shared: Arc<Shared>, jobs: Receiver<Job>) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("flujo-sqlite-writer".into())
+        .spawn(move || {
+            Writer {
+                shared: &shared,
+                conn: None,
+                cleanups: VecDeque::new(),
+            }
+            .serve(&jobs)
+        })
+        .map_err(|e| Error::Storage {
+            path: std::path::PathBuf::new(),
+            detail: format!("cannot start the writer thread: {e}"),
+        })
+}
+
+struct Writer<'a> {
+    shared: &'a Shared,
+    conn: Option<Connection>,
+    /// Cleanups that arrived while another was running; served after it, in order.
+    cleanups: VecDeque<Job>,
+}
+
+impl Writer<'_> {
+    fn serve(mut self, jobs: &Receiver<Job>) {
+        loop {
+            let first = match self.cleanups.pop_front() {
+                Some(job) => job,
+                None => match jobs.recv() {
+                    Ok(job) => job,
+                    Err(_) => return, // the engine closed and everything queued is done
+                },
+            };
+            if matches!(first.request, Request::CleanupOldWorkflows { .. }) {
+                self.cleanup(first, jobs);
+            } else {
+                let batch = self.gather(first, jobs);
+                self.commit(batch);
+            }
+        }
+    }
+
+    /// `first` plus whatever else is already waiting; cleanups are set aside for later.
+    fn gather(&mut self, first: Job, jobs: &Receiver<Job>) -> Vec<Job> {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) if matches!(job.request, Request::CleanupOldWorkflows { .. }) => {
+                    self.cleanups.push_back(job);
+                }
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        batch
+    }
+
+    fn ready(&mut self) -> Result<(&mut Connection, Layout)> {
+        let layout = self.shared.layout()?;
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            slot => slot.insert(connection::open(&self.shared.options, Role::Writer)?),
+        };
+        Ok((conn, layout))
+    }
+
+    fn commit(&mut self, batch: Vec<Job>) {
+        let options = &self.shared.options;
+        let (conn, layout) = match self.ready() {
+            Ok(ready) => ready,
+            Err(error) => return fail_all(batch, &error),
+        };
+        let begin = retry_while_locked(options, || {
+            conn.execute_batch("BEGIN IMMEDIATE")
+                .map_err(|e| classify(&options.path, e))
+        });
+        if let Err(error) = begin {
+            return fail_all(batch, &error);
+        }
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for job in batch {
+            let outcome = run_in_savepoint(conn, |conn| execute_write(conn, layout, &job.request))
+                .map_err(|e| classify(&options.path, e));
+            outcomes.push((job.done, outcome));
+        }
+        match conn.execute_batch("COMMIT") {
+            Ok(()) => {
+                for (done, outcome) in outcomes {
+                    done(outcome);
+                }
+            }
+            Err(e) => {
+                let error = classify(&options.path, e);
+                log::error!("commit failed, {} writes rolled back: {error}", outcomes.len());
+                // Roll back explicitly: never leave a transaction open holding the lock.
+                let _ = conn.execute_batch("ROLLBACK");
+                for (done, outcome) in outcomes {
+                    done(outcome.and(Err(error.clone())));
+                }
+            }
+        }
+    }
+
+    fn cleanup(&mut self, job: Job, jobs: &Receiver<Job>) {
+        let Request::CleanupOldWorkflows { days_old } = job.request else {
+            unreachable!("only cleanups are passed here")
+        };
+        let window = match age_from(days_old, 86_400.0, "days_old") {
+            Ok(age) => TimeWindow::before(chrono::Utc::now(), age),
+            Err(message) => return (job.done)(Err(Error::InvalidInput(message))),
+        };
+        let mut deleted: u64 = 0;
+        loop {
+            let batch = self.delete_batch(&window);
+            match batch {
+                Ok(count) => {
+                    deleted += count as u64;
+                    if count < queries::CLEANUP_BATCH_ROWS as usize {
+                        break;
+                    }
+                    log::debug!("cleanup: {deleted} rows deleted so far");
+                }
+                Err(error) => return (job.done)(Err(error)),
+            }
+            // Let writes that queued up meanwhile go ahead before the next batch.
+            if let Ok(first) = jobs.try_recv() {
+                if matches!(first.request, Request::CleanupOldWorkflows { .. }) {
+                    self.cleanups.push_back(first);
+                } else {
+                    let waiting = self.gather(first, jobs);
+                    self.commit(waiting);
+                }
+            }
+        }
+        if deleted > 0 {
+            log::info!("cleanup_old_workflows deleted {deleted} workflow states");
+        }
+        (job.done)(Ok(Response::Count(deleted)));
+    }
+
+    fn delete_batch(&mut self, window: &TimeWindow) -> Result<usize> {
+        let options = &self.shared.options;
+        let (conn, _) = self.ready()?;
+        retry_while_locked(options, || {
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(|e| classify(&options.path, e))?;
+            let count = queries::cleanup_batch(&tx, window).map_err(|e| classify(&options.path, e))?;
+            tx.commit().map_err(|e| classify(&options.path, e))?;
+            Ok(count)
+        })
+    }
+}
+
+fn run_in_savepoint<T>(
+    conn: &Connection,
+    work: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.execute_batch("SAVEPOINT write")?;
+    match work(conn) {
+        Ok(value) => {
+            conn.execute_batch("RELEASE write")?;
+            Ok(value)
+        }
+        Err(error) => {
+            conn.execute_batch("ROLLBACK TO write; RELEASE write")?;
+            Err(error)
+        }
+    }
+}
+
+fn execute_write(conn: &Connection, layout: Layout, request: &Request) -> rusqlite::Result<Response> {
+    match request {
+        Request::SaveState { run_id, record } => {
+            queries::save_state(conn, layout, run_id, record).map(|()| Response::Done)
+        }
+        Request::DeleteState { run_id } => queries::delete_state(conn, run_id).map(|()| Response::Done),
+        other => unreachable!("not a batched write: {other:?}"),
+    }
+}
+
+fn fail_all(batch: Vec<Job>, error: &Error) {
+    for job in batch {
+        (job.done)(Err(error.clone()));
+    }
+}

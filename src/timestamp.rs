@@ -1,0 +1,87 @@
+//! Timestamp text and time windows.
+//!
+//! We store timestamps as `YYYY-MM-DD HH:MM:SS[.ffffff]` with `+00:00` appended for aware
+//! values (converted to UTC first). That is ISO 8601 with a space separator: Python's
+//! `datetime.fromisoformat` (which both Flujo releases use to read it back) accepts it, and it
+//! compares correctly as text against SQLite's `datetime('now', ...)`, so the user guide's SQL
+//! gives right answers. Files written by Flujo itself hold `YYYY-MM-DDTHH:MM:SS[+HH:MM]`, whose
+//! text order is only right to the calendar day; every window below therefore narrows rows with
+//! an index-friendly text range first and then compares exact instants with `julianday()`.
+
+use chrono::{DateTime, Duration, NaiveDate, Utc};
+
+/// Timestamps Flujo writes carry offsets within +-14 h, so a whole day of slack on each side of
+/// the text range keeps every row that the exact comparison might accept.
+const TEXT_RANGE_SLACK: Duration = Duration::days(1);
+
+/// Rows whose timestamp column lies after (or before) `cutoff`, for SQL such as
+/// `col >= :text_low AND julianday(col) >= julianday(:cutoff)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimeWindow {
+    /// The exact instant, as UTC text with microseconds.
+    pub cutoff: String,
+    /// A calendar day no later than any row at or after `cutoff`, in any stored format.
+    pub text_low: String,
+    /// A calendar day later than any row before `cutoff`, in any stored format.
+    pub text_high: String,
+}
+
+impl TimeWindow {
+    /// The window whose cutoff lies `age` before `now`. An age reaching past the start of
+    /// year 0 (where SQLite's date functions stop) is clamped there: every row is newer.
+    pub fn before(now: DateTime<Utc>, age: Duration) -> Self {
+        let earliest = NaiveDate::from_ymd_opt(0, 1, 2)
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .map(|d| d.and_utc())
+            .expect("a valid constant date");
+        let cutoff = now
+            .checked_sub_signed(age)
+            .filter(|c| *c > earliest)
+            .unwrap_or(earliest);
+        let low = cutoff - TEXT_RANGE_SLACK;
+        let high = cutoff + TEXT_RANGE_SLACK + Duration::days(1);
+        TimeWindow {
+            cutoff: cutoff.format("%Y-%m-%d %H:%M:%S%.6f").to_string(),
+            text_low: low.format("%Y-%m-%d").to_string(),
+            text_high: high.format("%Y-%m-%d").to_string(),
+        }
+    }
+}
+
+/// Converts a caller's "N hours/days back" into a duration, rejecting values that are not a
+/// finite, non-negative number. `unit_seconds` is 3600 for hours, 86400 for days.
+pub fn age_from(amount: f64, unit_seconds: f64, what: &str) -> Result<Duration, String> {
+    if !amount.is_finite() || amount < 0.0 {
+        return Err(format!(
+"{what} must be a finite number >= 0, got {amount}"));
+    }
+    let micros = amount * unit_seconds * 1e6;
+    // Anything beyond chrono's range reaches back before year 0: clamp to "everything".
+    let micros = if micros > i64::MAX as f64 / 2.0 { i64::MAX / 2 } else { micros as i64 };
+    Ok(Duration::microseconds(micros))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn window_brackets_the_cutoff_by_whole_days() {
+        let now = Utc.with_ymd_and_hms(2026, 11, 27, 4, 28, 10).unwrap();
+        let w = TimeWindow::before(now, Duration::hours(24));
+        assert_eq!(w.cutoff, "2026-11-26 04:28:10.000000");
+        assert_eq!(w.text_low, "2026-11-25");
+        assert_eq!(w.text_high, "2026-11-28");
+    }
+
+    #[test]
+    fn absurd_ages_are_rejected_or_clamped() {
+        assert!(age_from(-1.0, 3600.0, "hours_back").is_err());
+        assert!(age_from(f64::NAN, 3600.0, "hours_back").is_err());
+        assert!(age_from(f64::INFINITY, 3600.0, "hours_back").is_err());
+        let huge = age_from(1e300, 86400.0, "days_old").unwrap();
+        let w = TimeWindow::before(Utc::now(), huge);
+        assert_eq!(w.cutoff, "0000-01-02 00:00:00.000000");
+    }
+}
