@@ -12,3 +12,9 @@ pub mod timestamp;
 
 #[cfg(feature = "python")]
 mod python;
+
+#[cfg(feature = "python")]
+#[pyo3::pymodule]
+fn _native(module: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
+    python::register(module)
+}

@@ -12,6 +12,7 @@ import sqlite3
 __all__ = [
     "FlujoSQLiteError",
     "InvalidStateError",
+    "InvalidTypeError",
     "SerializationError",
     "DatabaseError",
     "DatabaseLockedError",
@@ -26,6 +27,11 @@ class FlujoSQLiteError(Exception):
 
 class InvalidStateError(FlujoSQLiteError, ValueError):
     """An argument or a state field has a value the store cannot accept. Nothing was written."""
+
+
+class InvalidTypeError(InvalidStateError, TypeError):
+    """An argument or a known state field has the wrong type (e.g. a ``run_id`` that is not a
+    ``str``, a ``created_at`` that is not a datetime). Nothing was written."""
 
 
 class SerializationError(FlujoSQLiteError, TypeError):

@@ -1,7 +1,27 @@
-//! The pyo3 binding layer: one file per Python class, conversion split by direction, and the
-//! single mapping of core errors to Python exceptions. It reaches storage only through the
-//! `StateEngine` trait, never through rusqlite.
+//! The pyo3 binding layer: one file per Python class, argument and result conversion split by
+//! direction, and the single mapping of core errors to Python exceptions. It reaches storage
+//! only through the `StateEngine` trait, never through rusqlite.
 
-pub(crate) mod errors;
-pub(crate) mod from_python;
-pub(crate) mod to_python;
+mod arguments;
+mod backend;
+mod completion;
+mod errors;
+mod from_python;
+mod results;
+mod to_python;
+
+use pyo3::prelude::*;
+
+pub(crate) fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Rust `log` records go to Python's `logging`, under the "flujo_sqlite" logger.
+    pyo3_log::Logger::new(module.py(), pyo3_log::Caching::LoggersAndLevels)?
+        .filter_target("flujo_sqlite".to_owned(), log::LevelFilter::Trace)
+        .install()
+        .ok();
+    module.add_class::<backend::NativeBackend>()?;
+    module.add_class::<completion::CompletionPort>()?;
+    module.add_function(wrap_pyfunction!(from_python::register_serializer, module)?)?;
+    
+    module.add_function(wrap_pyfunction!(to_python::decode_json_py, module)?)?;
+    Ok(())
+}

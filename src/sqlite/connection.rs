@@ -16,11 +16,11 @@ pub(crate) enum Role {
     Reader,
 }
 
+/// Paths are plain file names, never URIs: a file called `file:x?mode=ro` means that file.
 pub(crate) fn open(options: &SqliteOptions, role: Role) -> Result<Connection, Error> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
-        | OpenFlags::SQLITE_OPEN_NO_MUTEX
-        | OpenFlags::SQLITE_OPEN_URI;
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(&options.path, flags)
         .map_err(|e| classify(&options.path, e))?;
     configure(&conn, options, role).map_err(|e| classify(&options.path, e))?;

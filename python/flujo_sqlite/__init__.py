@@ -1,0 +1,35 @@
+"""flujo-sqlite: a fast, safe, file-compatible SQLite state backend for Flujo.
+
+>>> from flujo_sqlite import SQLiteBackend
+>>> backend = SQLiteBackend("workflow_state.db")
+"""
+
+from __future__ import annotations
+
+from ._native import register_serializer
+from .backend import SQLiteBackend
+from .config import load_backend_from_config
+from .errors import (
+    BackendClosedError,
+    CorruptDatabaseError,
+    DatabaseError,
+    DatabaseLockedError,
+    FlujoSQLiteError,
+    InvalidStateError,
+    InvalidTypeError,
+    SerializationError,
+)
+
+__all__ = [
+    "SQLiteBackend",
+    "load_backend_from_config",
+    "register_serializer",
+    "FlujoSQLiteError",
+    "InvalidStateError",
+    "InvalidTypeError",
+    "SerializationError",
+    "DatabaseError",
+    "DatabaseLockedError",
+    "CorruptDatabaseError",
+    "BackendClosedError",
+]

@@ -1,0 +1,232 @@
+//! Python arguments to core values: validated and encoded once, under the GIL, before any work
+//! is queued. Every failure names the argument or state key and says what to pass instead.
+
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString, PyType};
+
+use super::errors::{invalid_state, invalid_type};
+use super::from_python::encode_json;
+use crate::model::{BackgroundFields, StateRecord, WorkflowQuery, WORKFLOW_STATUSES};
+
+fn type_name(value: &Bound<'_, PyAny>) -> String {
+    value
+        .get_type()
+        .name()
+        .map_or_else(|_| "?".to_owned(), |n| n.to_string())
+}
+
+pub(crate) fn run_id(value: &Bound<'_, PyAny>) -> PyResult<String> {
+    let text = value.cast::<PyString>().map_err(|_| {
+        invalid_type(
+            value.py(),
+            format!("run_id must be a str, got {} ({value:?})", type_name(value)),
+        )
+    })?;
+    text.to_str().map(str::to_owned).map_err(|_| {
+        invalid_state(
+            value.py(),
+            "run_id contains a lone surrogate, which cannot be stored; pass valid Unicode text",
+        )
+    })
+}
+
+/// `state` as a record ready to store.
+pub(crate) fn state_record(state: &Bound<'_, PyAny>) -> PyResult<StateRecord> {
+    let py = state.py();
+    let state = state.cast::<PyDict>().map_err(|_| {
+        invalid_type(py, format!("state must be a dict, got {}", type_name(state)))
+    })?;
+    let required = |key: &str| -> PyResult<Bound<'_, PyAny>> {
+        state.get_item(key)?.ok_or_else(|| {
+            invalid_state(
+                py,
+                format!("state is missing the required key {key:?}; every state needs \
+                 pipeline_id, pipeline_name, pipeline_version, current_step_index, \
+                 pipeline_context, status, created_at and updated_at"),
+            )
+        })
+    };
+    let optional = |key: &str| -> PyResult<Option<Bound<'_, PyAny>>> {
+        Ok(state.get_item(key)?.filter(|v| !v.is_none()))
+    };
+
+    let status = text(&required("status")?, "status")?;
+    if !WORKFLOW_STATUSES.contains(&status.as_str()) {
+        return Err(invalid_state(
+            py,
+            format!("state['status'] is {status:?}; it must be one of {}", WORKFLOW_STATUSES.join(", ")),
+        ));
+    }
+    Ok(StateRecord {
+        pipeline_id: text(&required("pipeline_id")?, "pipeline_id")?,
+        pipeline_name: text(&required("pipeline_name")?, "pipeline_name")?,
+        pipeline_version: version_text(&required("pipeline_version")?)?,
+        current_step_index: integer(&required("current_step_index")?, "current_step_index")?,
+        pipeline_context: encode_json(&required("pipeline_context")?, "pipeline_context")?,
+        last_step_output: optional("last_step_output")?
+            .map(|v| encode_json(&v, "last_step_output"))
+            .transpose()?,
+        step_history: optional("step_history")?
+            .map(|v| encode_json(&v, "step_history"))
+            .transpose()?,
+        status,
+        created_at: timestamp(&required("created_at")?, "created_at")?,
+        updated_at: timestamp(&required("updated_at")?, "updated_at")?,
+        total_steps: optional("total_steps")?
+            .map(|v| integer(&v, "total_steps"))
+            .transpose()?
+            .unwrap_or(0),
+        error_message: optional("error_message")?
+            .map(|v| text(&v, "error_message"))
+            .transpose()?,
+        execution_time_ms: optional("execution_time_ms")?
+            .map(|v| integer(&v, "execution_time_ms"))
+            .transpose()?,
+        memory_usage_mb: optional("memory_usage_mb")?
+            .map(|v| real(&v, "memory_usage_mb"))
+            .transpose()?,
+        background: BackgroundFields {
+            metadata: optional("metadata")?
+                .map(|v| encode_json(&v, "metadata"))
+                .transpose()?,
+            is_background_task: optional("is_background_task")?
+                .map(|v| v.is_truthy())
+                .transpose()?
+                .unwrap_or(false),
+            parent_run_id: optional("parent_run_id")?
+                .map(|v| text(&v, "parent_run_id"))
+                .transpose()?,
+            task_id: optional("task_id")?
+                .map(|v| text(&v, "task_id"))
+                .transpose()?,
+            background_error: optional("background_error")?
+                .map(|v| text(&v, "background_error"))
+                .transpose()?,
+        },
+    })
+}
+
+pub(crate) fn workflow_query(
+    status: Option<&Bound<'_, PyAny>>,
+    pipeline_id: Option<&Bound<'_, PyAny>>,
+    limit: Option<&Bound<'_, PyAny>>,
+    offset: Option<&Bound<'_, PyAny>>,
+) -> PyResult<WorkflowQuery> {
+    Ok(WorkflowQuery {
+        status: optional_filter(status, "status")?,
+        pipeline_id: optional_filter(pipeline_id, "pipeline_id")?,
+        limit: limit
+            .filter(|v| !v.is_none())
+            .map(|v| count(v, "limit"))
+            .transpose()?,
+        offset: offset
+            .filter(|v| !v.is_none())
+            .map(|v| count(v, "offset"))
+            .transpose()?
+            .unwrap_or(0),
+    })
+}
+
+/// A filter argument: `None` or a str (an empty one means "no filter", as in Flujo).
+pub(crate) fn optional_filter(value: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<Option<String>> {
+    value
+        .filter(|v| !v.is_none())
+        .map(|v| text(v, what))
+        .transpose()
+}
+
+/// "How far back" arguments: a real number of hours or days (range checked by the core).
+pub(crate) fn amount(value: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
+    if value.is_instance_of::<PyBool>() || !(value.is_instance_of::<PyInt>() || value.is_instance_of::<PyFloat>()) {
+        return Err(invalid_type(
+            value.py(),
+            format!("{what} must be an int or float, got {}", type_name(value)),
+        ));
+    }
+    value.extract::<f64>().map_err(|_| {
+        invalid_state(value.py(), format!("{what} is too large: {value}"))
+    })
+}
+
+fn count(value: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
+    let n = integer(value, what)?;
+    u64::try_from(n).map_err(|_| {
+        invalid_state(value.py(), format!("{what} must be >= 0 (or None), got {n}"))
+    })
+}
+
+fn text(value: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
+    let py = value.py();
+    let text = value.cast::<PyString>().map_err(|_| {
+        invalid_type(py, format!("{what} must be a str, got {}", type_name(value)))
+    })?;
+    text.to_str().map(str::to_owned).map_err(|_| {
+        invalid_state(py, format!("{what} contains a lone surrogate, which cannot be stored"))
+    })
+}
+
+/// Flujo stores `pipeline_version` in a TEXT column, so an int version becomes its digits.
+fn version_text(value: &Bound<'_, PyAny>) -> PyResult<String> {
+    if value.is_instance_of::<PyInt>() && !value.is_instance_of::<PyBool>() {
+        return Ok(value.str()?.to_str()?.to_owned());
+    }
+    text(value, "pipeline_version")
+}
+
+fn integer(value: &Bound<'_, PyAny>, what: &str) -> PyResult<i64> {
+    let py = value.py();
+    if value.is_instance_of::<PyBool>() || !value.is_instance_of::<PyInt>() {
+        return Err(invalid_type(
+            py,
+            format!("{what} must be an int, got {}", type_name(value)),
+        ));
+    }
+    value.extract::<i64>().map_err(|_| {
+        invalid_state(py, format!("{what} does not fit in a 64-bit integer: {value}"))
+    })
+}
+
+fn real(value: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
+    let py = value.py();
+    if value.is_instance_of::<PyBool>()
+        || !(value.is_instance_of::<PyInt>() || value.is_instance_of::<PyFloat>())
+    {
+        return Err(invalid_type(
+            py,
+            format!("{what} must be a float or int, got {}", type_name(value)),
+        ));
+    }
+    let number: f64 = value.extract()?;
+    if number.is_finite() {
+        Ok(number)
+    } else {
+        Err(invalid_state(py, format!("{what} must be finite, got {number}")))
+    }
+}
+
+/// A datetime (aware ones converted to UTC) or date as its stored text; see `timestamp`.
+fn timestamp(value: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
+    static DATETIME: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    static DATE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    static UTC: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    let py = value.py();
+    let text = if value.is_instance(DATETIME.import(py, "datetime", "datetime")?)? {
+        let aware = !value.call_method0("utcoffset")?.is_none();
+        let in_utc = if aware {
+            let utc = UTC.import(py, "datetime", "UTC")?;
+            value.call_method1("astimezone", (utc,))?
+        } else {
+            value.clone()
+        };
+        in_utc.call_method1("isoformat", (" ",))?
+    } else if value.is_instance(DATE.import(py, "datetime", "date")?)? {
+        value.call_method0("isoformat")?
+    } else {
+        return Err(invalid_type(
+            py,
+            format!("state[{what:?}] must be a datetime or date, got {}", type_name(value)),
+        ));
+    };
+    Ok(text.cast::<PyString>()?.to_str()?.to_owned())
+}

@@ -1,0 +1,165 @@
+//! Core responses to Python objects, in the shapes Flujo's backend returns (spec section 3.1).
+
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyDict, PyList};
+use pyo3::IntoPyObjectExt;
+
+use super::to_python::decode_json;
+use crate::engine::Response;
+use crate::model::{Cell, StateListing, StoredBackground, StoredState, WorkflowStats, WorkflowSummary};
+
+pub(crate) fn response_to_python(py: Python<'_>, response: Response) -> PyResult<Py<PyAny>> {
+    match response {
+        Response::Done => Ok(py.None()),
+        Response::State(None) => Ok(py.None()),
+        Response::State(Some(state)) => Ok(stored_state(py, *state)?.into_any().unbind()),
+        Response::States(states) => list(py, states, |py, s| state_listing(py, s)),
+        Response::Workflows(items) => list(py, items, |py, s| workflow_summary(py, s)),
+        Response::Stats(stats) => Ok(workflow_stats(py, stats)?.into_any().unbind()),
+        Response::Count(n) => n.into_py_any(py),
+    }
+}
+
+fn list<T>(
+    py: Python<'_>,
+    items: Vec<T>,
+    convert: impl Fn(Python<'_>, T) -> PyResult<Bound<'_, PyDict>>,
+) -> PyResult<Py<PyAny>> {
+    let out = PyList::empty(py);
+    for item in items {
+        out.append(convert(py, item)?)?;
+    }
+    Ok(out.into_any().unbind())
+}
+
+fn cell(py: Python<'_>, value: Cell) -> PyResult<Py<PyAny>> {
+    match value {
+        Cell::Null => Ok(py.None()),
+        Cell::Integer(i) => i.into_py_any(py),
+        Cell::Real(f) => f.into_py_any(py),
+        Cell::Text(t) => t.into_py_any(py),
+        Cell::Blob(b) => Ok(PyBytes::new(py, &b).into_any().unbind()),
+    }
+}
+
+/// Flujo returns 0 for a NULL or otherwise falsy `total_steps`.
+fn total_steps(py: Python<'_>, value: Cell) -> PyResult<Py<PyAny>> {
+    match value {
+        Cell::Null | Cell::Integer(0) => 0.into_py_any(py),
+        Cell::Real(f) if f == 0.0 => 0.into_py_any(py),
+        Cell::Text(t) if t.is_empty() => 0.into_py_any(py),
+        other => cell(py, other),
+    }
+}
+
+fn json_or(py: Python<'_>, text: Option<String>, missing: impl FnOnce() -> PyResult<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+    match text {
+        Some(text) => Ok(decode_json(py, &text)?.unbind()),
+        None => missing(),
+    }
+}
+
+/// Stored timestamp text as a `datetime` (aware exactly when the text has an offset). Text that
+/// is not ISO 8601 (only direct SQL can put it there) is returned as it is rather than failing
+/// the whole load.
+fn datetime(py: Python<'_>, value: Cell) -> PyResult<Py<PyAny>> {
+    static FROMISOFORMAT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    let Cell::Text(text) = value else {
+        return cell(py, value);
+    };
+    let parse = FROMISOFORMAT.get_or_try_init(py, || {
+        py.import("datetime")?.getattr("datetime")?.getattr("fromisoformat").map(Bound::unbind)
+    })?;
+    match parse.bind(py).call1((text.as_str(),)) {
+        Ok(parsed) => Ok(parsed.unbind()),
+        Err(_) => {
+            log::warn!("timestamp {text:?} is not ISO 8601; returning it as text");
+            text.into_py_any(py)
+        }
+    }
+}
+
+fn stored_state(py: Python<'_>, s: StoredState) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("run_id", cell(py, s.run_id)?)?;
+    d.set_item("pipeline_id", cell(py, s.pipeline_id)?)?;
+    d.set_item("pipeline_name", cell(py, s.pipeline_name)?)?;
+    d.set_item("pipeline_version", cell(py, s.pipeline_version)?)?;
+    d.set_item("current_step_index", cell(py, s.current_step_index)?)?;
+    d.set_item("pipeline_context", json_or(py, s.pipeline_context, || Ok(PyDict::new(py).into_any().unbind()))?)?;
+    d.set_item("last_step_output", json_or(py, s.last_step_output, || Ok(py.None()))?)?;
+    d.set_item("step_history", json_or(py, s.step_history, || Ok(PyList::empty(py).into_any().unbind()))?)?;
+    d.set_item("status", cell(py, s.status)?)?;
+    d.set_item("created_at", datetime(py, s.created_at)?)?;
+    d.set_item("updated_at", datetime(py, s.updated_at)?)?;
+    d.set_item("total_steps", total_steps(py, s.total_steps)?)?;
+    d.set_item("error_message", cell(py, s.error_message)?)?;
+    d.set_item("execution_time_ms", cell(py, s.execution_time_ms)?)?;
+    d.set_item("memory_usage_mb", cell(py, s.memory_usage_mb)?)?;
+    if let Some(background) = s.background {
+        add_background(py, &d, background)?;
+    }
+    Ok(d)
+}
+
+fn add_background(py: Python<'_>, d: &Bound<'_, PyDict>, b: StoredBackground) -> PyResult<()> {
+    d.set_item("metadata", json_or(py, b.metadata, || Ok(PyDict::new(py).into_any().unbind()))?)?;
+    let is_background = match b.is_background_task {
+        Cell::Integer(i) => i != 0,
+        Cell::Real(f) => f != 0.0,
+        Cell::Text(t) => !t.is_empty() && t != "0",
+        Cell::Blob(bytes) => !bytes.is_empty(),
+        Cell::Null => false,
+    };
+    d.set_item("is_background_task", is_background)?;
+    d.set_item("parent_run_id", cell(py, b.parent_run_id)?)?;
+    d.set_item("task_id", cell(py, b.task_id)?)?;
+    d.set_item("background_error", cell(py, b.background_error)?)?;
+    Ok(())
+}
+
+fn workflow_summary(py: Python<'_>, s: WorkflowSummary) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("run_id", cell(py, s.run_id)?)?;
+    d.set_item("pipeline_id", cell(py, s.pipeline_id)?)?;
+    d.set_item("pipeline_name", cell(py, s.pipeline_name)?)?;
+    d.set_item("pipeline_version", cell(py, s.pipeline_version)?)?;
+    d.set_item("current_step_index", cell(py, s.current_step_index)?)?;
+    d.set_item("status", cell(py, s.status)?)?;
+    d.set_item("created_at", cell(py, s.created_at)?)?;
+    d.set_item("updated_at", cell(py, s.updated_at)?)?;
+    d.set_item("total_steps", total_steps(py, s.total_steps)?)?;
+    d.set_item("error_message", cell(py, s.error_message)?)?;
+    d.set_item("execution_time_ms", cell(py, s.execution_time_ms)?)?;
+    d.set_item("memory_usage_mb", cell(py, s.memory_usage_mb)?)?;
+    if let Some(background) = s.background {
+        add_background(py, &d, background)?;
+    }
+    Ok(d)
+}
+
+fn state_listing(py: Python<'_>, s: StateListing) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("run_id", cell(py, s.run_id)?)?;
+    d.set_item("status", cell(py, s.status)?)?;
+    d.set_item("created_at", cell(py, s.created_at)?)?;
+    d.set_item("updated_at", cell(py, s.updated_at)?)?;
+    Ok(d)
+}
+
+fn workflow_stats(py: Python<'_>, s: WorkflowStats) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("total_workflows", s.total_workflows)?;
+    d.set_item("status_counts", s.status_counts)?;
+    d.set_item("recent_workflows_24h", s.recent_workflows_24h)?;
+    // Flujo reports the integer 0 when no run has an execution time, a float average otherwise.
+    match s.average_execution_time_ms {
+        Some(average) => d.set_item("average_execution_time_ms", average)?,
+        None => d.set_item("average_execution_time_ms", 0)?,
+    }
+    if let Some(counts) = s.background_status_counts {
+        d.set_item("background_status_counts", counts)?;
+    }
+    Ok(d)
+}
