@@ -52,12 +52,15 @@ impl TimeWindow {
 /// finite, non-negative number. `unit_seconds` is 3600 for hours, 86400 for days.
 pub fn age_from(amount: f64, unit_seconds: f64, what: &str) -> Result<Duration, String> {
     if !amount.is_finite() || amount < 0.0 {
-        return Err(format!(
-"{what} must be a finite number >= 0, got {amount}"));
+        return Err(format!("{what} must be a finite number >= 0, got {amount}"));
     }
     let micros = amount * unit_seconds * 1e6;
     // Anything beyond chrono's range reaches back before year 0: clamp to "everything".
-    let micros = if micros > i64::MAX as f64 / 2.0 { i64::MAX / 2 } else { micros as i64 };
+    let micros = if micros > i64::MAX as f64 / 2.0 {
+        i64::MAX / 2
+    } else {
+        micros as i64
+    };
     Ok(Duration::microseconds(micros))
 }
 

@@ -35,15 +35,20 @@ pub(crate) fn run_id(value: &Bound<'_, PyAny>) -> PyResult<String> {
 pub(crate) fn state_record(state: &Bound<'_, PyAny>) -> PyResult<StateRecord> {
     let py = state.py();
     let state = state.cast::<PyDict>().map_err(|_| {
-        invalid_type(py, format!("state must be a dict, got {}", type_name(state)))
+        invalid_type(
+            py,
+            format!("state must be a dict, got {}", type_name(state)),
+        )
     })?;
     let required = |key: &str| -> PyResult<Bound<'_, PyAny>> {
         state.get_item(key)?.ok_or_else(|| {
             invalid_state(
                 py,
-                format!("state is missing the required key {key:?}; every state needs \
+                format!(
+                    "state is missing the required key {key:?}; every state needs \
                  pipeline_id, pipeline_name, pipeline_version, current_step_index, \
-                 pipeline_context, status, created_at and updated_at"),
+                 pipeline_context, status, created_at and updated_at"
+                ),
             )
         })
     };
@@ -55,7 +60,10 @@ pub(crate) fn state_record(state: &Bound<'_, PyAny>) -> PyResult<StateRecord> {
     if !WORKFLOW_STATUSES.contains(&status.as_str()) {
         return Err(invalid_state(
             py,
-            format!("state['status'] is {status:?}; it must be one of {}", WORKFLOW_STATUSES.join(", ")),
+            format!(
+                "state['status'] is {status:?}; it must be one of {}",
+                WORKFLOW_STATUSES.join(", ")
+            ),
         ));
     }
     Ok(StateRecord {
@@ -129,7 +137,10 @@ pub(crate) fn workflow_query(
 }
 
 /// A filter argument: `None` or a str (an empty one means "no filter", as in Flujo).
-pub(crate) fn optional_filter(value: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<Option<String>> {
+pub(crate) fn optional_filter(
+    value: Option<&Bound<'_, PyAny>>,
+    what: &str,
+) -> PyResult<Option<String>> {
     value
         .filter(|v| !v.is_none())
         .map(|v| text(v, what))
@@ -138,31 +149,42 @@ pub(crate) fn optional_filter(value: Option<&Bound<'_, PyAny>>, what: &str) -> P
 
 /// "How far back" arguments: a real number of hours or days (range checked by the core).
 pub(crate) fn amount(value: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
-    if value.is_instance_of::<PyBool>() || !(value.is_instance_of::<PyInt>() || value.is_instance_of::<PyFloat>()) {
+    if value.is_instance_of::<PyBool>()
+        || !(value.is_instance_of::<PyInt>() || value.is_instance_of::<PyFloat>())
+    {
         return Err(invalid_type(
             value.py(),
             format!("{what} must be an int or float, got {}", type_name(value)),
         ));
     }
-    value.extract::<f64>().map_err(|_| {
-        invalid_state(value.py(), format!("{what} is too large: {value}"))
-    })
+    value
+        .extract::<f64>()
+        .map_err(|_| invalid_state(value.py(), format!("{what} is too large: {value}")))
 }
 
 fn count(value: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
     let n = integer(value, what)?;
     u64::try_from(n).map_err(|_| {
-        invalid_state(value.py(), format!("{what} must be >= 0 (or None), got {n}"))
+        invalid_state(
+            value.py(),
+            format!("{what} must be >= 0 (or None), got {n}"),
+        )
     })
 }
 
 fn text(value: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
     let py = value.py();
     let text = value.cast::<PyString>().map_err(|_| {
-        invalid_type(py, format!("{what} must be a str, got {}", type_name(value)))
+        invalid_type(
+            py,
+            format!("{what} must be a str, got {}", type_name(value)),
+        )
     })?;
     text.to_str().map(str::to_owned).map_err(|_| {
-        invalid_state(py, format!("{what} contains a lone surrogate, which cannot be stored"))
+        invalid_state(
+            py,
+            format!("{what} contains a lone surrogate, which cannot be stored"),
+        )
     })
 }
 
@@ -183,7 +205,10 @@ fn integer(value: &Bound<'_, PyAny>, what: &str) -> PyResult<i64> {
         ));
     }
     value.extract::<i64>().map_err(|_| {
-        invalid_state(py, format!("{what} does not fit in a 64-bit integer: {value}"))
+        invalid_state(
+            py,
+            format!("{what} does not fit in a 64-bit integer: {value}"),
+        )
     })
 }
 
@@ -201,7 +226,10 @@ fn real(value: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
     if number.is_finite() {
         Ok(number)
     } else {
-        Err(invalid_state(py, format!("{what} must be finite, got {number}")))
+        Err(invalid_state(
+            py,
+            format!("{what} must be finite, got {number}"),
+        ))
     }
 }
 
@@ -225,7 +253,10 @@ fn timestamp(value: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
     } else {
         return Err(invalid_type(
             py,
-            format!("state[{what:?}] must be a datetime or date, got {}", type_name(value)),
+            format!(
+                "state[{what:?}] must be a datetime or date, got {}",
+                type_name(value)
+            ),
         ));
     };
     Ok(text.cast::<PyString>()?.to_str()?.to_owned())

@@ -36,7 +36,13 @@ impl NativeBackend {
 impl NativeBackend {
     #[new]
     #[pyo3(signature = (path, *, durability = "full", lock_timeout = 30.0, readers = 2))]
-    fn new(py: Python<'_>, path: PathBuf, durability: &str, lock_timeout: f64, readers: usize) -> PyResult<Self> {
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        durability: &str,
+        lock_timeout: f64,
+        readers: usize,
+    ) -> PyResult<Self> {
         let durability = match durability {
             "full" => Durability::Full,
             "normal" => Durability::Normal,
@@ -168,7 +174,11 @@ impl NativeBackend {
     }
 
     /// Finishes queued work and stops the engine on a helper thread, so the loop never blocks.
-    fn close<'py>(&self, py: Python<'py>, port: PyRef<'py, CompletionPort>) -> PyResult<Bound<'py, PyAny>> {
+    fn close<'py>(
+        &self,
+        py: Python<'py>,
+        port: PyRef<'py, CompletionPort>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let (future, done) = port.track(py)?;
         let engine = Arc::clone(&self.engine);
         std::thread::Builder::new()

@@ -89,7 +89,11 @@ impl CompletionPort {
             }
         }
         let finished = std::mem::take(
-            &mut *self.inbox.finished.lock().unwrap_or_else(|p| p.into_inner()),
+            &mut *self
+                .inbox
+                .finished
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
         );
         for (token, outcome) in finished {
             let future = self
@@ -131,7 +135,10 @@ fn resolve(py: Python<'_>, future: &Bound<'_, PyAny>, outcome: Result<Response>)
     {
         return;
     }
-    let settled = match outcome.map_err(|e| to_py_err(py, &e)).and_then(|r| response_to_python(py, r)) {
+    let settled = match outcome
+        .map_err(|e| to_py_err(py, &e))
+        .and_then(|r| response_to_python(py, r))
+    {
         Ok(value) => future.call_method1("set_result", (value,)),
         Err(error) => future.call_method1("set_exception", (error.into_value(py),)),
     };

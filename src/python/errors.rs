@@ -7,8 +7,13 @@ use pyo3::types::PyType;
 
 use crate::error::Error;
 
-fn class<'py>(py: Python<'py>, cell: &'static PyOnceLock<Py<PyType>>, name: &str) -> PyResult<Bound<'py, PyType>> {
-    cell.import(py, "flujo_sqlite.errors", name).map(|c| c.clone())
+fn class<'py>(
+    py: Python<'py>,
+    cell: &'static PyOnceLock<Py<PyType>>,
+    name: &str,
+) -> PyResult<Bound<'py, PyType>> {
+    cell.import(py, "flujo_sqlite.errors", name)
+        .cloned()
 }
 
 macro_rules! exception_class {

@@ -21,7 +21,7 @@ pub(crate) fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<backend::NativeBackend>()?;
     module.add_class::<completion::CompletionPort>()?;
     module.add_function(wrap_pyfunction!(from_python::register_serializer, module)?)?;
-    
+
     module.add_function(wrap_pyfunction!(to_python::decode_json_py, module)?)?;
     Ok(())
 }

@@ -7,15 +7,17 @@ use pyo3::IntoPyObjectExt;
 
 use super::to_python::decode_json;
 use crate::engine::Response;
-use crate::model::{Cell, StateListing, StoredBackground, StoredState, WorkflowStats, WorkflowSummary};
+use crate::model::{
+    Cell, StateListing, StoredBackground, StoredState, WorkflowStats, WorkflowSummary,
+};
 
 pub(crate) fn response_to_python(py: Python<'_>, response: Response) -> PyResult<Py<PyAny>> {
     match response {
         Response::Done => Ok(py.None()),
         Response::State(None) => Ok(py.None()),
         Response::State(Some(state)) => Ok(stored_state(py, *state)?.into_any().unbind()),
-        Response::States(states) => list(py, states, |py, s| state_listing(py, s)),
-        Response::Workflows(items) => list(py, items, |py, s| workflow_summary(py, s)),
+        Response::States(states) => list(py, states, state_listing),
+        Response::Workflows(items) => list(py, items, workflow_summary),
         Response::Stats(stats) => Ok(workflow_stats(py, stats)?.into_any().unbind()),
         Response::Count(n) => n.into_py_any(py),
     }
@@ -46,14 +48,17 @@ fn cell(py: Python<'_>, value: Cell) -> PyResult<Py<PyAny>> {
 /// Flujo returns 0 for a NULL or otherwise falsy `total_steps`.
 fn total_steps(py: Python<'_>, value: Cell) -> PyResult<Py<PyAny>> {
     match value {
-        Cell::Null | Cell::Integer(0) => 0.into_py_any(py),
-        Cell::Real(f) if f == 0.0 => 0.into_py_any(py),
+        Cell::Null | Cell::Integer(0) | Cell::Real(0.0) => 0.into_py_any(py),
         Cell::Text(t) if t.is_empty() => 0.into_py_any(py),
         other => cell(py, other),
     }
 }
 
-fn json_or(py: Python<'_>, text: Option<String>, missing: impl FnOnce() -> PyResult<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+fn json_or(
+    py: Python<'_>,
+    text: Option<String>,
+    missing: impl FnOnce() -> PyResult<Py<PyAny>>,
+) -> PyResult<Py<PyAny>> {
     match text {
         Some(text) => Ok(decode_json(py, &text)?.unbind()),
         None => missing(),
@@ -69,7 +74,10 @@ fn datetime(py: Python<'_>, value: Cell) -> PyResult<Py<PyAny>> {
         return cell(py, value);
     };
     let parse = FROMISOFORMAT.get_or_try_init(py, || {
-        py.import("datetime")?.getattr("datetime")?.getattr("fromisoformat").map(Bound::unbind)
+        py.import("datetime")?
+            .getattr("datetime")?
+            .getattr("fromisoformat")
+            .map(Bound::unbind)
     })?;
     match parse.bind(py).call1((text.as_str(),)) {
         Ok(parsed) => Ok(parsed.unbind()),
@@ -87,9 +95,22 @@ fn stored_state(py: Python<'_>, s: StoredState) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("pipeline_name", cell(py, s.pipeline_name)?)?;
     d.set_item("pipeline_version", cell(py, s.pipeline_version)?)?;
     d.set_item("current_step_index", cell(py, s.current_step_index)?)?;
-    d.set_item("pipeline_context", json_or(py, s.pipeline_context, || Ok(PyDict::new(py).into_any().unbind()))?)?;
-    d.set_item("last_step_output", json_or(py, s.last_step_output, || Ok(py.None()))?)?;
-    d.set_item("step_history", json_or(py, s.step_history, || Ok(PyList::empty(py).into_any().unbind()))?)?;
+    d.set_item(
+        "pipeline_context",
+        json_or(py, s.pipeline_context, || {
+            Ok(PyDict::new(py).into_any().unbind())
+        })?,
+    )?;
+    d.set_item(
+        "last_step_output",
+        json_or(py, s.last_step_output, || Ok(py.None()))?,
+    )?;
+    d.set_item(
+        "step_history",
+        json_or(py, s.step_history, || {
+            Ok(PyList::empty(py).into_any().unbind())
+        })?,
+    )?;
     d.set_item("status", cell(py, s.status)?)?;
     d.set_item("created_at", datetime(py, s.created_at)?)?;
     d.set_item("updated_at", datetime(py, s.updated_at)?)?;
@@ -104,7 +125,10 @@ fn stored_state(py: Python<'_>, s: StoredState) -> PyResult<Bound<'_, PyDict>> {
 }
 
 fn add_background(py: Python<'_>, d: &Bound<'_, PyDict>, b: StoredBackground) -> PyResult<()> {
-    d.set_item("metadata", json_or(py, b.metadata, || Ok(PyDict::new(py).into_any().unbind()))?)?;
+    d.set_item(
+        "metadata",
+        json_or(py, b.metadata, || Ok(PyDict::new(py).into_any().unbind()))?,
+    )?;
     let is_background = match b.is_background_task {
         Cell::Integer(i) => i != 0,
         Cell::Real(f) => f != 0.0,

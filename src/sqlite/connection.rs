@@ -101,7 +101,10 @@ pub(crate) fn retry_while_locked<T>(
                         waited,
                     });
                 }
-                log::debug!("{} is locked; retrying in {pause:?}", options.path.display());
+                log::debug!(
+                    "{} is locked; retrying in {pause:?}",
+                    options.path.display()
+                );
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(250));
             }

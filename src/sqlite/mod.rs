@@ -134,7 +134,12 @@ impl Drop for SqliteEngine {
 }
 
 /// Runs one read request on a reader connection.
-fn execute_read(conn: &Connection, layout: Layout, shared: &Shared, request: &Request) -> Result<Response> {
+fn execute_read(
+    conn: &Connection,
+    layout: Layout,
+    shared: &Shared,
+    request: &Request,
+) -> Result<Response> {
     let fail = |e| classify(&shared.options.path, e);
     match request {
         Request::LoadState { run_id } => queries::load_state(conn, layout, run_id)
@@ -156,7 +161,9 @@ fn execute_read(conn: &Connection, layout: Layout, shared: &Shared, request: &Re
                 .map(Response::Workflows)
                 .map_err(fail)
         }
-        Request::SaveState { .. } | Request::DeleteState { .. } | Request::CleanupOldWorkflows { .. } => {
+        Request::SaveState { .. }
+        | Request::DeleteState { .. }
+        | Request::CleanupOldWorkflows { .. } => {
             unreachable!("writes are routed to the writer")
         }
     }

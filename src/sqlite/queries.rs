@@ -11,8 +11,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row, ToSql};
 
 use super::schema::Layout;
 use crate::model::{
-    Cell, StateListing, StateRecord, StoredBackground, StoredState, WorkflowQuery,
-    WorkflowStats, WorkflowSummary,
+    Cell, StateListing, StateRecord, StoredBackground, StoredState, WorkflowQuery, WorkflowStats,
+    WorkflowSummary,
 };
 use crate::timestamp::TimeWindow;
 
@@ -92,7 +92,8 @@ pub(crate) fn save_state(
         conn.prepare_cached(UPSERT_STATE_WITH_BACKGROUND)?
             .execute(all.as_slice())?;
     } else {
-        conn.prepare_cached(UPSERT_STATE)?.execute(base.as_slice())?;
+        conn.prepare_cached(UPSERT_STATE)?
+            .execute(base.as_slice())?;
     }
     Ok(())
 }
@@ -147,7 +148,11 @@ pub(crate) fn list_states(
     let sql = format!(
         "SELECT run_id, status, created_at, updated_at FROM workflow_state {} \
          ORDER BY created_at DESC, rowid DESC",
-        if status.is_some() { "WHERE status = ?1" } else { "" }
+        if status.is_some() {
+            "WHERE status = ?1"
+        } else {
+            ""
+        }
     );
     let mut stmt = conn.prepare_cached(&sql)?;
     let map = |row: &Row| {
@@ -184,7 +189,9 @@ pub(crate) fn list_workflows(
         background_select(layout)
     );
     // SQLite reads a negative LIMIT as "no limit".
-    let limit = query.limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
+    let limit = query
+        .limit
+        .map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
     let offset = i64::try_from(query.offset).unwrap_or(i64::MAX);
     let mut stmt = conn.prepare_cached(&sql)?;
     for (index, value) in [(1, status), (2, pipeline)] {
@@ -202,15 +209,15 @@ pub(crate) fn list_workflows(
     Ok(out)
 }
 
-pub(crate) fn workflow_stats(
-    conn: &Connection,
-    layout: Layout,
-) -> rusqlite::Result<WorkflowStats> {
+pub(crate) fn workflow_stats(conn: &Connection, layout: Layout) -> rusqlite::Result<WorkflowStats> {
     let total: i64 = conn
         .prepare_cached("SELECT count(*) FROM workflow_state")?
         .query_row([], |r| r.get(0))?;
-    let status_counts = counts_by_status(conn, "SELECT status, count(*) FROM workflow_state \
-         WHERE status IS NOT NULL GROUP BY status")?;
+    let status_counts = counts_by_status(
+        conn,
+        "SELECT status, count(*) FROM workflow_state \
+         WHERE status IS NOT NULL GROUP BY status",
+    )?;
     let day = TimeWindow::before(Utc::now(), chrono::Duration::hours(24));
     let recent: i64 = conn
         .prepare_cached(
@@ -267,7 +274,12 @@ pub(crate) fn failed_workflows(
     );
     let mut stmt = conn.prepare_cached(&sql)?;
     let rows = stmt.query_map(params![window.text_low, window.cutoff], |row| {
-        summary(row, Layout { background_columns: false })
+        summary(
+            row,
+            Layout {
+                background_columns: false,
+            },
+        )
     })?;
     rows.collect()
 }

@@ -11,7 +11,11 @@ use super::connection::{self, Role};
 use super::{execute_read, Job, Shared};
 use crate::error::{Error, Result};
 
-pub(super) fn spawn(shared: Arc<Shared>, jobs: Receiver<Job>, index: usize) -> Result<JoinHandle<()>> {
+pub(super) fn spawn(
+    shared: Arc<Shared>,
+    jobs: Receiver<Job>,
+    index: usize,
+) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("flujo-sqlite-reader-{index}"))
         .spawn(move || serve(&shared, &jobs))

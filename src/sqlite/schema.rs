@@ -119,10 +119,22 @@ const ADDABLE_STATE_COLUMNS: [(&str, &str); 14] = [
 
 /// Columns added above whose blank values get a backfill, as Flujo's migrations do.
 const BACKFILLS: [(&str, &str); 4] = [
-    ("pipeline_name", "UPDATE workflow_state SET pipeline_name = pipeline_id WHERE pipeline_name = ''"),
-    ("pipeline_context", "UPDATE workflow_state SET pipeline_context = '{}' WHERE pipeline_context IS NULL"),
-    ("created_at", "UPDATE workflow_state SET created_at = datetime('now') WHERE created_at = ''"),
-    ("updated_at", "UPDATE workflow_state SET updated_at = datetime('now') WHERE updated_at = ''"),
+    (
+        "pipeline_name",
+        "UPDATE workflow_state SET pipeline_name = pipeline_id WHERE pipeline_name = ''",
+    ),
+    (
+        "pipeline_context",
+        "UPDATE workflow_state SET pipeline_context = '{}' WHERE pipeline_context IS NULL",
+    ),
+    (
+        "created_at",
+        "UPDATE workflow_state SET created_at = datetime('now') WHERE created_at = ''",
+    ),
+    (
+        "updated_at",
+        "UPDATE workflow_state SET updated_at = datetime('now') WHERE updated_at = ''",
+    ),
 ];
 
 const BACKGROUND_COLUMNS: [&str; 5] = [
@@ -202,7 +214,11 @@ pub(crate) fn prepare(conn: &mut Connection, options: &SqliteOptions) -> Result<
 
 fn needs_changes(conn: &Connection) -> rusqlite::Result<bool> {
     let columns = state_columns(conn)?;
-    if columns.is_empty() || ADDABLE_STATE_COLUMNS.iter().any(|(c, _)| !columns.contains(*c)) {
+    if columns.is_empty()
+        || ADDABLE_STATE_COLUMNS
+            .iter()
+            .any(|(c, _)| !columns.contains(*c))
+    {
         return Ok(true);
     }
     for (name, _) in OUR_INDEXES {

@@ -118,7 +118,10 @@ impl Writer<'_> {
             }
             Err(e) => {
                 let error = classify(&options.path, e);
-                log::error!("commit failed, {} writes rolled back: {error}", outcomes.len());
+                log::error!(
+                    "commit failed, {} writes rolled back: {error}",
+                    outcomes.len()
+                );
                 // Roll back explicitly: never leave a transaction open holding the lock.
                 let _ = conn.execute_batch("ROLLBACK");
                 for (done, outcome) in outcomes {
@@ -172,7 +175,8 @@ impl Writer<'_> {
             let tx = conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(|e| classify(&options.path, e))?;
-            let count = queries::cleanup_batch(&tx, window).map_err(|e| classify(&options.path, e))?;
+            let count =
+                queries::cleanup_batch(&tx, window).map_err(|e| classify(&options.path, e))?;
             tx.commit().map_err(|e| classify(&options.path, e))?;
             Ok(count)
         })
@@ -196,12 +200,18 @@ fn run_in_savepoint<T>(
     }
 }
 
-fn execute_write(conn: &Connection, layout: Layout, request: &Request) -> rusqlite::Result<Response> {
+fn execute_write(
+    conn: &Connection,
+    layout: Layout,
+    request: &Request,
+) -> rusqlite::Result<Response> {
     match request {
         Request::SaveState { run_id, record } => {
             queries::save_state(conn, layout, run_id, record).map(|()| Response::Done)
         }
-        Request::DeleteState { run_id } => queries::delete_state(conn, run_id).map(|()| Response::Done),
+        Request::DeleteState { run_id } => {
+            queries::delete_state(conn, run_id).map(|()| Response::Done)
+        }
         other => unreachable!("not a batched write: {other:?}"),
     }
 }

@@ -1,0 +1,449 @@
+//! The SQLite engine through its public contract, with no Python involved.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use flujo_sqlite::engine::{Request, Response, StateEngine};
+use flujo_sqlite::error::Error;
+use flujo_sqlite::model::{BackgroundFields, Cell, StateRecord, WorkflowQuery};
+use flujo_sqlite::sqlite::{SqliteEngine, SqliteOptions};
+use rusqlite::Connection;
+
+fn engine(path: &Path) -> SqliteEngine {
+    SqliteEngine::start(SqliteOptions::new(path)).unwrap()
+}
+
+fn call(engine: &SqliteEngine, request: Request) -> Result<Response, Error> {
+    let (tx, rx) = mpsc::channel();
+    engine.submit(request, Box::new(move |outcome| tx.send(outcome).unwrap()));
+    rx.recv_timeout(Duration::from_secs(60)).unwrap()
+}
+
+fn record(pipeline: &str, status: &str, created_at: &str) -> StateRecord {
+    StateRecord {
+        pipeline_id: pipeline.into(),
+        pipeline_name: format!("{pipeline} pipeline"),
+        pipeline_version: "1.0".into(),
+        current_step_index: 2,
+        pipeline_context: r#"{"rows":1000}"#.into(),
+        last_step_output: Some(r#"{"ok":true}"#.into()),
+        step_history: None,
+        status: status.into(),
+        created_at: created_at.into(),
+        updated_at: created_at.into(),
+        total_steps: 5,
+        error_message: (status == "failed").then(|| "boom".into()),
+        execution_time_ms: Some(1500),
+        memory_usage_mb: Some(45.2),
+        background: BackgroundFields::default(),
+    }
+}
+
+fn save(engine: &SqliteEngine, run_id: &str, record: StateRecord) {
+    call(
+        engine,
+        Request::SaveState {
+            run_id: run_id.into(),
+            record: Box::new(record),
+        },
+    )
+    .unwrap();
+}
+
+fn listed_ids(response: Response) -> Vec<String> {
+    let Response::Workflows(items) = response else {
+        panic!("not a list: {response:?}")
+    };
+    items
+        .into_iter()
+        .map(|w| match w.run_id {
+            Cell::Text(t) => t,
+            other => panic!("run_id {other:?}"),
+        })
+        .collect()
+}
+
+fn utc_text(age: chrono::Duration) -> String {
+    (chrono::Utc::now() - age)
+        .format("%Y-%m-%d %H:%M:%S+00:00")
+        .to_string()
+}
+
+struct TempDb {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+fn temp_db() -> TempDb {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wf.db");
+    TempDb { _dir: dir, path }
+}
+
+#[test]
+fn a_fresh_file_gets_flujo_layout_in_wal_mode() {
+    let db = temp_db();
+    let e = engine(&db.path);
+    save(
+        &e,
+        "r1",
+        record("p", "running", &utc_text(chrono::Duration::zero())),
+    );
+    e.close();
+    let conn = Connection::open(&db.path).unwrap();
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(tables, ["runs", "spans", "steps", "workflow_state"]);
+    let check = conn.execute(
+        "INSERT INTO workflow_state VALUES ('x','p','n','1',0,'{}',NULL,NULL,'bogus','t','t',0,NULL,NULL,NULL)",
+        [],
+    );
+    assert!(check
+        .unwrap_err()
+        .to_string()
+        .contains("CHECK constraint failed"));
+}
+
+#[test]
+fn saves_round_trip_and_upsert_replaces_the_whole_row() {
+    let db = temp_db();
+    let e = engine(&db.path);
+    let created = utc_text(chrono::Duration::zero());
+    save(&e, "r1", record("p", "running", &created));
+    let mut second = record("p", "failed", &created);
+    second.last_step_output = None;
+    save(&e, "r1", second);
+    let Response::State(Some(state)) = call(
+        &e,
+        Request::LoadState {
+            run_id: "r1".into(),
+        },
+    )
+    .unwrap() else {
+        panic!("missing")
+    };
+    assert_eq!(state.status, Cell::Text("failed".into()));
+    assert_eq!(state.last_step_output, None);
+    assert_eq!(state.pipeline_context.as_deref(), Some(r#"{"rows":1000}"#));
+    assert_eq!(state.created_at, Cell::Text(created));
+    assert_eq!(state.execution_time_ms, Cell::Integer(1500));
+    assert_eq!(state.background, None);
+    assert_eq!(
+        call(
+            &e,
+            Request::LoadState {
+                run_id: "nope".into()
+            }
+        )
+        .unwrap(),
+        Response::State(None)
+    );
+    call(
+        &e,
+        Request::DeleteState {
+            run_id: "r1".into(),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        call(
+            &e,
+            Request::LoadState {
+                run_id: "r1".into()
+            }
+        )
+        .unwrap(),
+        Response::State(None)
+    );
+}
+
+#[test]
+fn queued_writes_commit_together_and_a_failing_one_fails_alone() {
+    let db = temp_db();
+    let e = engine(&db.path);
+    let created = utc_text(chrono::Duration::zero());
+    let (tx, rx) = mpsc::channel();
+    for i in 0..500 {
+        // The CHECK constraint rejects this status, inside the same batch as the others.
+        let status = if i == 250 { "bogus" } else { "completed" };
+        let tx = tx.clone();
+        e.submit(
+            Request::SaveState {
+                run_id: format!("r{i}"),
+                record: Box::new(record("p", status, &created)),
+            },
+            Box::new(move |outcome| tx.send((i, outcome.is_ok())).unwrap()),
+        );
+    }
+    drop(tx);
+    let outcomes: Vec<(i32, bool)> = rx.iter().collect();
+    assert_eq!(outcomes.len(), 500);
+    assert!(outcomes.iter().all(|&(i, ok)| ok == (i != 250)));
+    let Response::Stats(stats) = call(&e, Request::WorkflowStats).unwrap() else {
+        panic!()
+    };
+    assert_eq!(stats.total_workflows, 499);
+}
+
+#[test]
+fn lists_page_through_ties_exactly_once_and_offset_works_without_limit() {
+    let db = temp_db();
+    let e = engine(&db.path);
+    let same_time = utc_text(chrono::Duration::hours(1));
+    for i in 0..200 {
+        let status = if i % 2 == 0 { "failed" } else { "completed" };
+        save(&e, &format!("r{i:03}"), record("p", status, &same_time));
+    }
+    for status in [None, Some("failed".to_string())] {
+        let mut seen = Vec::new();
+        for page in 0..10 {
+            let query = WorkflowQuery {
+                status: status.clone(),
+                pipeline_id: None,
+                limit: Some(25),
+                offset: page * 25,
+            };
+            seen.extend(listed_ids(call(&e, Request::ListWorkflows(query)).unwrap()));
+        }
+        let expected = if status.is_some() { 100 } else { 200 };
+        let mut unique = seen.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!((seen.len(), unique.len()), (expected, expected));
+    }
+    let query = WorkflowQuery {
+        offset: 190,
+        ..WorkflowQuery::default()
+    };
+    assert_eq!(
+        listed_ids(call(&e, Request::ListWorkflows(query)).unwrap()).len(),
+        10
+    );
+    let empty_filter = WorkflowQuery {
+        status: Some(String::new()),
+        limit: Some(0),
+        ..WorkflowQuery::default()
+    };
+    assert!(listed_ids(call(&e, Request::ListWorkflows(empty_filter)).unwrap()).is_empty());
+}
+
+#[test]
+fn time_windows_are_exact_for_our_format_and_flujos() {
+    let db = temp_db();
+    let e = engine(&db.path);
+    let hours = chrono::Duration::hours;
+    let flujo_text = |age: chrono::Duration| {
+        (chrono::Utc::now() - age)
+            .format("%Y-%m-%dT%H:%M:%S+00:00")
+            .to_string()
+    };
+    // Just inside and just outside 24 h, in both stored formats; Flujo's own text comparison
+    // would count the 25 h old rows whenever they fall on yesterday's date.
+    save(&e, "ours_23h", record("p", "failed", &utc_text(hours(23))));
+    save(&e, "ours_25h", record("p", "failed", &utc_text(hours(25))));
+    save(
+        &e,
+        "flujo_23h",
+        record("p", "failed", &flujo_text(hours(23))),
+    );
+    save(
+        &e,
+        "flujo_25h",
+        record("p", "failed", &flujo_text(hours(25))),
+    );
+    save(
+        &e,
+        "offset_23h",
+        record(
+            "p",
+            "failed",
+            &(chrono::Utc::now() - hours(23))
+                .with_timezone(&chrono::FixedOffset::east_opt(5 * 3600).unwrap())
+                .format("%Y-%m-%dT%H:%M:%S%:z")
+                .to_string(),
+        ),
+    );
+    let Response::Stats(stats) = call(&e, Request::WorkflowStats).unwrap() else {
+        panic!()
+    };
+    assert_eq!(stats.recent_workflows_24h, 3);
+    let mut failed = listed_ids(call(&e, Request::FailedWorkflows { hours_back: 24.0 }).unwrap());
+    failed.sort();
+    assert_eq!(failed, ["flujo_23h", "offset_23h", "ours_23h"]);
+    let Response::Count(deleted) =
+        call(&e, Request::CleanupOldWorkflows { days_old: 1.0 }).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(deleted, 2);
+    assert!(matches!(
+        call(&e, Request::FailedWorkflows { hours_back: -1.0 }),
+        Err(Error::InvalidInput(_))
+    ));
+    assert!(matches!(
+        call(&e, Request::CleanupOldWorkflows { days_old: f64::NAN }),
+        Err(Error::InvalidInput(_))
+    ));
+}
+
+#[test]
+fn cleanup_deletes_in_batches_and_counts_every_row() {
+    let db = temp_db();
+    let e = engine(&db.path);
+    let (tx, rx) = mpsc::channel();
+    for i in 0..5000 {
+        let age = if i % 2 == 0 {
+            chrono::Duration::days(40)
+        } else {
+            chrono::Duration::days(1)
+        };
+        let request = Request::SaveState {
+            run_id: format!("r{i}"),
+            record: Box::new(record("p", "completed", &utc_text(age))),
+        };
+        let tx = tx.clone();
+        e.submit(
+            request,
+            Box::new(move |outcome| tx.send(outcome.is_ok()).unwrap()),
+        );
+    }
+    drop(tx);
+    assert!(rx.iter().all(|ok| ok));
+    assert_eq!(
+        call(&e, Request::CleanupOldWorkflows { days_old: 30.0 }).unwrap(),
+        Response::Count(2500)
+    );
+    let Response::Stats(stats) = call(&e, Request::WorkflowStats).unwrap() else {
+        panic!()
+    };
+    assert_eq!(stats.total_workflows, 2500);
+}
+
+#[test]
+fn a_legacy_table_is_migrated_in_place_with_its_rows() {
+    let db = temp_db();
+    {
+        let conn = Connection::open(&db.path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE workflow_state (run_id TEXT PRIMARY KEY, pipeline_id TEXT NOT NULL);
+             INSERT INTO workflow_state VALUES ('old', 'legacy_pipeline');",
+        )
+        .unwrap();
+    }
+    let e = engine(&db.path);
+    let Response::State(Some(state)) = call(
+        &e,
+        Request::LoadState {
+            run_id: "old".into(),
+        },
+    )
+    .unwrap() else {
+        panic!("the legacy row was lost")
+    };
+    assert_eq!(state.pipeline_name, Cell::Text("legacy_pipeline".into()));
+    assert_eq!(state.status, Cell::Text("running".into()));
+    assert_eq!(state.pipeline_context.as_deref(), Some("{}"));
+    save(
+        &e,
+        "new",
+        record("p", "running", &utc_text(chrono::Duration::zero())),
+    );
+    let Response::Stats(stats) = call(&e, Request::WorkflowStats).unwrap() else {
+        panic!()
+    };
+    assert_eq!(stats.total_workflows, 2);
+}
+
+#[test]
+fn a_file_that_is_not_a_database_is_reported_and_left_untouched() {
+    let db = temp_db();
+    std::fs::write(
+        &db.path,
+        b"this is not a database, it is a shopping list\n".repeat(100),
+    )
+    .unwrap();
+    let before = std::fs::read(&db.path).unwrap();
+    let e = engine(&db.path);
+    let error = call(&e, Request::LoadState { run_id: "r".into() }).unwrap_err();
+    assert!(matches!(error, Error::Corrupt { .. }), "{error:?}");
+    assert!(error.to_string().contains("never renames"));
+    e.close();
+    assert_eq!(std::fs::read(&db.path).unwrap(), before);
+    let siblings = std::fs::read_dir(db.path.parent().unwrap())
+        .unwrap()
+        .count();
+    assert_eq!(siblings, 1);
+}
+
+#[test]
+fn a_newer_schema_version_is_refused() {
+    let db = temp_db();
+    Connection::open(&db.path)
+        .unwrap()
+        .execute_batch("PRAGMA user_version = 7")
+        .unwrap();
+    let e = engine(&db.path);
+    let error = call(&e, Request::WorkflowStats).unwrap_err();
+    assert!(
+        matches!(error, Error::SchemaTooNew { found: 7, .. }),
+        "{error:?}"
+    );
+}
+
+#[test]
+fn a_lock_held_too_long_gives_a_locked_error() {
+    let db = temp_db();
+    let mut options = SqliteOptions::new(&db.path);
+    options.lock_wait = Duration::from_millis(300);
+    options.busy_timeout = Duration::from_millis(100);
+    let e = SqliteEngine::start(options).unwrap();
+    save(
+        &e,
+        "r1",
+        record("p", "running", &utc_text(chrono::Duration::zero())),
+    );
+    let holder = Connection::open(&db.path).unwrap();
+    holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let error = call(
+        &e,
+        Request::SaveState {
+            run_id: "r2".into(),
+            record: Box::new(record("p", "running", &utc_text(chrono::Duration::zero()))),
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(error, Error::Locked { .. }), "{error:?}");
+    holder.execute_batch("ROLLBACK").unwrap();
+    save(
+        &e,
+        "r3",
+        record("p", "running", &utc_text(chrono::Duration::zero())),
+    );
+}
+
+#[test]
+fn a_closed_engine_refuses_work_and_close_is_idempotent() {
+    let db = temp_db();
+    let e = engine(&db.path);
+    save(
+        &e,
+        "r1",
+        record("p", "running", &utc_text(chrono::Duration::zero())),
+    );
+    e.close();
+    e.close();
+    assert!(matches!(
+        call(&e, Request::WorkflowStats),
+        Err(Error::Closed { .. })
+    ));
+}
