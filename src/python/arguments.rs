@@ -233,19 +233,31 @@ fn real(value: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
     }
 }
 
-/// A datetime (aware ones converted to UTC) or date as its stored text; see `timestamp`.
+/// A datetime (aware ones converted to UTC), a date, or ISO 8601 text (Flujo 0.6.11's runner
+/// sends its timestamps already turned into strings) as its stored text; see `timestamp`.
 fn timestamp(value: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
     static DATETIME: PyOnceLock<Py<PyType>> = PyOnceLock::new();
     static DATE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
     static UTC: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
     let py = value.py();
-    let text = if value.is_instance(DATETIME.import(py, "datetime", "datetime")?)? {
+    let datetime_type = DATETIME.import(py, "datetime", "datetime")?;
+    let value = if value.is_instance_of::<PyString>() {
+        datetime_type.call_method1("fromisoformat", (value,)).map_err(|_| {
+            invalid_state(
+                py,
+                format!("state[{what:?}] is the text {value}, which is not an ISO 8601 timestamp"),
+            )
+        })?
+    } else {
+        value.clone()
+    };
+    let text = if value.is_instance(datetime_type)? {
         let aware = !value.call_method0("utcoffset")?.is_none();
         let in_utc = if aware {
             let utc = UTC.import(py, "datetime", "UTC")?;
             value.call_method1("astimezone", (utc,))?
         } else {
-            value.clone()
+            value
         };
         in_utc.call_method1("isoformat", (" ",))?
     } else if value.is_instance(DATE.import(py, "datetime", "date")?)? {
@@ -254,8 +266,8 @@ fn timestamp(value: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
         return Err(invalid_type(
             py,
             format!(
-                "state[{what:?}] must be a datetime or date, got {}",
-                type_name(value)
+                "state[{what:?}] must be a datetime, a date or ISO 8601 text, got {}",
+                type_name(&value)
             ),
         ));
     };
