@@ -35,7 +35,7 @@ pub struct StateRecord {
     pub error_message: Option<String>,
     pub execution_time_ms: Option<i64>,
     pub memory_usage_mb: Option<f64>,
-    /// Columns Flujo 0.6.11 added; written only where the file has them.
+    /// Columns Flujo 0.6.11 added (we add them to older files too).
     pub background: BackgroundFields,
 }
 
@@ -67,8 +67,7 @@ pub struct StoredState {
     pub error_message: Cell,
     pub execution_time_ms: Cell,
     pub memory_usage_mb: Cell,
-    /// Present when the file has Flujo 0.6.11's columns.
-    pub background: Option<StoredBackground>,
+    pub background: StoredBackground,
 }
 
 /// Flujo 0.6.11's extra columns as stored.
@@ -96,8 +95,7 @@ pub struct WorkflowSummary {
     pub error_message: Cell,
     pub execution_time_ms: Cell,
     pub memory_usage_mb: Cell,
-    /// Filled by `list_workflows` on files with Flujo 0.6.11's columns.
-    pub background: Option<StoredBackground>,
+    pub background: StoredBackground,
 }
 
 /// One item of `list_states`.
@@ -125,6 +123,6 @@ pub struct WorkflowStats {
     pub recent_workflows_24h: u64,
     /// `None` when no row has an execution time (Flujo reports the integer 0 then).
     pub average_execution_time_ms: Option<f64>,
-    /// Counts over background tasks; present on files with Flujo 0.6.11's columns.
-    pub background_status_counts: Option<BTreeMap<String, u64>>,
+    /// Counts over background tasks only (Flujo 0.6.11's `background_status_counts`).
+    pub background_status_counts: BTreeMap<String, u64>,
 }

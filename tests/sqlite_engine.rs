@@ -7,7 +7,7 @@ use std::time::Duration;
 use flujo_sqlite::engine::{Request, Response, StateEngine};
 use flujo_sqlite::error::Error;
 use flujo_sqlite::model::{BackgroundFields, Cell, StateRecord, WorkflowQuery};
-use flujo_sqlite::sqlite::{SqliteEngine, SqliteOptions};
+use flujo_sqlite::sqlite::{FreshLayout, SqliteEngine, SqliteOptions};
 use rusqlite::Connection;
 
 fn engine(path: &Path) -> SqliteEngine {
@@ -81,31 +81,81 @@ fn temp_db() -> TempDb {
     TempDb { _dir: dir, path }
 }
 
-#[test]
-fn a_fresh_file_gets_flujo_layout_in_wal_mode() {
-    let db = temp_db();
-    let e = engine(&db.path);
-    save(
-        &e,
-        "r1",
-        record("p", "running", &utc_text(chrono::Duration::zero())),
-    );
-    e.close();
-    let conn = Connection::open(&db.path).unwrap();
+fn tables_and_version(path: &Path) -> (Vec<String>, i64, String) {
+    let conn = Connection::open(path).unwrap();
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(mode, "wal");
-    let tables: Vec<String> = conn
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    let tables = conn
         .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
         .unwrap()
         .query_map([], |r| r.get(0))
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(tables, ["runs", "spans", "steps", "workflow_state"]);
-    let check = conn.execute(
-        "INSERT INTO workflow_state VALUES ('x','p','n','1',0,'{}',NULL,NULL,'bogus','t','t',0,NULL,NULL,NULL)",
+    (tables, version, mode)
+}
+
+#[test]
+fn a_fresh_file_gets_the_requested_flujo_layout_in_wal_mode() {
+    for (layout, version, steps_key) in [
+        (FreshLayout::Flujo04, 0, "step_run_id"),
+        (FreshLayout::Flujo06, 1, "id"),
+    ] {
+        let db = temp_db();
+        let mut options = SqliteOptions::new(&db.path);
+        options.fresh_layout = layout;
+        let e = SqliteEngine::start(options).unwrap();
+        save(
+            &e,
+            "r1",
+            record("p", "running", &utc_text(chrono::Duration::zero())),
+        );
+        e.close();
+        let (tables, found_version, mode) = tables_and_version(&db.path);
+        assert_eq!(mode, "wal");
+        assert_eq!(found_version, version, "{layout:?}");
+        for table in [
+            "evaluations",
+            "runs",
+            "spans",
+            "steps",
+            "system_state",
+            "traces",
+            "workflow_state",
+        ] {
+            assert!(
+                tables.iter().any(|t| t == table),
+                "{layout:?} lacks {table}"
+            );
+        }
+        let conn = Connection::open(&db.path).unwrap();
+        let steps_key_present: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info('steps') WHERE name = ?1",
+                [steps_key],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(steps_key_present, 1, "{layout:?}");
+    }
+    // Flujo 0.4.35's CHECK constraint on status is kept in its layout.
+    let db = temp_db();
+    let mut options = SqliteOptions::new(&db.path);
+    options.fresh_layout = FreshLayout::Flujo04;
+    let e = SqliteEngine::start(options).unwrap();
+    save(
+        &e,
+        "r1",
+        record("p", "running", &utc_text(chrono::Duration::zero())),
+    );
+    e.close();
+    let check = Connection::open(&db.path).unwrap().execute(
+        "INSERT INTO workflow_state (run_id, pipeline_id, pipeline_name, pipeline_version, \
+         pipeline_context, status, created_at, updated_at) VALUES ('x','p','n','1','{}','bogus','t','t')",
         [],
     );
     assert!(check
@@ -137,7 +187,7 @@ fn saves_round_trip_and_upsert_replaces_the_whole_row() {
     assert_eq!(state.pipeline_context.as_deref(), Some(r#"{"rows":1000}"#));
     assert_eq!(state.created_at, Cell::Text(created));
     assert_eq!(state.execution_time_ms, Cell::Integer(1500));
-    assert_eq!(state.background, None);
+    assert_eq!(state.background.is_background_task, Cell::Integer(0));
     assert_eq!(
         call(
             &e,
@@ -170,7 +220,10 @@ fn saves_round_trip_and_upsert_replaces_the_whole_row() {
 #[test]
 fn queued_writes_commit_together_and_a_failing_one_fails_alone() {
     let db = temp_db();
-    let e = engine(&db.path);
+    let mut options = SqliteOptions::new(&db.path);
+    // 0.4.35's layout has the CHECK constraint on status that makes one write fail in the DB.
+    options.fresh_layout = FreshLayout::Flujo04;
+    let e = SqliteEngine::start(options).unwrap();
     let created = utc_text(chrono::Duration::zero());
     let (tx, rx) = mpsc::channel();
     for i in 0..500 {
@@ -337,6 +390,20 @@ fn a_legacy_table_is_migrated_in_place_with_its_rows() {
         conn.execute_batch(
             "CREATE TABLE workflow_state (run_id TEXT PRIMARY KEY, pipeline_id TEXT NOT NULL);
              INSERT INTO workflow_state VALUES ('old', 'legacy_pipeline');",
+        )
+        .unwrap();
+        // The rest of a 0.4.35 file, as Flujo creates it.
+        conn.execute_batch(
+            "CREATE TABLE runs (run_id TEXT PRIMARY KEY, pipeline_name TEXT NOT NULL, \
+             pipeline_version TEXT NOT NULL, status TEXT NOT NULL, start_time TEXT NOT NULL, \
+             end_time TEXT, total_cost REAL, final_context_blob TEXT);
+             CREATE TABLE steps (step_run_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, \
+             step_name TEXT NOT NULL, step_index INTEGER NOT NULL, status TEXT NOT NULL, \
+             start_time TEXT NOT NULL, end_time TEXT, duration_ms INTEGER, cost REAL, \
+             tokens INTEGER, input_blob TEXT, output_blob TEXT, error_blob TEXT);
+             CREATE TABLE spans (span_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, \
+             parent_span_id TEXT, name TEXT NOT NULL, start_time REAL NOT NULL, end_time REAL, \
+             status TEXT DEFAULT 'running', attributes TEXT, created_at DATETIME);",
         )
         .unwrap();
     }

@@ -241,16 +241,19 @@ fn timestamp(value: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
     static UTC: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
     let py = value.py();
     let datetime_type = DATETIME.import(py, "datetime", "datetime")?;
-    let value = if value.is_instance_of::<PyString>() {
-        datetime_type.call_method1("fromisoformat", (value,)).map_err(|_| {
-            invalid_state(
+    let value =
+        if value.is_instance_of::<PyString>() {
+            datetime_type
+                .call_method1("fromisoformat", (value,))
+                .map_err(|_| {
+                    invalid_state(
                 py,
                 format!("state[{what:?}] is the text {value}, which is not an ISO 8601 timestamp"),
             )
-        })?
-    } else {
-        value.clone()
-    };
+                })?
+        } else {
+            value.clone()
+        };
     let text = if value.is_instance(datetime_type)? {
         let aware = !value.call_method0("utcoffset")?.is_none();
         let in_utc = if aware {

@@ -12,8 +12,7 @@ fn class<'py>(
     cell: &'static PyOnceLock<Py<PyType>>,
     name: &str,
 ) -> PyResult<Bound<'py, PyType>> {
-    cell.import(py, "flujo_sqlite.errors", name)
-        .cloned()
+    cell.import(py, "flujo_sqlite.errors", name).cloned()
 }
 
 macro_rules! exception_class {

@@ -118,9 +118,7 @@ fn stored_state(py: Python<'_>, s: StoredState) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("error_message", cell(py, s.error_message)?)?;
     d.set_item("execution_time_ms", cell(py, s.execution_time_ms)?)?;
     d.set_item("memory_usage_mb", cell(py, s.memory_usage_mb)?)?;
-    if let Some(background) = s.background {
-        add_background(py, &d, background)?;
-    }
+    add_background(py, &d, s.background)?;
     Ok(d)
 }
 
@@ -157,9 +155,7 @@ fn workflow_summary(py: Python<'_>, s: WorkflowSummary) -> PyResult<Bound<'_, Py
     d.set_item("error_message", cell(py, s.error_message)?)?;
     d.set_item("execution_time_ms", cell(py, s.execution_time_ms)?)?;
     d.set_item("memory_usage_mb", cell(py, s.memory_usage_mb)?)?;
-    if let Some(background) = s.background {
-        add_background(py, &d, background)?;
-    }
+    add_background(py, &d, s.background)?;
     Ok(d)
 }
 
@@ -182,8 +178,6 @@ fn workflow_stats(py: Python<'_>, s: WorkflowStats) -> PyResult<Bound<'_, PyDict
         Some(average) => d.set_item("average_execution_time_ms", average)?,
         None => d.set_item("average_execution_time_ms", 0)?,
     }
-    if let Some(counts) = s.background_status_counts {
-        d.set_item("background_status_counts", counts)?;
-    }
+    d.set_item("background_status_counts", s.background_status_counts)?;
     Ok(d)
 }

@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::Sender;
 use rusqlite::Connection;
 
-pub use options::{Durability, SqliteOptions};
+pub use options::{Durability, FreshLayout, SqliteOptions};
 
 use crate::engine::{Completion, Request, Response, StateEngine};
 use crate::error::{Error, Result};
@@ -31,22 +31,23 @@ pub(crate) struct Job {
 /// What every engine thread shares: the options and the file's layout, prepared once.
 pub(crate) struct Shared {
     options: SqliteOptions,
-    layout: Mutex<Option<Layout>>,
+    layout: Mutex<Option<Arc<Layout>>>,
 }
 
 impl Shared {
     /// The file's layout, preparing the file on first use. A failure is not cached: the next
     /// call tries again (the lock may be gone, the folder may exist by then).
-    fn layout(&self) -> Result<Layout> {
+    fn layout(&self) -> Result<Arc<Layout>> {
         let mut layout = self.layout.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(known) = *layout {
-            return Ok(known);
+        if let Some(known) = &*layout {
+            return Ok(Arc::clone(known));
         }
         let prepared = connection::retry_while_locked(&self.options, || {
             let mut conn = connection::open(&self.options, Role::Writer)?;
             schema::prepare(&mut conn, &self.options)
         })?;
-        *layout = Some(prepared);
+        let prepared = Arc::new(prepared);
+        *layout = Some(Arc::clone(&prepared));
         Ok(prepared)
     }
 }
@@ -136,22 +137,22 @@ impl Drop for SqliteEngine {
 /// Runs one read request on a reader connection.
 fn execute_read(
     conn: &Connection,
-    layout: Layout,
+    layout: &Layout,
     shared: &Shared,
     request: &Request,
 ) -> Result<Response> {
     let fail = |e| classify(&shared.options.path, e);
     match request {
-        Request::LoadState { run_id } => queries::load_state(conn, layout, run_id)
+        Request::LoadState { run_id } => queries::load_state(conn, run_id)
             .map(|state| Response::State(state.map(Box::new)))
             .map_err(fail),
         Request::ListStates { status } => queries::list_states(conn, status.as_deref())
             .map(Response::States)
             .map_err(fail),
-        Request::ListWorkflows(query) => queries::list_workflows(conn, layout, query)
+        Request::ListWorkflows(query) => queries::list_workflows(conn, query)
             .map(Response::Workflows)
             .map_err(fail),
-        Request::WorkflowStats => queries::workflow_stats(conn, layout)
+        Request::WorkflowStats => queries::workflow_stats(conn)
             .map(Response::Stats)
             .map_err(fail),
         Request::FailedWorkflows { hours_back } => {

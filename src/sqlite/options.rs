@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use super::schema::FreshLayout;
+
 /// What a commit promises once the caller's `await` returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
@@ -25,6 +27,8 @@ pub struct SqliteOptions {
     pub lock_wait: Duration,
     /// Connections serving reads in parallel with the writer.
     pub readers: usize,
+    /// The tables a brand-new file gets; an existing file keeps its own.
+    pub fresh_layout: FreshLayout,
 }
 
 impl SqliteOptions {
@@ -35,6 +39,7 @@ impl SqliteOptions {
             busy_timeout: Duration::from_secs(5),
             lock_wait: Duration::from_secs(30),
             readers: 2,
+            fresh_layout: FreshLayout::default(),
         }
     }
 }

@@ -9,7 +9,6 @@ use chrono::Utc;
 use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OptionalExtension, Row, ToSql};
 
-use super::schema::Layout;
 use crate::model::{
     Cell, StateListing, StateRecord, StoredBackground, StoredState, WorkflowQuery, WorkflowStats,
     WorkflowSummary,
@@ -21,24 +20,10 @@ pub(crate) const CLEANUP_BATCH_ROWS: i64 = 2000;
 
 const SUMMARY_COLUMNS: &str = "run_id, pipeline_id, pipeline_name, pipeline_version, \
      current_step_index, status, created_at, updated_at, total_steps, error_message, \
-     execution_time_ms, memory_usage_mb";
-const BACKGROUND_SELECT: &str =
-    ", metadata, is_background_task, parent_run_id, task_id, background_error";
+     execution_time_ms, memory_usage_mb, metadata, is_background_task, parent_run_id, task_id, \
+     background_error";
 
-const UPSERT_STATE: &str = "INSERT INTO workflow_state (run_id, pipeline_id, pipeline_name, \
-     pipeline_version, current_step_index, pipeline_context, last_step_output, step_history, \
-     status, created_at, updated_at, total_steps, error_message, execution_time_ms, \
-     memory_usage_mb) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
-     ON CONFLICT(run_id) DO UPDATE SET pipeline_id = excluded.pipeline_id, \
-     pipeline_name = excluded.pipeline_name, pipeline_version = excluded.pipeline_version, \
-     current_step_index = excluded.current_step_index, \
-     pipeline_context = excluded.pipeline_context, last_step_output = excluded.last_step_output, \
-     step_history = excluded.step_history, status = excluded.status, \
-     created_at = excluded.created_at, updated_at = excluded.updated_at, \
-     total_steps = excluded.total_steps, error_message = excluded.error_message, \
-     execution_time_ms = excluded.execution_time_ms, memory_usage_mb = excluded.memory_usage_mb";
-
-const UPSERT_STATE_WITH_BACKGROUND: &str = "INSERT INTO workflow_state (run_id, pipeline_id, \
+const UPSERT_STATE: &str = "INSERT INTO workflow_state (run_id, pipeline_id, \
      pipeline_name, pipeline_version, current_step_index, pipeline_context, last_step_output, \
      step_history, status, created_at, updated_at, total_steps, error_message, \
      execution_time_ms, memory_usage_mb, metadata, is_background_task, parent_run_id, task_id, \
@@ -56,13 +41,9 @@ const UPSERT_STATE_WITH_BACKGROUND: &str = "INSERT INTO workflow_state (run_id, 
      parent_run_id = excluded.parent_run_id, task_id = excluded.task_id, \
      background_error = excluded.background_error";
 
-pub(crate) fn save_state(
-    conn: &Connection,
-    layout: Layout,
-    run_id: &str,
-    r: &StateRecord,
-) -> rusqlite::Result<()> {
-    let base: [&dyn ToSql; 15] = [
+pub(crate) fn save_state(conn: &Connection, run_id: &str, r: &StateRecord) -> rusqlite::Result<()> {
+    let b = &r.background;
+    let values: [&dyn ToSql; 20] = [
         &run_id,
         &r.pipeline_id,
         &r.pipeline_name,
@@ -78,23 +59,14 @@ pub(crate) fn save_state(
         &r.error_message,
         &r.execution_time_ms,
         &r.memory_usage_mb,
+        &b.metadata,
+        &b.is_background_task,
+        &b.parent_run_id,
+        &b.task_id,
+        &b.background_error,
     ];
-    if layout.background_columns {
-        let b = &r.background;
-        let extra: [&dyn ToSql; 5] = [
-            &b.metadata,
-            &b.is_background_task,
-            &b.parent_run_id,
-            &b.task_id,
-            &b.background_error,
-        ];
-        let all: Vec<&dyn ToSql> = base.iter().chain(extra.iter()).copied().collect();
-        conn.prepare_cached(UPSERT_STATE_WITH_BACKGROUND)?
-            .execute(all.as_slice())?;
-    } else {
-        conn.prepare_cached(UPSERT_STATE)?
-            .execute(base.as_slice())?;
-    }
+    conn.prepare_cached(UPSERT_STATE)?
+        .execute(values.as_slice())?;
     Ok(())
 }
 
@@ -104,40 +76,35 @@ pub(crate) fn delete_state(conn: &Connection, run_id: &str) -> rusqlite::Result<
     Ok(())
 }
 
-pub(crate) fn load_state(
-    conn: &Connection,
-    layout: Layout,
-    run_id: &str,
-) -> rusqlite::Result<Option<StoredState>> {
-    let sql = format!(
+pub(crate) fn load_state(conn: &Connection, run_id: &str) -> rusqlite::Result<Option<StoredState>> {
+    conn.prepare_cached(
         "SELECT run_id, pipeline_id, pipeline_name, pipeline_version, current_step_index, \
          pipeline_context, last_step_output, step_history, status, created_at, updated_at, \
-         total_steps, error_message, execution_time_ms, memory_usage_mb{} \
+         total_steps, error_message, execution_time_ms, memory_usage_mb, metadata, \
+         is_background_task, parent_run_id, task_id, background_error \
          FROM workflow_state WHERE run_id = ?1",
-        background_select(layout)
-    );
-    conn.prepare_cached(&sql)?
-        .query_row([run_id], |row| {
-            Ok(StoredState {
-                run_id: cell(row, 0)?,
-                pipeline_id: cell(row, 1)?,
-                pipeline_name: cell(row, 2)?,
-                pipeline_version: cell(row, 3)?,
-                current_step_index: cell(row, 4)?,
-                pipeline_context: json_text(row, 5)?,
-                last_step_output: json_text(row, 6)?,
-                step_history: json_text(row, 7)?,
-                status: cell(row, 8)?,
-                created_at: cell(row, 9)?,
-                updated_at: cell(row, 10)?,
-                total_steps: cell(row, 11)?,
-                error_message: cell(row, 12)?,
-                execution_time_ms: cell(row, 13)?,
-                memory_usage_mb: cell(row, 14)?,
-                background: background(row, layout, 15)?,
-            })
+    )?
+    .query_row([run_id], |row| {
+        Ok(StoredState {
+            run_id: cell(row, 0)?,
+            pipeline_id: cell(row, 1)?,
+            pipeline_name: cell(row, 2)?,
+            pipeline_version: cell(row, 3)?,
+            current_step_index: cell(row, 4)?,
+            pipeline_context: json_text(row, 5)?,
+            last_step_output: json_text(row, 6)?,
+            step_history: json_text(row, 7)?,
+            status: cell(row, 8)?,
+            created_at: cell(row, 9)?,
+            updated_at: cell(row, 10)?,
+            total_steps: cell(row, 11)?,
+            error_message: cell(row, 12)?,
+            execution_time_ms: cell(row, 13)?,
+            memory_usage_mb: cell(row, 14)?,
+            background: background(row, 15)?,
         })
-        .optional()
+    })
+    .optional()
 }
 
 pub(crate) fn list_states(
@@ -172,7 +139,6 @@ pub(crate) fn list_states(
 
 pub(crate) fn list_workflows(
     conn: &Connection,
-    layout: Layout,
     query: &WorkflowQuery,
 ) -> rusqlite::Result<Vec<WorkflowSummary>> {
     let status = query.status.as_deref().filter(|s| !s.is_empty());
@@ -184,9 +150,8 @@ pub(crate) fn list_workflows(
         (None, None) => "",
     };
     let sql = format!(
-        "SELECT {SUMMARY_COLUMNS}{} FROM workflow_state {filter} \
-         ORDER BY created_at DESC, rowid DESC LIMIT ?3 OFFSET ?4",
-        background_select(layout)
+        "SELECT {SUMMARY_COLUMNS} FROM workflow_state {filter} \
+         ORDER BY created_at DESC, rowid DESC LIMIT ?3 OFFSET ?4"
     );
     // SQLite reads a negative LIMIT as "no limit".
     let limit = query
@@ -204,12 +169,12 @@ pub(crate) fn list_workflows(
     let mut rows = stmt.raw_query();
     let mut out = Vec::new();
     while let Some(row) = rows.next()? {
-        out.push(summary(row, layout)?);
+        out.push(summary(row)?);
     }
     Ok(out)
 }
 
-pub(crate) fn workflow_stats(conn: &Connection, layout: Layout) -> rusqlite::Result<WorkflowStats> {
+pub(crate) fn workflow_stats(conn: &Connection) -> rusqlite::Result<WorkflowStats> {
     let total: i64 = conn
         .prepare_cached("SELECT count(*) FROM workflow_state")?
         .query_row([], |r| r.get(0))?;
@@ -228,15 +193,11 @@ pub(crate) fn workflow_stats(conn: &Connection, layout: Layout) -> rusqlite::Res
     let average: Option<f64> = conn
         .prepare_cached("SELECT avg(execution_time_ms) FROM workflow_state")?
         .query_row([], |r| r.get(0))?;
-    let background_status_counts = if layout.background_columns {
-        Some(counts_by_status(
-            conn,
-            "SELECT status, count(*) FROM workflow_state \
-             WHERE is_background_task = 1 AND status IS NOT NULL GROUP BY status",
-        )?)
-    } else {
-        None
-    };
+    let background_status_counts = counts_by_status(
+        conn,
+        "SELECT status, count(*) FROM workflow_state \
+         WHERE is_background_task = 1 AND status IS NOT NULL GROUP BY status",
+    )?;
     Ok(WorkflowStats {
         total_workflows: total.max(0) as u64,
         status_counts,
@@ -273,14 +234,7 @@ pub(crate) fn failed_workflows(
          ORDER BY updated_at DESC, rowid DESC"
     );
     let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(params![window.text_low, window.cutoff], |row| {
-        summary(
-            row,
-            Layout {
-                background_columns: false,
-            },
-        )
-    })?;
+    let rows = stmt.query_map(params![window.text_low, window.cutoff], summary)?;
     rows.collect()
 }
 
@@ -294,15 +248,7 @@ pub(crate) fn cleanup_batch(conn: &Connection, window: &TimeWindow) -> rusqlite:
     .execute(params![window.text_high, window.cutoff, CLEANUP_BATCH_ROWS])
 }
 
-fn background_select(layout: Layout) -> &'static str {
-    if layout.background_columns {
-        BACKGROUND_SELECT
-    } else {
-        ""
-    }
-}
-
-fn summary(row: &Row, layout: Layout) -> rusqlite::Result<WorkflowSummary> {
+fn summary(row: &Row) -> rusqlite::Result<WorkflowSummary> {
     Ok(WorkflowSummary {
         run_id: cell(row, 0)?,
         pipeline_id: cell(row, 1)?,
@@ -316,25 +262,18 @@ fn summary(row: &Row, layout: Layout) -> rusqlite::Result<WorkflowSummary> {
         error_message: cell(row, 9)?,
         execution_time_ms: cell(row, 10)?,
         memory_usage_mb: cell(row, 11)?,
-        background: background(row, layout, 12)?,
+        background: background(row, 12)?,
     })
 }
 
-fn background(
-    row: &Row,
-    layout: Layout,
-    first: usize,
-) -> rusqlite::Result<Option<StoredBackground>> {
-    if !layout.background_columns {
-        return Ok(None);
-    }
-    Ok(Some(StoredBackground {
+fn background(row: &Row, first: usize) -> rusqlite::Result<StoredBackground> {
+    Ok(StoredBackground {
         metadata: json_text(row, first)?,
         is_background_task: cell(row, first + 1)?,
         parent_run_id: cell(row, first + 2)?,
         task_id: cell(row, first + 3)?,
         background_error: cell(row, first + 4)?,
-    }))
+    })
 }
 
 fn cell(row: &Row, index: usize) -> rusqlite::Result<Cell> {

@@ -34,7 +34,7 @@ fn serve(shared: &Shared, jobs: &Receiver<Job>) {
                 slot => slot.insert(connection::open(&shared.options, Role::Reader)?),
             };
             connection::retry_while_locked(&shared.options, || {
-                execute_read(conn, layout, shared, &job.request)
+                execute_read(conn, &layout, shared, &job.request)
             })
         });
         (job.done)(outcome);

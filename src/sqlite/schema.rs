@@ -1,9 +1,13 @@
 //! Creating, recognising and migrating the file's tables.
 //!
-//! We stay file-compatible with both Flujo releases: a fresh file gets Flujo 0.4.35's layout
-//! (which both releases open), and a file that either release wrote is used as it is. Columns
-//! are only ever added, never dropped or renamed, and the file is never moved or replaced.
-//! Our own indexes carry the `idx_flujo_sqlite_` prefix; Flujo ignores them.
+//! We stay file-compatible with both Flujo releases. A fresh file gets the layout of the Flujo
+//! release the caller names (`FreshLayout`); a file that either release wrote keeps its
+//! `runs`/`steps`/`spans` layout, and statements are built for the columns it has. What is
+//! missing elsewhere is added: `workflow_state` columns (both releases' migrations), 0.6.11's
+//! background columns and its `system_state`/`evaluations`/`traces` tables; Flujo ignores
+//! columns and tables it does not use. Columns are never dropped or renamed, `user_version`
+//! is never raised past what Flujo accepts, and the file is never moved or replaced.
+//! Our own indexes carry the `idx_flujo_sqlite_` prefix.
 
 use std::collections::HashSet;
 
@@ -17,11 +21,34 @@ use crate::error::Error;
 /// not know.
 pub(crate) const NEWEST_KNOWN_USER_VERSION: i64 = 1;
 
+/// Which Flujo release's tables a brand-new file gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FreshLayout {
+    /// Flujo 0.4.35 (Python 3.11/3.12 users): opened by both releases.
+    Flujo04,
+    /// Flujo 0.6.11 (Python 3.13+): `user_version = 1`, rebuilt runs/steps/spans.
+    #[default]
+    Flujo06,
+}
+
 /// What the engine needs to know about a file's tables to build its statements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Layout {
-    /// `workflow_state` has Flujo 0.6.11's `metadata`, `is_background_task`, ... columns.
-    pub background_columns: bool,
+    pub runs: HashSet<String>,
+    pub steps: HashSet<String>,
+    pub spans: HashSet<String>,
+}
+
+impl Layout {
+    /// Flujo 0.6.11's steps: one appended row per call, keyed by an autoincrement id.
+    pub fn steps_are_appended(&self) -> bool {
+        !self.steps.contains("step_run_id")
+    }
+
+    /// Flujo 0.4.35's spans: `span_id` is the primary key across the whole file.
+    pub fn span_ids_are_global(&self) -> bool {
+        !self.spans.contains("id")
+    }
 }
 
 /// Flujo 0.4.35's tables, created when the file has none. Kept byte-for-byte equivalent in
@@ -98,9 +125,118 @@ CREATE INDEX IF NOT EXISTS idx_spans_start_time ON spans(start_time);
 CREATE INDEX IF NOT EXISTS idx_spans_parent_span_id ON spans(parent_span_id);
 ";
 
+/// Flujo 0.6.11's tables, created when the file has none and the caller asked for them.
+const CREATE_TABLES_0_6: &str = "
+CREATE TABLE IF NOT EXISTS workflow_state (
+    run_id TEXT PRIMARY KEY,
+    pipeline_id TEXT NOT NULL,
+    pipeline_name TEXT NOT NULL,
+    pipeline_version TEXT NOT NULL,
+    current_step_index INTEGER NOT NULL,
+    pipeline_context TEXT,
+    last_step_output TEXT,
+    step_history TEXT,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    total_steps INTEGER DEFAULT 0,
+    error_message TEXT,
+    execution_time_ms INTEGER,
+    memory_usage_mb REAL,
+    metadata TEXT,
+    is_background_task INTEGER DEFAULT 0,
+    parent_run_id TEXT,
+    task_id TEXT,
+    background_error TEXT
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    pipeline_id TEXT NOT NULL,
+    pipeline_name TEXT NOT NULL,
+    pipeline_version TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    execution_time_ms INTEGER,
+    memory_usage_mb REAL,
+    total_steps INTEGER DEFAULT 0,
+    error_message TEXT,
+    end_time TEXT,
+    total_cost REAL,
+    final_context_blob TEXT
+);
+CREATE TABLE IF NOT EXISTS steps (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    step_name TEXT NOT NULL,
+    step_index INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    output TEXT,
+    raw_response TEXT,
+    cost_usd REAL,
+    token_counts INTEGER,
+    execution_time_ms INTEGER,
+    created_at TEXT NOT NULL,
+    FOREIGN KEY (run_id) REFERENCES runs(run_id) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS idx_steps_run_id ON steps(run_id);
+CREATE INDEX IF NOT EXISTS idx_steps_step_index ON steps(step_index);
+CREATE TABLE IF NOT EXISTS spans (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    span_id TEXT NOT NULL,
+    parent_span_id TEXT,
+    name TEXT NOT NULL,
+    start_time REAL NOT NULL,
+    end_time REAL,
+    status TEXT NOT NULL,
+    attributes TEXT,
+    created_at TEXT NOT NULL,
+    FOREIGN KEY (run_id) REFERENCES runs(run_id) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS idx_spans_run_id ON spans(run_id);
+CREATE INDEX IF NOT EXISTS idx_spans_parent_span ON spans(parent_span_id);
+CREATE INDEX IF NOT EXISTS idx_workflow_state_status ON workflow_state(status);
+CREATE INDEX IF NOT EXISTS idx_workflow_state_pipeline_id ON workflow_state(pipeline_id);
+CREATE INDEX IF NOT EXISTS idx_workflow_state_parent_run_id ON workflow_state(parent_run_id);
+CREATE INDEX IF NOT EXISTS idx_workflow_state_created_at ON workflow_state(created_at);
+CREATE INDEX IF NOT EXISTS idx_runs_status ON runs(status);
+CREATE INDEX IF NOT EXISTS idx_runs_pipeline_id ON runs(pipeline_id);
+CREATE INDEX IF NOT EXISTS idx_runs_created_at ON runs(created_at);
+CREATE INDEX IF NOT EXISTS idx_runs_pipeline_name ON runs(pipeline_name);
+PRAGMA user_version = 1;
+";
+
+/// Flujo 0.6.11's auxiliary tables, added to any file that lacks them (0.4.35 ignores them).
+const CREATE_AUXILIARY_TABLES: &str = "
+CREATE TABLE IF NOT EXISTS system_state (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS traces (
+    run_id TEXT PRIMARY KEY,
+    trace_data TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    FOREIGN KEY (run_id) REFERENCES runs(run_id) ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS evaluations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    step_name TEXT,
+    score REAL NOT NULL,
+    feedback TEXT,
+    metadata TEXT,
+    created_at TEXT NOT NULL DEFAULT (DATETIME('now')),
+    FOREIGN KEY (run_id) REFERENCES runs(run_id) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS idx_evaluations_run_id ON evaluations(run_id);
+CREATE INDEX IF NOT EXISTS idx_evaluations_created_at ON evaluations(created_at);
+";
+
 /// `workflow_state` columns an older file may lack, with the definition used to add each.
 /// Defaults follow Flujo's own migrations so both releases read the migrated rows alike.
-const ADDABLE_STATE_COLUMNS: [(&str, &str); 14] = [
+const ADDABLE_STATE_COLUMNS: [(&str, &str); 19] = [
     ("pipeline_id", "TEXT NOT NULL DEFAULT ''"),
     ("pipeline_name", "TEXT NOT NULL DEFAULT ''"),
     ("pipeline_version", "TEXT NOT NULL DEFAULT '1.0'"),
@@ -115,6 +251,11 @@ const ADDABLE_STATE_COLUMNS: [(&str, &str); 14] = [
     ("error_message", "TEXT"),
     ("execution_time_ms", "INTEGER"),
     ("memory_usage_mb", "REAL"),
+    ("metadata", "TEXT"),
+    ("is_background_task", "INTEGER DEFAULT 0"),
+    ("parent_run_id", "TEXT"),
+    ("task_id", "TEXT"),
+    ("background_error", "TEXT"),
 ];
 
 /// Columns added above whose blank values get a backfill, as Flujo's migrations do.
@@ -137,16 +278,8 @@ const BACKFILLS: [(&str, &str); 4] = [
     ),
 ];
 
-const BACKGROUND_COLUMNS: [&str; 5] = [
-    "metadata",
-    "is_background_task",
-    "parent_run_id",
-    "task_id",
-    "background_error",
-];
-
 /// Indexes of ours that make the admin queries cheap; see `queries`.
-const OUR_INDEXES: [(&str, &str); 3] = [
+const OUR_INDEXES: [(&str, &str); 4] = [
     (
         "idx_flujo_sqlite_state_status_created",
         "CREATE INDEX IF NOT EXISTS idx_flujo_sqlite_state_status_created \
@@ -161,6 +294,11 @@ const OUR_INDEXES: [(&str, &str); 3] = [
         "idx_flujo_sqlite_state_status_updated",
         "CREATE INDEX IF NOT EXISTS idx_flujo_sqlite_state_status_updated \
          ON workflow_state(status, updated_at)",
+    ),
+    (
+        "idx_flujo_sqlite_state_background",
+        "CREATE INDEX IF NOT EXISTS idx_flujo_sqlite_state_background \
+         ON workflow_state(is_background_task, updated_at)",
     ),
 ];
 
@@ -193,12 +331,17 @@ pub(crate) fn prepare(conn: &mut Connection, options: &SqliteOptions) -> Result<
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(fail)?;
         // Re-check under the write lock: another process may have done it meanwhile.
-        let existing = state_columns(&tx).map_err(fail)?;
+        let existing = columns(&tx, "workflow_state").map_err(fail)?;
         if existing.is_empty() {
-            tx.execute_batch(CREATE_TABLES).map_err(fail)?;
-        } else {
-            add_missing_state_columns(&tx, &existing).map_err(fail)?;
+            let tables = match options.fresh_layout {
+                FreshLayout::Flujo04 => CREATE_TABLES,
+                FreshLayout::Flujo06 => CREATE_TABLES_0_6,
+            };
+            tx.execute_batch(tables).map_err(fail)?;
         }
+        let existing = columns(&tx, "workflow_state").map_err(fail)?;
+        add_missing_state_columns(&tx, &existing).map_err(fail)?;
+        tx.execute_batch(CREATE_AUXILIARY_TABLES).map_err(fail)?;
         for (_, ddl) in OUR_INDEXES {
             tx.execute_batch(ddl).map_err(fail)?;
         }
@@ -206,14 +349,24 @@ pub(crate) fn prepare(conn: &mut Connection, options: &SqliteOptions) -> Result<
         log::info!("prepared SQLite database at {}", options.path.display());
     }
 
-    let columns = state_columns(conn).map_err(fail)?;
-    Ok(Layout {
-        background_columns: BACKGROUND_COLUMNS.iter().all(|c| columns.contains(*c)),
-    })
+    let layout = Layout {
+        runs: columns(conn, "runs").map_err(fail)?,
+        steps: columns(conn, "steps").map_err(fail)?,
+        spans: columns(conn, "spans").map_err(fail)?,
+    };
+    if layout.runs.is_empty() || layout.steps.is_empty() || layout.spans.is_empty() {
+        return Err(Error::Layout {
+            path: options.path.clone(),
+            detail: "the file has a workflow_state table but no runs, steps or spans table; \
+                     open it once with Flujo to complete it"
+                .into(),
+        });
+    }
+    Ok(layout)
 }
 
 fn needs_changes(conn: &Connection) -> rusqlite::Result<bool> {
-    let columns = state_columns(conn)?;
+    let columns = columns(conn, "workflow_state")?;
     if columns.is_empty()
         || ADDABLE_STATE_COLUMNS
             .iter()
@@ -236,9 +389,9 @@ fn needs_changes(conn: &Connection) -> rusqlite::Result<bool> {
     Ok(false)
 }
 
-fn state_columns(conn: &Connection) -> rusqlite::Result<HashSet<String>> {
-    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('workflow_state')")?;
-    let names = stmt.query_map([], |r| r.get::<_, String>(0))?;
+fn columns(conn: &Connection, table: &str) -> rusqlite::Result<HashSet<String>> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info(?1)")?;
+    let names = stmt.query_map([table], |r| r.get::<_, String>(0))?;
     names.collect()
 }
 

@@ -82,7 +82,7 @@ impl Writer<'_> {
         batch
     }
 
-    fn ready(&mut self) -> Result<(&mut Connection, Layout)> {
+    fn ready(&mut self) -> Result<(&mut Connection, Arc<Layout>)> {
         let layout = self.shared.layout()?;
         let conn = match &mut self.conn {
             Some(conn) => conn,
@@ -106,7 +106,7 @@ impl Writer<'_> {
         }
         let mut outcomes = Vec::with_capacity(batch.len());
         for job in batch {
-            let outcome = run_in_savepoint(conn, |conn| execute_write(conn, layout, &job.request))
+            let outcome = run_in_savepoint(conn, |conn| execute_write(conn, &layout, &job.request))
                 .map_err(|e| classify(&options.path, e));
             outcomes.push((job.done, outcome));
         }
@@ -202,12 +202,12 @@ fn run_in_savepoint<T>(
 
 fn execute_write(
     conn: &Connection,
-    layout: Layout,
+    layout: &Layout,
     request: &Request,
 ) -> rusqlite::Result<Response> {
     match request {
         Request::SaveState { run_id, record } => {
-            queries::save_state(conn, layout, run_id, record).map(|()| Response::Done)
+            queries::save_state(conn, run_id, record).map(|()| Response::Done)
         }
         Request::DeleteState { run_id } => {
             queries::delete_state(conn, run_id).map(|()| Response::Done)
