@@ -7,7 +7,10 @@
 
 use crate::error::Result;
 use crate::model::{
-    StateListing, StateRecord, StoredState, WorkflowQuery, WorkflowStats, WorkflowSummary,
+    BackgroundTaskQuery, Evaluation, RunDetails, RunEnd, RunQuery, RunStart, RunSummary,
+    SpanRecord, SpanStatistics, StateListing, StateRecord, StepDetails, StepRecord,
+    StoredEvaluation, StoredSpan, StoredState, SystemStateEntry, WorkflowQuery, WorkflowStats,
+    WorkflowSummary,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +36,60 @@ pub enum Request {
     CleanupOldWorkflows {
         days_old: f64,
     },
+    SaveRunStart(Box<RunStart>),
+    SaveStepResult(Box<StepRecord>),
+    SaveRunEnd {
+        run_id: String,
+        end: Box<RunEnd>,
+    },
+    GetRunDetails {
+        run_id: String,
+    },
+    ListRunSteps {
+        run_id: String,
+    },
+    ListRuns(RunQuery),
+    /// Deletes the run with its steps, spans, trace and evaluations (not its workflow state).
+    DeleteRun {
+        run_id: String,
+    },
+    /// `replace`: drop the run's existing spans first (`save_trace`); otherwise append (`save_spans`).
+    SaveSpans {
+        run_id: String,
+        spans: Vec<SpanRecord>,
+        replace: bool,
+        pipeline_name: Option<String>,
+        pipeline_version: Option<String>,
+    },
+    GetSpans {
+        run_id: String,
+        status: Option<String>,
+        name: Option<String>,
+    },
+    SpanStatistics {
+        pipeline_name: Option<String>,
+        time_range: Option<(f64, f64)>,
+    },
+    SetSystemState {
+        key: String,
+        value: String,
+    },
+    GetSystemState {
+        key: String,
+    },
+    PersistEvaluation(Box<Evaluation>),
+    ListEvaluations {
+        limit: Option<u64>,
+        run_id: Option<String>,
+    },
+    ListBackgroundTasks(BackgroundTaskQuery),
+    FailedBackgroundTasks {
+        parent_run_id: Option<String>,
+        hours_back: f64,
+    },
+    CleanupStaleBackgroundTasks {
+        stale_hours: f64,
+    },
 }
 
 impl Request {
@@ -43,6 +100,14 @@ impl Request {
             Request::SaveState { .. }
                 | Request::DeleteState { .. }
                 | Request::CleanupOldWorkflows { .. }
+                | Request::SaveRunStart(_)
+                | Request::SaveStepResult(_)
+                | Request::SaveRunEnd { .. }
+                | Request::DeleteRun { .. }
+                | Request::SaveSpans { .. }
+                | Request::SetSystemState { .. }
+                | Request::PersistEvaluation(_)
+                | Request::CleanupStaleBackgroundTasks { .. }
         )
     }
 }
@@ -55,6 +120,13 @@ pub enum Response {
     Workflows(Vec<WorkflowSummary>),
     Stats(WorkflowStats),
     Count(u64),
+    RunDetails(Option<Box<RunDetails>>),
+    Steps(Vec<StepDetails>),
+    Runs(Vec<RunSummary>),
+    Spans(Vec<StoredSpan>),
+    SpanStatistics(SpanStatistics),
+    SystemState(Option<SystemStateEntry>),
+    Evaluations(Vec<StoredEvaluation>),
 }
 
 /// Called exactly once with the outcome of a request, on an engine thread.

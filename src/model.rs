@@ -126,3 +126,196 @@ pub struct WorkflowStats {
     /// Counts over background tasks only (Flujo 0.6.11's `background_status_counts`).
     pub background_status_counts: BTreeMap<String, u64>,
 }
+
+/// `save_run_start`: a run record as Flujo's runner announces it. Timestamps are stored text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunStart {
+    pub run_id: String,
+    pub pipeline_id: String,
+    pub pipeline_name: String,
+    pub pipeline_version: String,
+    pub status: String,
+    pub started_at: String,
+    pub updated_at: String,
+    pub execution_time_ms: Option<i64>,
+    pub memory_usage_mb: Option<f64>,
+    pub total_steps: i64,
+    pub error_message: Option<String>,
+}
+
+/// `save_run_end`: what is known when a run finishes. `None` leaves a column as it was.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunEnd {
+    pub status: String,
+    pub ended_at: String,
+    pub total_cost: Option<f64>,
+    /// JSON text of the final context.
+    pub final_context: Option<String>,
+    pub execution_time_ms: Option<i64>,
+    pub memory_usage_mb: Option<f64>,
+    pub total_steps: Option<i64>,
+    pub error_message: Option<String>,
+}
+
+/// `save_step_result`, with the names of both Flujo releases folded together.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRecord {
+    pub run_id: String,
+    /// Flujo 0.4.35's key, `"<run_id>:<step_index>"` unless given.
+    pub step_run_id: String,
+    pub step_name: String,
+    pub step_index: i64,
+    pub status: String,
+    pub started_at: String,
+    pub ended_at: Option<String>,
+    pub duration_ms: Option<i64>,
+    pub cost: Option<f64>,
+    pub tokens: Option<i64>,
+    /// JSON texts.
+    pub input: String,
+    pub output: String,
+    pub error: Option<String>,
+    pub raw_response: Option<String>,
+}
+
+/// A `runs` row with the fields of both releases; a field the file's layout lacks is `Null`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunDetails {
+    pub run_id: Cell,
+    pub pipeline_id: Cell,
+    pub pipeline_name: Cell,
+    pub pipeline_version: Cell,
+    pub status: Cell,
+    pub start_time: Cell,
+    pub end_time: Cell,
+    pub total_cost: Cell,
+    pub final_context: Option<String>,
+    pub created_at: Cell,
+    pub updated_at: Cell,
+    pub execution_time_ms: Cell,
+    pub memory_usage_mb: Cell,
+    pub total_steps: Cell,
+    pub error_message: Cell,
+}
+
+/// A `steps` row with the fields of both releases (0.6.11's `cost_usd` is 0.4.35's `cost`, ...).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepDetails {
+    pub step_name: Cell,
+    pub step_index: Cell,
+    pub status: Cell,
+    pub start_time: Cell,
+    pub end_time: Cell,
+    pub duration_ms: Cell,
+    pub cost: Cell,
+    pub tokens: Cell,
+    pub input: Option<String>,
+    pub output: Option<String>,
+    pub error: Option<String>,
+    pub raw_response: Option<String>,
+}
+
+/// One item of `list_runs`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    pub run_id: Cell,
+    pub pipeline_name: Cell,
+    pub pipeline_version: Cell,
+    pub status: Cell,
+    pub start_time: Cell,
+    pub end_time: Cell,
+    pub total_cost: Cell,
+    pub created_at: Cell,
+    pub updated_at: Cell,
+    pub metadata: Option<String>,
+}
+
+/// A run's `workflow_state.metadata` must hold `value` (JSON text) at `path` (a SQLite JSON path).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetadataCondition {
+    pub path: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunQuery {
+    pub status: Option<String>,
+    pub pipeline_name: Option<String>,
+    pub limit: Option<u64>,
+    pub offset: u64,
+    pub metadata: Vec<MetadataCondition>,
+}
+
+/// A span to store; the tree is flattened by the caller (pre-order, parent ids from position).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpanRecord {
+    pub span_id: String,
+    pub parent_span_id: Option<String>,
+    pub name: String,
+    pub start_time: f64,
+    pub end_time: Option<f64>,
+    pub status: String,
+    /// JSON text.
+    pub attributes: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredSpan {
+    pub span_id: Cell,
+    pub parent_span_id: Cell,
+    pub name: Cell,
+    pub start_time: Cell,
+    pub end_time: Cell,
+    pub status: Cell,
+    pub attributes: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DurationTotals {
+    pub total_seconds: f64,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpanStatistics {
+    pub total_spans: u64,
+    pub by_name: BTreeMap<String, u64>,
+    pub by_status: BTreeMap<String, u64>,
+    pub durations_by_name: BTreeMap<String, DurationTotals>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SystemStateEntry {
+    pub key: Cell,
+    pub value: Option<String>,
+    pub updated_at: Cell,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation {
+    pub run_id: String,
+    pub score: f64,
+    pub feedback: Option<String>,
+    pub step_name: Option<String>,
+    /// JSON text.
+    pub metadata: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvaluation {
+    pub run_id: Cell,
+    pub step_name: Cell,
+    pub score: Cell,
+    pub feedback: Cell,
+    pub metadata: Option<String>,
+    pub created_at: Cell,
+}
+
+/// Filters and paging for background tasks (workflow states flagged `is_background_task`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BackgroundTaskQuery {
+    pub parent_run_id: Option<String>,
+    pub status: Option<String>,
+    pub limit: Option<u64>,
+    pub offset: u64,
+}

@@ -10,6 +10,11 @@
 
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 
+/// The current instant as stored text (aware, UTC).
+pub fn now_text() -> String {
+    Utc::now().format("%Y-%m-%d %H:%M:%S%.6f+00:00").to_string()
+}
+
 /// Timestamps Flujo writes carry offsets within +-14 h, so a whole day of slack on each side of
 /// the text range keeps every row that the exact comparison might accept.
 const TEXT_RANGE_SLACK: Duration = Duration::days(1);

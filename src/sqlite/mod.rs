@@ -6,7 +6,10 @@ mod connection;
 mod options;
 mod queries;
 mod readers;
+mod run_history;
 mod schema;
+mod system;
+mod traces;
 mod writer;
 
 use std::sync::{Arc, Mutex, RwLock};
@@ -142,30 +145,74 @@ fn execute_read(
     request: &Request,
 ) -> Result<Response> {
     let fail = |e| classify(&shared.options.path, e);
-    match request {
-        Request::LoadState { run_id } => queries::load_state(conn, run_id)
-            .map(|state| Response::State(state.map(Box::new)))
-            .map_err(fail),
-        Request::ListStates { status } => queries::list_states(conn, status.as_deref())
-            .map(Response::States)
-            .map_err(fail),
-        Request::ListWorkflows(query) => queries::list_workflows(conn, query)
-            .map(Response::Workflows)
-            .map_err(fail),
-        Request::WorkflowStats => queries::workflow_stats(conn)
-            .map(Response::Stats)
-            .map_err(fail),
+    let response = match request {
+        Request::LoadState { run_id } => Response::State(
+            queries::load_state(conn, run_id)
+                .map_err(fail)?
+                .map(Box::new),
+        ),
+        Request::ListStates { status } => {
+            Response::States(queries::list_states(conn, status.as_deref()).map_err(fail)?)
+        }
+        Request::ListWorkflows(query) => {
+            Response::Workflows(queries::list_workflows(conn, query).map_err(fail)?)
+        }
+        Request::WorkflowStats => Response::Stats(queries::workflow_stats(conn).map_err(fail)?),
         Request::FailedWorkflows { hours_back } => {
-            let age = age_from(*hours_back, 3600.0, "hours_back").map_err(Error::InvalidInput)?;
-            let window = TimeWindow::before(chrono::Utc::now(), age);
-            queries::failed_workflows(conn, &window)
-                .map(Response::Workflows)
-                .map_err(fail)
+            let window = window_back(*hours_back, 3600.0, "hours_back")?;
+            Response::Workflows(queries::failed_workflows(conn, &window).map_err(fail)?)
         }
-        Request::SaveState { .. }
-        | Request::DeleteState { .. }
-        | Request::CleanupOldWorkflows { .. } => {
-            unreachable!("writes are routed to the writer")
+        Request::GetRunDetails { run_id } => Response::RunDetails(
+            run_history::get_run_details(conn, layout, run_id)
+                .map_err(fail)?
+                .map(Box::new),
+        ),
+        Request::ListRunSteps { run_id } => {
+            Response::Steps(run_history::list_run_steps(conn, layout, run_id).map_err(fail)?)
         }
-    }
+        Request::ListRuns(query) => {
+            Response::Runs(run_history::list_runs(conn, layout, query).map_err(fail)?)
+        }
+        Request::GetSpans {
+            run_id,
+            status,
+            name,
+        } => Response::Spans(
+            traces::get_spans(conn, layout, run_id, status.as_deref(), name.as_deref())
+                .map_err(fail)?,
+        ),
+        Request::SpanStatistics {
+            pipeline_name,
+            time_range,
+        } => Response::SpanStatistics(
+            traces::span_statistics(conn, pipeline_name.as_deref(), *time_range).map_err(fail)?,
+        ),
+        Request::GetSystemState { key } => {
+            Response::SystemState(system::get_system_state(conn, key).map_err(fail)?)
+        }
+        Request::ListEvaluations { limit, run_id } => Response::Evaluations(
+            system::list_evaluations(conn, *limit, run_id.as_deref()).map_err(fail)?,
+        ),
+        Request::ListBackgroundTasks(query) => {
+            Response::Workflows(queries::list_background_tasks(conn, query).map_err(fail)?)
+        }
+        Request::FailedBackgroundTasks {
+            parent_run_id,
+            hours_back,
+        } => {
+            let window = window_back(*hours_back, 3600.0, "hours_back")?;
+            Response::Workflows(
+                queries::failed_background_tasks(conn, parent_run_id.as_deref(), &window)
+                    .map_err(fail)?,
+            )
+        }
+        write => unreachable!("writes go to the writer, not a reader: {write:?}"),
+    };
+    Ok(response)
+}
+
+/// The window reaching `amount` units back from now, or the caller's mistake explained.
+fn window_back(amount: f64, unit_seconds: f64, what: &str) -> Result<TimeWindow> {
+    let age = age_from(amount, unit_seconds, what).map_err(Error::InvalidInput)?;
+    Ok(TimeWindow::before(chrono::Utc::now(), age))
 }

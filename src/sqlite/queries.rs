@@ -10,8 +10,8 @@ use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OptionalExtension, Row, ToSql};
 
 use crate::model::{
-    Cell, StateListing, StateRecord, StoredBackground, StoredState, WorkflowQuery, WorkflowStats,
-    WorkflowSummary,
+    BackgroundTaskQuery, Cell, StateListing, StateRecord, StoredBackground, StoredState,
+    WorkflowQuery, WorkflowStats, WorkflowSummary,
 };
 use crate::timestamp::TimeWindow;
 
@@ -276,7 +276,7 @@ fn background(row: &Row, first: usize) -> rusqlite::Result<StoredBackground> {
     })
 }
 
-fn cell(row: &Row, index: usize) -> rusqlite::Result<Cell> {
+pub(crate) fn cell(row: &Row, index: usize) -> rusqlite::Result<Cell> {
     Ok(match row.get_ref(index)? {
         ValueRef::Null => Cell::Null,
         ValueRef::Integer(i) => Cell::Integer(i),
@@ -288,11 +288,80 @@ fn cell(row: &Row, index: usize) -> rusqlite::Result<Cell> {
 
 /// A JSON column: its text, or `None` for SQL NULL. Non-text values (written by hand through
 /// SQL) are returned as their JSON spelling so decoding still succeeds.
-fn json_text(row: &Row, index: usize) -> rusqlite::Result<Option<String>> {
+pub(crate) fn json_text(row: &Row, index: usize) -> rusqlite::Result<Option<String>> {
     Ok(match row.get_ref(index)? {
         ValueRef::Null => None,
         ValueRef::Integer(i) => Some(i.to_string()),
         ValueRef::Real(f) => Some(f.to_string()),
         ValueRef::Text(t) | ValueRef::Blob(t) => Some(String::from_utf8_lossy(t).into_owned()),
     })
+}
+
+/// Background tasks (workflow states flagged `is_background_task`), most recently updated first.
+pub(crate) fn list_background_tasks(
+    conn: &Connection,
+    query: &BackgroundTaskQuery,
+) -> rusqlite::Result<Vec<WorkflowSummary>> {
+    let limit = query
+        .limit
+        .map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
+    let offset = i64::try_from(query.offset).unwrap_or(i64::MAX);
+    let sql = format!(
+        "SELECT {SUMMARY_COLUMNS} FROM workflow_state WHERE is_background_task = 1 \
+         AND (?1 IS NULL OR parent_run_id = ?1) AND (?2 IS NULL OR status = ?2) \
+         ORDER BY updated_at DESC, rowid DESC LIMIT ?3 OFFSET ?4"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(
+        params![
+            query.parent_run_id.as_deref().filter(|s| !s.is_empty()),
+            query.status.as_deref().filter(|s| !s.is_empty()),
+            limit,
+            offset
+        ],
+        summary,
+    )?;
+    rows.collect()
+}
+
+/// Failed background tasks updated since the window's cutoff, compared as exact instants.
+pub(crate) fn failed_background_tasks(
+    conn: &Connection,
+    parent_run_id: Option<&str>,
+    window: &TimeWindow,
+) -> rusqlite::Result<Vec<WorkflowSummary>> {
+    let sql = format!(
+        "SELECT {SUMMARY_COLUMNS} FROM workflow_state WHERE is_background_task = 1 \
+         AND status = 'failed' AND (?1 IS NULL OR parent_run_id = ?1) \
+         AND updated_at >= ?2 AND julianday(updated_at) >= julianday(?3) \
+         ORDER BY updated_at DESC, rowid DESC"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(
+        params![
+            parent_run_id.filter(|s| !s.is_empty()),
+            window.text_low,
+            window.cutoff
+        ],
+        summary,
+    )?;
+    rows.collect()
+}
+
+/// Marks running background tasks not updated since the cutoff as failed; returns how many.
+pub(crate) fn cleanup_stale_background_tasks(
+    conn: &Connection,
+    window: &TimeWindow,
+) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "UPDATE workflow_state SET status = 'failed', \
+         background_error = 'Task timeout: process likely crashed', updated_at = ?3 \
+         WHERE is_background_task = 1 AND status = 'running' \
+         AND updated_at < ?1 AND julianday(updated_at) < julianday(?2)",
+    )?
+    .execute(params![
+        window.text_high,
+        window.cutoff,
+        crate::timestamp::now_text()
+    ])
 }

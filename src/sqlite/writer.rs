@@ -8,6 +8,7 @@
 //! cleanup never holds the write lock for long.
 
 use std::collections::VecDeque;
+use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -16,7 +17,7 @@ use rusqlite::Connection;
 
 use super::connection::{self, classify, retry_while_locked, Role};
 use super::schema::Layout;
-use super::{queries, Job, Shared};
+use super::{queries, run_history, system, traces, Job, Shared};
 use crate::engine::{Request, Response};
 use crate::error::{Error, Result};
 use crate::timestamp::{age_from, TimeWindow};
@@ -106,8 +107,9 @@ impl Writer<'_> {
         }
         let mut outcomes = Vec::with_capacity(batch.len());
         for job in batch {
-            let outcome = run_in_savepoint(conn, |conn| execute_write(conn, &layout, &job.request))
-                .map_err(|e| classify(&options.path, e));
+            let outcome = run_in_savepoint(conn, &options.path, |conn| {
+                execute_write(conn, &layout, &options.path, &job.request)
+            });
             outcomes.push((job.done, outcome));
         }
         match conn.execute_batch("COMMIT") {
@@ -185,16 +187,18 @@ impl Writer<'_> {
 
 fn run_in_savepoint<T>(
     conn: &Connection,
-    work: impl FnOnce(&Connection) -> rusqlite::Result<T>,
-) -> rusqlite::Result<T> {
-    conn.execute_batch("SAVEPOINT write")?;
+    path: &Path,
+    work: impl FnOnce(&Connection) -> Result<T>,
+) -> Result<T> {
+    let sql = |statement: &str| conn.execute_batch(statement).map_err(|e| classify(path, e));
+    sql("SAVEPOINT write")?;
     match work(conn) {
         Ok(value) => {
-            conn.execute_batch("RELEASE write")?;
+            sql("RELEASE write")?;
             Ok(value)
         }
         Err(error) => {
-            conn.execute_batch("ROLLBACK TO write; RELEASE write")?;
+            sql("ROLLBACK TO write; RELEASE write")?;
             Err(error)
         }
     }
@@ -203,16 +207,71 @@ fn run_in_savepoint<T>(
 fn execute_write(
     conn: &Connection,
     layout: &Layout,
+    path: &Path,
     request: &Request,
-) -> rusqlite::Result<Response> {
+) -> Result<Response> {
+    let fail = |e| classify(path, e);
     match request {
         Request::SaveState { run_id, record } => {
-            queries::save_state(conn, run_id, record).map(|()| Response::Done)
+            queries::save_state(conn, run_id, record).map_err(fail)?;
         }
-        Request::DeleteState { run_id } => {
-            queries::delete_state(conn, run_id).map(|()| Response::Done)
+        Request::DeleteState { run_id } => queries::delete_state(conn, run_id).map_err(fail)?,
+        Request::SaveRunStart(run) => {
+            run_history::save_run_start(conn, layout, run).map_err(fail)?
+        }
+        Request::SaveStepResult(step) => {
+            run_history::save_step_result(conn, layout, step).map_err(fail)?;
+        }
+        Request::SaveRunEnd { run_id, end } => {
+            run_history::save_run_end(conn, layout, run_id, end).map_err(fail)?;
+        }
+        Request::DeleteRun { run_id } => run_history::delete_run(conn, run_id).map_err(fail)?,
+        Request::SaveSpans {
+            run_id,
+            spans,
+            replace,
+            pipeline_name,
+            pipeline_version,
+        } => traces::save_spans(
+            conn,
+            layout,
+            run_id,
+            spans,
+            *replace,
+            (pipeline_name.as_deref(), pipeline_version.as_deref()),
+        )
+        .map_err(|e| span_error(path, layout, e))?,
+        Request::SetSystemState { key, value } => {
+            system::set_system_state(conn, key, value).map_err(fail)?;
+        }
+        Request::PersistEvaluation(evaluation) => {
+            system::persist_evaluation(conn, layout, evaluation).map_err(fail)?;
+        }
+        Request::CleanupStaleBackgroundTasks { stale_hours } => {
+            let age = age_from(*stale_hours, 3600.0, "stale_hours").map_err(Error::InvalidInput)?;
+            let window = TimeWindow::before(chrono::Utc::now(), age);
+            let marked = queries::cleanup_stale_background_tasks(conn, &window).map_err(fail)?;
+            return Ok(Response::Count(marked as u64));
         }
         other => unreachable!("not a batched write: {other:?}"),
+    }
+    Ok(Response::Done)
+}
+
+/// Flujo 0.4.35 files key spans by `span_id` across all runs; say so when ids collide.
+fn span_error(path: &Path, layout: &Layout, error: rusqlite::Error) -> Error {
+    let unique_violation = matches!(
+        &error,
+        rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+    );
+    if layout.span_ids_are_global() && unique_violation {
+        Error::InvalidInput(
+            "a span_id in this trace is already used by another run; this file has Flujo \
+             0.4.35's layout, where span ids must be unique across all runs"
+                .into(),
+        )
+    } else {
+        classify(path, error)
     }
 }
 

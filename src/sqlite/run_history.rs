@@ -1,0 +1,443 @@
+//! Runs and steps, in whichever layout the file has (Flujo 0.4.35's or 0.6.11's, or a 0.4.35
+//! file that 0.6.11 extended). Statements name only columns the file has; values that both
+//! releases keep under different names are written to, and read from, whichever exists.
+
+use std::collections::HashSet;
+
+use rusqlite::types::Value;
+use rusqlite::{params_from_iter, Connection, OptionalExtension, Row};
+
+use super::queries::{cell, json_text};
+use super::schema::Layout;
+use crate::model::{
+    MetadataCondition, RunDetails, RunEnd, RunQuery, RunStart, RunSummary, StepDetails, StepRecord,
+};
+use crate::timestamp::now_text;
+
+/// Named values for one row; those whose column the table lacks are dropped.
+struct ColumnValues<'a> {
+    columns: &'a HashSet<String>,
+    names: Vec<&'static str>,
+    values: Vec<Value>,
+}
+
+impl<'a> ColumnValues<'a> {
+    fn new(columns: &'a HashSet<String>) -> Self {
+        ColumnValues {
+            columns,
+            names: Vec::new(),
+            values: Vec::new(),
+        }
+    }
+
+    fn set(mut self, name: &'static str, value: impl Into<Value>) -> Self {
+        if self.columns.contains(name) {
+            self.names.push(name);
+            self.values.push(value.into());
+        }
+        self
+    }
+
+    fn placeholders(&self) -> String {
+        (1..=self.names.len())
+            .map(|i| format!("?{i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Creates a placeholder run so rows that reference it satisfy the foreign key (Flujo 0.6.11
+/// does the same; 0.4.35 left orphans). An existing run is left as it is.
+pub(crate) fn ensure_run(
+    conn: &Connection,
+    layout: &Layout,
+    run_id: &str,
+    pipeline_name: Option<&str>,
+    pipeline_version: Option<&str>,
+) -> rusqlite::Result<()> {
+    let now = now_text();
+    let row = ColumnValues::new(&layout.runs)
+        .set("run_id", run_id.to_owned())
+        .set("pipeline_id", "unknown".to_owned())
+        .set(
+            "pipeline_name",
+            pipeline_name.unwrap_or("unknown").to_owned(),
+        )
+        .set(
+            "pipeline_version",
+            pipeline_version.unwrap_or("latest").to_owned(),
+        )
+        .set("status", "running".to_owned())
+        .set("start_time", now.clone())
+        .set("created_at", now.clone())
+        .set("updated_at", now);
+    let sql = format!(
+        "INSERT OR IGNORE INTO runs ({}) VALUES ({})",
+        row.names.join(", "),
+        row.placeholders()
+    );
+    conn.prepare_cached(&sql)?
+        .execute(params_from_iter(row.values))?;
+    Ok(())
+}
+
+/// Upserts the run. Unlike Flujo's `INSERT OR REPLACE`, the row is updated in place, so a
+/// second start never cascades away the run's steps and spans.
+pub(crate) fn save_run_start(
+    conn: &Connection,
+    layout: &Layout,
+    run: &RunStart,
+) -> rusqlite::Result<()> {
+    let row = ColumnValues::new(&layout.runs)
+        .set("run_id", run.run_id.clone())
+        .set("pipeline_id", run.pipeline_id.clone())
+        .set("pipeline_name", run.pipeline_name.clone())
+        .set("pipeline_version", run.pipeline_version.clone())
+        .set("status", run.status.clone())
+        .set("start_time", run.started_at.clone())
+        .set("created_at", run.started_at.clone())
+        .set("updated_at", run.updated_at.clone())
+        .set("end_time", Value::Null)
+        .set("total_cost", Value::Null)
+        .set("final_context_blob", Value::Null)
+        .set(
+            "execution_time_ms",
+            run.execution_time_ms.map_or(Value::Null, Value::Integer),
+        )
+        .set(
+            "memory_usage_mb",
+            run.memory_usage_mb.map_or(Value::Null, Value::Real),
+        )
+        .set("total_steps", run.total_steps)
+        .set(
+            "error_message",
+            run.error_message.clone().map_or(Value::Null, Value::Text),
+        );
+    let updates: Vec<String> = row
+        .names
+        .iter()
+        .filter(|n| **n != "run_id")
+        .map(|n| format!("{n} = excluded.{n}"))
+        .collect();
+    let sql = format!(
+        "INSERT INTO runs ({}) VALUES ({}) ON CONFLICT(run_id) DO UPDATE SET {}",
+        row.names.join(", "),
+        row.placeholders(),
+        updates.join(", ")
+    );
+    conn.prepare_cached(&sql)?
+        .execute(params_from_iter(row.values))?;
+    Ok(())
+}
+
+/// Updates a finished run; a run that does not exist is left alone, as in Flujo.
+pub(crate) fn save_run_end(
+    conn: &Connection,
+    layout: &Layout,
+    run_id: &str,
+    end: &RunEnd,
+) -> rusqlite::Result<()> {
+    let optional = |value: Option<Value>| value.unwrap_or(Value::Null);
+    let mut row = ColumnValues::new(&layout.runs)
+        .set("status", end.status.clone())
+        .set("end_time", end.ended_at.clone())
+        .set("updated_at", end.ended_at.clone());
+    for (name, value) in [
+        ("total_cost", end.total_cost.map(Value::Real)),
+        (
+            "final_context_blob",
+            end.final_context.clone().map(Value::Text),
+        ),
+        (
+            "execution_time_ms",
+            end.execution_time_ms.map(Value::Integer),
+        ),
+        ("memory_usage_mb", end.memory_usage_mb.map(Value::Real)),
+        ("total_steps", end.total_steps.map(Value::Integer)),
+        ("error_message", end.error_message.clone().map(Value::Text)),
+    ] {
+        // Only what the caller knows replaces what is stored.
+        if value.is_some() {
+            row = row.set(name, optional(value));
+        }
+    }
+    let assignments: Vec<String> = row
+        .names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("{n} = ?{}", i + 1))
+        .collect();
+    let sql = format!(
+        "UPDATE runs SET {} WHERE run_id = ?{}",
+        assignments.join(", "),
+        row.names.len() + 1
+    );
+    let mut values = row.values;
+    values.push(Value::Text(run_id.to_owned()));
+    conn.prepare_cached(&sql)?
+        .execute(params_from_iter(values))?;
+    Ok(())
+}
+
+pub(crate) fn save_step_result(
+    conn: &Connection,
+    layout: &Layout,
+    step: &StepRecord,
+) -> rusqlite::Result<()> {
+    ensure_run(conn, layout, &step.run_id, None, None)?;
+    let text = |v: &Option<String>| v.clone().map_or(Value::Null, Value::Text);
+    let row = ColumnValues::new(&layout.steps)
+        .set("step_run_id", step.step_run_id.clone())
+        .set("run_id", step.run_id.clone())
+        .set("step_name", step.step_name.clone())
+        .set("step_index", step.step_index)
+        .set("status", step.status.clone())
+        .set("start_time", step.started_at.clone())
+        .set("created_at", step.started_at.clone())
+        .set("end_time", text(&step.ended_at))
+        .set(
+            "duration_ms",
+            step.duration_ms.map_or(Value::Null, Value::Integer),
+        )
+        .set(
+            "execution_time_ms",
+            step.duration_ms.map_or(Value::Null, Value::Integer),
+        )
+        .set("cost", step.cost.map_or(Value::Null, Value::Real))
+        .set("cost_usd", step.cost.map_or(Value::Null, Value::Real))
+        .set("tokens", step.tokens.map_or(Value::Null, Value::Integer))
+        .set(
+            "token_counts",
+            step.tokens.map_or(Value::Null, Value::Integer),
+        )
+        .set("input_blob", step.input.clone())
+        .set("output_blob", step.output.clone())
+        .set("output", step.output.clone())
+        .set("error_blob", text(&step.error))
+        .set("raw_response", text(&step.raw_response));
+    // 0.4.35 keys steps by step_run_id and replaces; 0.6.11 appends a row per call.
+    let verb = if layout.steps_are_appended() {
+        "INSERT"
+    } else {
+        "INSERT OR REPLACE"
+    };
+    let sql = format!(
+        "{verb} INTO steps ({}) VALUES ({})",
+        row.names.join(", "),
+        row.placeholders()
+    );
+    conn.prepare_cached(&sql)?
+        .execute(params_from_iter(row.values))?;
+    Ok(())
+}
+
+/// A column, or `NULL` when the layout lacks it, for building SELECT lists.
+fn column_or_null(columns: &HashSet<String>, name: &str) -> String {
+    if columns.contains(name) {
+        name.to_owned()
+    } else {
+        "NULL".to_owned()
+    }
+}
+
+/// The first of `names` the layout has, falling through blanks (0.6.11 backfills some with '').
+fn first_present(columns: &HashSet<String>, prefix: &str, names: &[&str]) -> String {
+    let present: Vec<String> = names
+        .iter()
+        .filter(|n| columns.contains(**n))
+        .map(|n| format!("nullif({prefix}{n}, '')"))
+        .collect();
+    match present.len() {
+        0 => "NULL".to_owned(),
+        1 => present[0].clone(),
+        _ => format!("coalesce({})", present.join(", ")),
+    }
+}
+
+pub(crate) fn get_run_details(
+    conn: &Connection,
+    layout: &Layout,
+    run_id: &str,
+) -> rusqlite::Result<Option<RunDetails>> {
+    let c = &layout.runs;
+    let sql = format!(
+        "SELECT run_id, {}, pipeline_name, pipeline_version, status, {}, {}, {}, {}, {}, {}, {}, {}, {}, {} \
+         FROM runs WHERE run_id = ?1",
+        column_or_null(c, "pipeline_id"),
+        first_present(c, "", &["start_time", "created_at"]),
+        column_or_null(c, "end_time"),
+        column_or_null(c, "total_cost"),
+        column_or_null(c, "final_context_blob"),
+        first_present(c, "", &["created_at", "start_time"]),
+        first_present(c, "", &["updated_at", "end_time", "start_time"]),
+        column_or_null(c, "execution_time_ms"),
+        column_or_null(c, "memory_usage_mb"),
+        column_or_null(c, "total_steps"),
+        column_or_null(c, "error_message"),
+    );
+    conn.prepare_cached(&sql)?
+        .query_row([run_id], |row| {
+            Ok(RunDetails {
+                run_id: cell(row, 0)?,
+                pipeline_id: cell(row, 1)?,
+                pipeline_name: cell(row, 2)?,
+                pipeline_version: cell(row, 3)?,
+                status: cell(row, 4)?,
+                start_time: cell(row, 5)?,
+                end_time: cell(row, 6)?,
+                total_cost: cell(row, 7)?,
+                final_context: json_text(row, 8)?,
+                created_at: cell(row, 9)?,
+                updated_at: cell(row, 10)?,
+                execution_time_ms: cell(row, 11)?,
+                memory_usage_mb: cell(row, 12)?,
+                total_steps: cell(row, 13)?,
+                error_message: cell(row, 14)?,
+            })
+        })
+        .optional()
+}
+
+pub(crate) fn list_run_steps(
+    conn: &Connection,
+    layout: &Layout,
+    run_id: &str,
+) -> rusqlite::Result<Vec<StepDetails>> {
+    let c = &layout.steps;
+    let order = if layout.steps_are_appended() {
+        "step_index, id"
+    } else {
+        "step_index, rowid"
+    };
+    let sql = format!(
+        "SELECT step_name, step_index, status, {}, {}, {}, {}, {}, {}, {}, {}, {} FROM steps \
+         WHERE run_id = ?1 ORDER BY {order}",
+        first_present(c, "", &["start_time", "created_at"]),
+        column_or_null(c, "end_time"),
+        first_present(c, "", &["duration_ms", "execution_time_ms"]),
+        first_present(c, "", &["cost", "cost_usd"]),
+        first_present(c, "", &["tokens", "token_counts"]),
+        column_or_null(c, "input_blob"),
+        first_present(c, "", &["output_blob", "output"]),
+        column_or_null(c, "error_blob"),
+        column_or_null(c, "raw_response"),
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map([run_id], |row| {
+        Ok(StepDetails {
+            step_name: cell(row, 0)?,
+            step_index: cell(row, 1)?,
+            status: cell(row, 2)?,
+            start_time: cell(row, 3)?,
+            end_time: cell(row, 4)?,
+            duration_ms: cell(row, 5)?,
+            cost: cell(row, 6)?,
+            tokens: cell(row, 7)?,
+            input: json_text(row, 8)?,
+            output: json_text(row, 9)?,
+            error: json_text(row, 10)?,
+            raw_response: json_text(row, 11)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// Runs newest first, joined with their workflow state (whose name, version and status win,
+/// as in Flujo 0.6.11). Every filter, the metadata one included, and the paging run in SQL.
+pub(crate) fn list_runs(
+    conn: &Connection,
+    layout: &Layout,
+    query: &RunQuery,
+) -> rusqlite::Result<Vec<RunSummary>> {
+    let c = &layout.runs;
+    let started = first_present(c, "r.", &["start_time", "created_at"]);
+    let mut conditions = Vec::new();
+    let mut values: Vec<Value> = Vec::new();
+    if let Some(status) = query.status.as_deref().filter(|s| !s.is_empty()) {
+        values.push(Value::Text(status.to_owned()));
+        conditions.push(format!("coalesce(w.status, r.status) = ?{}", values.len()));
+    }
+    if let Some(name) = query.pipeline_name.as_deref().filter(|s| !s.is_empty()) {
+        values.push(Value::Text(name.to_owned()));
+        conditions.push(format!(
+            "coalesce(w.pipeline_name, r.pipeline_name) = ?{}",
+            values.len()
+        ));
+    }
+    for MetadataCondition { path, value } in &query.metadata {
+        values.push(Value::Text(path.clone()));
+        values.push(Value::Text(value.clone()));
+        let (p, v) = (values.len() - 1, values.len());
+        conditions.push(format!(
+            "json_valid(w.metadata) AND json_type(w.metadata, ?{p}) IS json_type(?{v}) \
+             AND json_extract(w.metadata, ?{p}) IS json_extract(?{v}, '$')"
+        ));
+    }
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conditions.join(" AND "))
+    };
+    values.push(Value::Integer(
+        query
+            .limit
+            .map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX)),
+    ));
+    values.push(Value::Integer(
+        i64::try_from(query.offset).unwrap_or(i64::MAX),
+    ));
+    let sql = format!(
+        "SELECT r.run_id, coalesce(w.pipeline_name, r.pipeline_name), \
+         coalesce(w.pipeline_version, r.pipeline_version), coalesce(w.status, r.status), \
+         {started}, {}, {}, {}, {}, w.metadata \
+         FROM runs r LEFT JOIN workflow_state w ON w.run_id = r.run_id {filter} \
+         ORDER BY {started} DESC, r.rowid DESC LIMIT ?{} OFFSET ?{}",
+        column_or_null_prefixed(c, "end_time"),
+        column_or_null_prefixed(c, "total_cost"),
+        first_present(c, "r.", &["created_at", "start_time"]),
+        first_present(c, "r.", &["updated_at", "end_time", "start_time"]),
+        values.len() - 1,
+        values.len(),
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params_from_iter(values), run_summary)?;
+    rows.collect()
+}
+
+fn column_or_null_prefixed(columns: &HashSet<String>, name: &str) -> String {
+    if columns.contains(name) {
+        format!("r.{name}")
+    } else {
+        "NULL".to_owned()
+    }
+}
+
+fn run_summary(row: &Row) -> rusqlite::Result<RunSummary> {
+    Ok(RunSummary {
+        run_id: cell(row, 0)?,
+        pipeline_name: cell(row, 1)?,
+        pipeline_version: cell(row, 2)?,
+        status: cell(row, 3)?,
+        start_time: cell(row, 4)?,
+        end_time: cell(row, 5)?,
+        total_cost: cell(row, 6)?,
+        created_at: cell(row, 7)?,
+        updated_at: cell(row, 8)?,
+        metadata: json_text(row, 9)?,
+    })
+}
+
+/// Deletes the run and everything recorded under it. Each child table is cleared explicitly,
+/// so files whose tables lack the cascading foreign keys lose no rows to orphaning either.
+pub(crate) fn delete_run(conn: &Connection, run_id: &str) -> rusqlite::Result<()> {
+    for sql in [
+        "DELETE FROM steps WHERE run_id = ?1",
+        "DELETE FROM spans WHERE run_id = ?1",
+        "DELETE FROM traces WHERE run_id = ?1",
+        "DELETE FROM evaluations WHERE run_id = ?1",
+        "DELETE FROM runs WHERE run_id = ?1",
+    ] {
+        conn.prepare_cached(sql)?.execute([run_id])?;
+    }
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! Spans: Flujo 0.4.35 keys them by a file-wide `span_id`, 0.6.11 by an autoincrement id with
+//! `span_id` unique per run only. Statements adapt to the file's layout.
+
+use rusqlite::{params, Connection};
+
+use super::queries::{cell, json_text};
+use super::run_history::ensure_run;
+use super::schema::Layout;
+use crate::model::{DurationTotals, SpanRecord, SpanStatistics, StoredSpan};
+use crate::timestamp::now_text;
+
+/// Stores spans for a run, first dropping its existing ones when `replace` (a whole trace).
+/// An empty `spans` changes nothing, so saving an empty trace never erases a stored one.
+pub(crate) fn save_spans(
+    conn: &Connection,
+    layout: &Layout,
+    run_id: &str,
+    spans: &[SpanRecord],
+    replace: bool,
+    pipeline: (Option<&str>, Option<&str>),
+) -> rusqlite::Result<()> {
+    if spans.is_empty() {
+        return Ok(());
+    }
+    ensure_run(conn, layout, run_id, pipeline.0, pipeline.1)?;
+    if replace {
+        conn.prepare_cached("DELETE FROM spans WHERE run_id = ?1")?
+            .execute([run_id])?;
+    }
+    let created_at = now_text();
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO spans (span_id, run_id, parent_span_id, name, start_time, end_time, status, \
+         attributes, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?;
+    for span in spans {
+        insert.execute(params![
+            span.span_id,
+            run_id,
+            span.parent_span_id,
+            span.name,
+            span.start_time,
+            span.end_time,
+            span.status,
+            span.attributes,
+            created_at,
+        ])?;
+    }
+    Ok(())
+}
+
+pub(crate) fn get_spans(
+    conn: &Connection,
+    layout: &Layout,
+    run_id: &str,
+    status: Option<&str>,
+    name: Option<&str>,
+) -> rusqlite::Result<Vec<StoredSpan>> {
+    let status = status.filter(|s| !s.is_empty());
+    let name = name.filter(|s| !s.is_empty());
+    let tie_breaker = if layout.span_ids_are_global() {
+        "rowid"
+    } else {
+        "id"
+    };
+    let sql = format!(
+        "SELECT span_id, parent_span_id, name, start_time, end_time, status, attributes \
+         FROM spans WHERE run_id = ?1 AND (?2 IS NULL OR status = ?2) \
+         AND (?3 IS NULL OR name = ?3) ORDER BY start_time, {tie_breaker}"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params![run_id, status, name], |row| {
+        Ok(StoredSpan {
+            span_id: cell(row, 0)?,
+            parent_span_id: cell(row, 1)?,
+            name: cell(row, 2)?,
+            start_time: cell(row, 3)?,
+            end_time: cell(row, 4)?,
+            status: cell(row, 5)?,
+            attributes: json_text(row, 6)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// Counts and durations of finished spans, optionally for one pipeline and a start-time range.
+pub(crate) fn span_statistics(
+    conn: &Connection,
+    pipeline_name: Option<&str>,
+    time_range: Option<(f64, f64)>,
+) -> rusqlite::Result<SpanStatistics> {
+    let (from, to) = time_range.map_or((None, None), |(a, b)| (Some(a), Some(b)));
+    let mut stmt = conn.prepare_cached(
+        "SELECT s.name, s.status, count(*), sum(s.end_time - s.start_time) \
+         FROM spans s JOIN runs r ON r.run_id = s.run_id \
+         WHERE s.end_time IS NOT NULL AND (?1 IS NULL OR r.pipeline_name = ?1) \
+         AND (?2 IS NULL OR s.start_time >= ?2) AND (?3 IS NULL OR s.start_time <= ?3) \
+         GROUP BY s.name, s.status",
+    )?;
+    let mut stats = SpanStatistics::default();
+    let mut rows = stmt.query(params![pipeline_name.filter(|s| !s.is_empty()), from, to])?;
+    while let Some(row) = rows.next()? {
+        let name: String = row.get::<_, Option<String>>(0)?.unwrap_or_default();
+        let status: String = row.get::<_, Option<String>>(1)?.unwrap_or_default();
+        let count = row.get::<_, i64>(2)?.max(0) as u64;
+        let seconds: f64 = row.get::<_, Option<f64>>(3)?.unwrap_or(0.0);
+        stats.total_spans += count;
+        *stats.by_name.entry(name.clone()).or_default() += count;
+        *stats.by_status.entry(status).or_default() += count;
+        let totals: &mut DurationTotals = stats.durations_by_name.entry(name).or_default();
+        totals.total_seconds += seconds;
+        totals.count += count;
+    }
+    Ok(stats)
+}
