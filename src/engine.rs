@@ -61,6 +61,10 @@ pub enum Request {
         pipeline_name: Option<String>,
         pipeline_version: Option<String>,
     },
+    /// All of a run's spans, for the caller to assemble into its trace tree.
+    GetTrace {
+        run_id: String,
+    },
     GetSpans {
         run_id: String,
         status: Option<String>,
@@ -124,6 +128,7 @@ pub enum Response {
     Steps(Vec<StepDetails>),
     Runs(Vec<RunSummary>),
     Spans(Vec<StoredSpan>),
+    Trace(Vec<StoredSpan>),
     SpanStatistics(SpanStatistics),
     SystemState(Option<SystemStateEntry>),
     Evaluations(Vec<StoredEvaluation>),

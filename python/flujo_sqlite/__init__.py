@@ -11,6 +11,7 @@ from .backend import SQLiteBackend
 from .config import load_backend_from_config
 from .errors import (
     BackendClosedError,
+    ConfigurationError,
     CorruptDatabaseError,
     DatabaseError,
     DatabaseLockedError,
@@ -32,4 +33,5 @@ __all__ = [
     "DatabaseLockedError",
     "CorruptDatabaseError",
     "BackendClosedError",
+    "ConfigurationError",
 ]

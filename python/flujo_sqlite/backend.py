@@ -1,16 +1,31 @@
-"""The public ``SQLiteBackend``: a thin asyncio face over the Rust engine in ``_native``."""
+"""The public ``SQLiteBackend``: a thin asyncio face over the Rust engine in ``_native``.
+
+Every coroutine validates and converts its arguments at once (raising before anything is
+queued), hands the work to the engine's threads and awaits a future that the engine resolves
+through the event loop's completion port. No SQLite work happens on the event loop or with the
+GIL held.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import importlib.metadata
 import os
 import weakref
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._native import CompletionPort, NativeBackend
 from .errors import InvalidStateError
+
+if TYPE_CHECKING:
+    _Base = object
+else:
+    try:  # Subclass Flujo's interface when Flujo is installed, so isinstance checks hold.
+        from flujo.state.backends.base import StateBackend as _Base
+    except ImportError:
+        _Base = object
 
 __all__ = ["SQLiteBackend"]
 
@@ -32,6 +47,17 @@ def _port() -> CompletionPort:
     return port
 
 
+def _installed_flujo_layout() -> str:
+    """New files get the layout of the Flujo release installed beside us (the newest if none),
+    so that Flujo itself, `flujo lens` included, can open them."""
+    try:
+        version = importlib.metadata.version("flujo")
+    except importlib.metadata.PackageNotFoundError:
+        return "flujo-0.6"
+    major_minor = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    return "flujo-0.4" if major_minor < (0, 6) else "flujo-0.6"
+
+
 @atexit.register
 def _close_open_backends() -> None:
     # Acknowledged writes are already durable; this lets queued ones finish and threads stop.
@@ -39,8 +65,13 @@ def _close_open_backends() -> None:
         backend._native.close_blocking()
 
 
-class SQLiteBackend:
-    """Durable workflow state in a SQLite file, file-compatible with Flujo's own backend."""
+class SQLiteBackend(_Base):
+    """Durable workflow state in a SQLite file, file-compatible with Flujo's own backend.
+
+    ``durability="full"`` (the default) fsyncs every commit, like Flujo; ``"normal"`` survives
+    a crash of the process but may lose the last commits on power loss. ``lock_timeout`` is how
+    long a call waits for another process's lock before raising ``DatabaseLockedError``.
+    """
 
     def __init__(
         self,
@@ -58,12 +89,17 @@ class SQLiteBackend:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db_path = path
         self._native = NativeBackend(
-            os.fspath(path), durability=durability, lock_timeout=lock_timeout
+            os.fspath(path),
+            durability=durability,
+            lock_timeout=lock_timeout,
+            fresh_layout=_installed_flujo_layout(),
         )
         _OPEN_BACKENDS.add(self)
 
     def __repr__(self) -> str:
         return f"SQLiteBackend({str(self.db_path)!r})"
+
+    # Workflow state (the user guide's API).
 
     async def save_state(self, run_id: str, state: dict[str, Any]) -> None:
         await self._native.save_state(_port(), run_id, state)
@@ -89,17 +125,124 @@ class SQLiteBackend:
     async def get_workflow_stats(self) -> dict[str, Any]:
         return await self._native.get_workflow_stats(_port())
 
+    def get_workflow_stats_sync(self) -> dict[str, Any]:
+        return self._native.get_workflow_stats_blocking()
+
     async def get_failed_workflows(self, hours_back: float = 24) -> list[dict[str, Any]]:
         return await self._native.get_failed_workflows(_port(), hours_back)
 
     async def cleanup_old_workflows(self, days_old: float = 30) -> int:
         return await self._native.cleanup_old_workflows(_port(), days_old)
 
+    # Run history, written by Flujo's runner and read by `flujo lens`.
+
+    async def save_run_start(self, run_data: dict[str, Any]) -> None:
+        await self._native.save_run_start(_port(), run_data)
+
+    async def save_step_result(self, step_data: dict[str, Any]) -> None:
+        await self._native.save_step_result(_port(), step_data)
+
+    async def save_run_end(self, run_id: str, end_data: dict[str, Any]) -> None:
+        await self._native.save_run_end(_port(), run_id, end_data)
+
+    async def get_run_details(self, run_id: str) -> dict[str, Any] | None:
+        return await self._native.get_run_details(_port(), run_id)
+
+    async def list_run_steps(self, run_id: str) -> list[dict[str, Any]]:
+        return await self._native.list_run_steps(_port(), run_id)
+
+    async def list_runs(
+        self,
+        status: str | None = None,
+        pipeline_name: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+        metadata_filter: dict[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        return await self._native.list_runs(
+            _port(), status, pipeline_name, limit, offset, metadata_filter
+        )
+
+    async def delete_run(self, run_id: str) -> None:
+        await self._native.delete_run(_port(), run_id)
+
+    # Traces and spans.
+
+    async def save_trace(self, run_id: str, trace: dict[str, Any]) -> None:
+        await self._native.save_trace(_port(), run_id, trace)
+
+    async def save_spans(self, run_id: str, spans: list[dict[str, Any]]) -> None:
+        await self._native.save_spans(_port(), run_id, spans)
+
+    async def get_trace(self, run_id: str) -> dict[str, Any] | None:
+        return await self._native.get_trace(_port(), run_id)
+
+    async def get_spans(
+        self, run_id: str, status: str | None = None, name: str | None = None
+    ) -> list[dict[str, Any]]:
+        return await self._native.get_spans(_port(), run_id, status, name)
+
+    async def get_span_statistics(
+        self,
+        pipeline_name: str | None = None,
+        time_range: tuple[float, float] | None = None,
+    ) -> dict[str, Any]:
+        return await self._native.get_span_statistics(_port(), pipeline_name, time_range)
+
+    # System state, evaluations and background tasks (Flujo 0.6.11).
+
+    async def set_system_state(self, key: str, value: dict[str, Any]) -> None:
+        await self._native.set_system_state(_port(), key, value)
+
+    async def get_system_state(self, key: str) -> dict[str, Any] | None:
+        return await self._native.get_system_state(_port(), key)
+
+    async def persist_evaluation(
+        self,
+        run_id: str,
+        score: float,
+        feedback: str | None = None,
+        step_name: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        await self._native.persist_evaluation(
+            _port(), run_id, score, feedback, step_name, metadata
+        )
+
+    async def list_evaluations(
+        self, limit: int = 20, run_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        return await self._native.list_evaluations(_port(), limit, run_id)
+
+    async def list_background_tasks(
+        self,
+        parent_run_id: str | None = None,
+        status: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        return await self._native.list_background_tasks(
+            _port(), parent_run_id, status, limit, offset
+        )
+
+    async def get_failed_background_tasks(
+        self, parent_run_id: str | None = None, hours_back: float = 24
+    ) -> list[dict[str, Any]]:
+        return await self._native.get_failed_background_tasks(_port(), parent_run_id, hours_back)
+
+    async def cleanup_stale_background_tasks(self, stale_hours: float = 24) -> int:
+        return await self._native.cleanup_stale_background_tasks(_port(), stale_hours)
+
+    # Lifecycle.
+
     async def close(self) -> None:
+        """Finish queued work and release the file. Idempotent; later calls raise
+        ``BackendClosedError``."""
         await self._native.close(_port())
         _OPEN_BACKENDS.discard(self)
 
     async def shutdown(self) -> None:
+        """Flujo's name for :meth:`close`."""
         await self.close()
 
     async def __aenter__(self) -> SQLiteBackend:

@@ -18,6 +18,7 @@ __all__ = [
     "DatabaseLockedError",
     "CorruptDatabaseError",
     "BackendClosedError",
+    "ConfigurationError",
 ]
 
 
@@ -54,3 +55,8 @@ class CorruptDatabaseError(DatabaseError):
 
 class BackendClosedError(FlujoSQLiteError, RuntimeError):
     """The backend was closed; create a new one."""
+
+
+class ConfigurationError(FlujoSQLiteError, ValueError):
+    """The configured state URI or ``flujo.toml`` cannot be used. The message says where the
+    value came from and what to write instead."""

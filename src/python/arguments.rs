@@ -9,7 +9,7 @@ use super::errors::{invalid_state, invalid_type};
 use super::from_python::encode_json;
 use crate::model::{BackgroundFields, StateRecord, WorkflowQuery, WORKFLOW_STATUSES};
 
-fn type_name(value: &Bound<'_, PyAny>) -> String {
+pub(crate) fn type_name(value: &Bound<'_, PyAny>) -> String {
     value
         .get_type()
         .name()
@@ -79,8 +79,8 @@ pub(crate) fn state_record(state: &Bound<'_, PyAny>) -> PyResult<StateRecord> {
             .map(|v| encode_json(&v, "step_history"))
             .transpose()?,
         status,
-        created_at: timestamp(&required("created_at")?, "created_at")?,
-        updated_at: timestamp(&required("updated_at")?, "updated_at")?,
+        created_at: timestamp_text(&required("created_at")?, "state['created_at']")?,
+        updated_at: timestamp_text(&required("updated_at")?, "state['updated_at']")?,
         total_steps: optional("total_steps")?
             .map(|v| integer(&v, "total_steps"))
             .transpose()?
@@ -172,7 +172,7 @@ fn count(value: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
     })
 }
 
-fn text(value: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
+pub(crate) fn text(value: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
     let py = value.py();
     let text = value.cast::<PyString>().map_err(|_| {
         invalid_type(
@@ -196,7 +196,7 @@ fn version_text(value: &Bound<'_, PyAny>) -> PyResult<String> {
     text(value, "pipeline_version")
 }
 
-fn integer(value: &Bound<'_, PyAny>, what: &str) -> PyResult<i64> {
+pub(crate) fn integer(value: &Bound<'_, PyAny>, what: &str) -> PyResult<i64> {
     let py = value.py();
     if value.is_instance_of::<PyBool>() || !value.is_instance_of::<PyInt>() {
         return Err(invalid_type(
@@ -212,7 +212,7 @@ fn integer(value: &Bound<'_, PyAny>, what: &str) -> PyResult<i64> {
     })
 }
 
-fn real(value: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
+pub(crate) fn real(value: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
     let py = value.py();
     if value.is_instance_of::<PyBool>()
         || !(value.is_instance_of::<PyInt>() || value.is_instance_of::<PyFloat>())
@@ -235,25 +235,24 @@ fn real(value: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
 
 /// A datetime (aware ones converted to UTC), a date, or ISO 8601 text (Flujo 0.6.11's runner
 /// sends its timestamps already turned into strings) as its stored text; see `timestamp`.
-fn timestamp(value: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
+pub(crate) fn timestamp_text(value: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
     static DATETIME: PyOnceLock<Py<PyType>> = PyOnceLock::new();
     static DATE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
     static UTC: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
     let py = value.py();
     let datetime_type = DATETIME.import(py, "datetime", "datetime")?;
-    let value =
-        if value.is_instance_of::<PyString>() {
-            datetime_type
-                .call_method1("fromisoformat", (value,))
-                .map_err(|_| {
-                    invalid_state(
-                py,
-                format!("state[{what:?}] is the text {value}, which is not an ISO 8601 timestamp"),
-            )
-                })?
-        } else {
-            value.clone()
-        };
+    let value = if value.is_instance_of::<PyString>() {
+        datetime_type
+            .call_method1("fromisoformat", (value,))
+            .map_err(|_| {
+                invalid_state(
+                    py,
+                    format!("{what} is the text {value}, which is not an ISO 8601 timestamp"),
+                )
+            })?
+    } else {
+        value.clone()
+    };
     let text = if value.is_instance(datetime_type)? {
         let aware = !value.call_method0("utcoffset")?.is_none();
         let in_utc = if aware {
@@ -269,7 +268,7 @@ fn timestamp(value: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
         return Err(invalid_type(
             py,
             format!(
-                "state[{what:?}] must be a datetime, a date or ISO 8601 text, got {}",
+                "{what} must be a datetime, a date or ISO 8601 text, got {}",
                 type_name(&value)
             ),
         ));

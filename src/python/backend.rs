@@ -10,8 +10,12 @@ use pyo3::prelude::*;
 use super::arguments;
 use super::completion::CompletionPort;
 use super::errors::{invalid_state, to_py_err};
+use super::from_python::encode_json;
+use super::results::response_to_python;
+use super::run_arguments;
 use crate::engine::{Request, Response, StateEngine};
-use crate::sqlite::{Durability, SqliteEngine, SqliteOptions};
+use crate::model::{BackgroundTaskQuery, RunQuery};
+use crate::sqlite::{Durability, FreshLayout, SqliteEngine, SqliteOptions};
 
 #[pyclass(frozen, module = "flujo_sqlite._native")]
 pub(crate) struct NativeBackend {
@@ -35,14 +39,25 @@ impl NativeBackend {
 #[pymethods]
 impl NativeBackend {
     #[new]
-    #[pyo3(signature = (path, *, durability = "full", lock_timeout = 30.0, readers = 2))]
+    #[pyo3(signature = (path, *, durability = "full", lock_timeout = 30.0, readers = 2, fresh_layout = "flujo-0.6"))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
         durability: &str,
         lock_timeout: f64,
         readers: usize,
+        fresh_layout: &str,
     ) -> PyResult<Self> {
+        let fresh_layout = match fresh_layout {
+            "flujo-0.4" => FreshLayout::Flujo04,
+            "flujo-0.6" => FreshLayout::Flujo06,
+            other => {
+                return Err(invalid_state(
+                    py,
+                    format!("fresh_layout must be \"flujo-0.4\" or \"flujo-0.6\", got {other:?}"),
+                ))
+            }
+        };
         let durability = match durability {
             "full" => Durability::Full,
             "normal" => Durability::Normal,
@@ -64,6 +79,7 @@ impl NativeBackend {
         options.lock_wait = Duration::from_secs_f64(lock_timeout);
         options.busy_timeout = options.busy_timeout.min(options.lock_wait);
         options.readers = readers;
+        options.fresh_layout = fresh_layout;
         let engine = SqliteEngine::start(options).map_err(|e| to_py_err(py, &e))?;
         Ok(NativeBackend {
             engine: Arc::new(engine),
@@ -171,6 +187,303 @@ impl NativeBackend {
             days_old: arguments::amount(days_old, "days_old")?,
         };
         self.submit(py, &port, request)
+    }
+
+    fn save_run_start<'py>(
+        &self,
+        py: Python<'py>,
+        port: PyRef<'py, CompletionPort>,
+        run_data: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let request = Request::SaveRunStart(Box::new(run_arguments::run_start(run_data)?));
+        self.submit(py, &port, request)
+    }
+
+    fn save_step_result<'py>(
+        &self,
+        py: Python<'py>,
+        port: PyRef<'py, CompletionPort>,
+        step_data: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let request = Request::SaveStepResult(Box::new(run_arguments::step_record(step_data)?));
+        self.submit(py, &port, request)
+    }
+
+    fn save_run_end<'py>(
+        &self,
+        py: Python<'py>,
+        port: PyRef<'py, CompletionPort>,
+        run_id: &Bound<'py, PyAny>,
+        end_data: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let request = Request::SaveRunEnd {
+            run_id: arguments::run_id(run_id)?,
+            end: Box::new(run_arguments::run_end(end_data)?),
+        };
+        self.submit(py, &port, request)
+    }
+
+    fn get_run_details<'py>(
+        &self,
+        py: Python<'py>,
+        port: PyRef<'py, CompletionPort>,
+        run_id: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let request = Request::GetRunDetails {
+            run_id: arguments::run_id(run_id)?,
+        };
+        self.submit(py, &port, request)
+    }
+
+    fn list_run_steps<'py>(
+        &self,
+        py: Python<'py>,
+        port: PyRef<'py, CompletionPort>,
+        run_id: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let request = Request::ListRunSteps {
+            run_id: arguments::run_id(run_id)?,
+        };
+        self.submit(py, &port, request)
+    }
+
+    #[pyo3(signature = (port, status = None, pipeline_name = None, limit = None, offset = None, metadata_filter = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn list_runs<'py>(
+        &self,
+        py: Python<'py>,
+        port: PyRef<'py, CompletionPort>,
+        status: Option<&Bound<'py, PyAny>>,
+        pipeline_name: Option<&Bound<'py, PyAny>>,
+        limit: Option<&Bound<'py, PyAny>>,
+        offset: Option<&Bound<'py, PyAny>>,
+        metadata_filter: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let paging = arguments::workflow_query(None, None, limit, offset)?;
+        let request = Request::ListRuns(RunQuery {
+            status: arguments::optional_filter(status, "status")?,
+            pipeline_name: arguments::optional_filter(pipeline_name, "pipeline_name")?,
+            limit: paging.limit,
+            offset: paging.offset,
+            metadata: run_arguments::metadata_conditions(metadata_filter)?,
+        });
+        self.submit(py, &port, request)
+    }
+
+    fn delete_run<'py>(
+        &self,
+        py: Python<'py>,
+        port: PyRef<'py, CompletionPort>,
+        run_id: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let request = Request::DeleteRun {
+            run_id: arguments::run_id(run_id)?,
+        };
+        self.submit(py, &port, request)
+    }
+
+    fn save_trace<'py>(
+        &self,
+        py: Python<'py>,
+        port: PyRef<'py, CompletionPort>,
+        run_id: &Bound<'py, PyAny>,
+        trace: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let request = Request::SaveSpans {
+            run_id: arguments::run_id(run_id)?,
+            spans: run_arguments::trace_spans(trace)?,
+            replace: true,
+            pipeline_name: None,
+            pipeline_version: None,
+        };
+        self.submit(py, &port, request)
+    }
+
+    fn save_spans<'py>(
+        &self,
+        py: Python<'py>,
+        port: PyRef<'py, CompletionPort>,
+        run_id: &Bound<'py, PyAny>,
+        spans: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let run_id = arguments::run_id(run_id)?;
+        let (spans, pipeline_name, pipeline_version) = run_arguments::span_list(spans)?;
+        let spans = if run_id.is_empty() { Vec::new() } else { spans };
+        let request = Request::SaveSpans {
+            run_id,
+            spans,
+            replace: false,
+            pipeline_name,
+            pipeline_version,
+        };
+        self.submit(py, &port, request)
+    }
+
+    fn get_trace<'py>(
+        &self,
+        py: Python<'py>,
+        port: PyRef<'py, CompletionPort>,
+        run_id: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let request = Request::GetTrace {
+            run_id: arguments::run_id(run_id)?,
+        };
+        self.submit(py, &port, request)
+    }
+
+    #[pyo3(signature = (port, run_id, status = None, name = None))]
+    fn get_spans<'py>(
+        &self,
+        py: Python<'py>,
+        port: PyRef<'py, CompletionPort>,
+        run_id: &Bound<'py, PyAny>,
+        status: Option<&Bound<'py, PyAny>>,
+        name: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let request = Request::GetSpans {
+            run_id: arguments::run_id(run_id)?,
+            status: arguments::optional_filter(status, "status")?,
+            name: arguments::optional_filter(name, "name")?,
+        };
+        self.submit(py, &port, request)
+    }
+
+    #[pyo3(signature = (port, pipeline_name = None, time_range = None))]
+    fn get_span_statistics<'py>(
+        &self,
+        py: Python<'py>,
+        port: PyRef<'py, CompletionPort>,
+        pipeline_name: Option<&Bound<'py, PyAny>>,
+        time_range: Option<(f64, f64)>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let request = Request::SpanStatistics {
+            pipeline_name: arguments::optional_filter(pipeline_name, "pipeline_name")?,
+            time_range,
+        };
+        self.submit(py, &port, request)
+    }
+
+    fn set_system_state<'py>(
+        &self,
+        py: Python<'py>,
+        port: PyRef<'py, CompletionPort>,
+        key: &Bound<'py, PyAny>,
+        value: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let request = Request::SetSystemState {
+            key: arguments::text(key, "key")?,
+            value: encode_json(value, "value")?,
+        };
+        self.submit(py, &port, request)
+    }
+
+    fn get_system_state<'py>(
+        &self,
+        py: Python<'py>,
+        port: PyRef<'py, CompletionPort>,
+        key: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let request = Request::GetSystemState {
+            key: arguments::text(key, "key")?,
+        };
+        self.submit(py, &port, request)
+    }
+
+    #[pyo3(signature = (port, run_id, score, feedback = None, step_name = None, metadata = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn persist_evaluation<'py>(
+        &self,
+        py: Python<'py>,
+        port: PyRef<'py, CompletionPort>,
+        run_id: &Bound<'py, PyAny>,
+        score: &Bound<'py, PyAny>,
+        feedback: Option<&Bound<'py, PyAny>>,
+        step_name: Option<&Bound<'py, PyAny>>,
+        metadata: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let evaluation = run_arguments::evaluation(run_id, score, feedback, step_name, metadata)?;
+        self.submit(py, &port, Request::PersistEvaluation(Box::new(evaluation)))
+    }
+
+    #[pyo3(signature = (port, limit = None, run_id = None))]
+    fn list_evaluations<'py>(
+        &self,
+        py: Python<'py>,
+        port: PyRef<'py, CompletionPort>,
+        limit: Option<&Bound<'py, PyAny>>,
+        run_id: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let request = Request::ListEvaluations {
+            limit: arguments::workflow_query(None, None, limit, None)?.limit,
+            run_id: run_id
+                .filter(|r| !r.is_none())
+                .map(arguments::run_id)
+                .transpose()?,
+        };
+        self.submit(py, &port, request)
+    }
+
+    #[pyo3(signature = (port, parent_run_id = None, status = None, limit = None, offset = None))]
+    fn list_background_tasks<'py>(
+        &self,
+        py: Python<'py>,
+        port: PyRef<'py, CompletionPort>,
+        parent_run_id: Option<&Bound<'py, PyAny>>,
+        status: Option<&Bound<'py, PyAny>>,
+        limit: Option<&Bound<'py, PyAny>>,
+        offset: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let paging = arguments::workflow_query(None, None, limit, offset)?;
+        let request = Request::ListBackgroundTasks(BackgroundTaskQuery {
+            parent_run_id: arguments::optional_filter(parent_run_id, "parent_run_id")?,
+            status: arguments::optional_filter(status, "status")?,
+            limit: paging.limit,
+            offset: paging.offset,
+        });
+        self.submit(py, &port, request)
+    }
+
+    fn get_failed_background_tasks<'py>(
+        &self,
+        py: Python<'py>,
+        port: PyRef<'py, CompletionPort>,
+        parent_run_id: Option<&Bound<'py, PyAny>>,
+        hours_back: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let request = Request::FailedBackgroundTasks {
+            parent_run_id: arguments::optional_filter(parent_run_id, "parent_run_id")?,
+            hours_back: arguments::amount(hours_back, "hours_back")?,
+        };
+        self.submit(py, &port, request)
+    }
+
+    fn cleanup_stale_background_tasks<'py>(
+        &self,
+        py: Python<'py>,
+        port: PyRef<'py, CompletionPort>,
+        stale_hours: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let request = Request::CleanupStaleBackgroundTasks {
+            stale_hours: arguments::amount(stale_hours, "stale_hours")?,
+        };
+        self.submit(py, &port, request)
+    }
+
+    /// `get_workflow_stats` for synchronous callers: waits for a reader without the GIL.
+    fn get_workflow_stats_blocking(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let engine = Arc::clone(&self.engine);
+        let outcome = py.detach(move || {
+            engine.submit(
+                Request::WorkflowStats,
+                Box::new(move |outcome| {
+                    let _ = sender.send(outcome);
+                }),
+            );
+            receiver.recv().expect("the engine completes every request")
+        });
+        let response = outcome.map_err(|e| to_py_err(py, &e))?;
+        response_to_python(py, response)
     }
 
     /// Finishes queued work and stops the engine on a helper thread, so the loop never blocks.

@@ -8,6 +8,8 @@ mod completion;
 mod errors;
 mod from_python;
 mod results;
+mod run_arguments;
+mod run_results;
 mod to_python;
 
 use pyo3::prelude::*;

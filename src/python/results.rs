@@ -5,6 +5,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList};
 use pyo3::IntoPyObjectExt;
 
+use super::run_results;
 use super::to_python::decode_json;
 use crate::engine::Response;
 use crate::model::{
@@ -20,10 +21,25 @@ pub(crate) fn response_to_python(py: Python<'_>, response: Response) -> PyResult
         Response::Workflows(items) => list(py, items, workflow_summary),
         Response::Stats(stats) => Ok(workflow_stats(py, stats)?.into_any().unbind()),
         Response::Count(n) => n.into_py_any(py),
+        Response::RunDetails(None) | Response::SystemState(None) => Ok(py.None()),
+        Response::RunDetails(Some(details)) => {
+            Ok(run_results::run_details(py, *details)?.into_any().unbind())
+        }
+        Response::Steps(steps) => list(py, steps, run_results::step_details),
+        Response::Runs(runs) => list(py, runs, run_results::run_summary),
+        Response::Spans(spans) => list(py, spans, run_results::span),
+        Response::Trace(spans) => run_results::trace(py, spans),
+        Response::SpanStatistics(stats) => {
+            Ok(run_results::span_statistics(py, stats)?.into_any().unbind())
+        }
+        Response::SystemState(Some(entry)) => {
+            Ok(run_results::system_state(py, entry)?.into_any().unbind())
+        }
+        Response::Evaluations(items) => list(py, items, run_results::evaluation),
     }
 }
 
-fn list<T>(
+pub(crate) fn list<T>(
     py: Python<'_>,
     items: Vec<T>,
     convert: impl Fn(Python<'_>, T) -> PyResult<Bound<'_, PyDict>>,
@@ -35,7 +51,7 @@ fn list<T>(
     Ok(out.into_any().unbind())
 }
 
-fn cell(py: Python<'_>, value: Cell) -> PyResult<Py<PyAny>> {
+pub(crate) fn cell(py: Python<'_>, value: Cell) -> PyResult<Py<PyAny>> {
     match value {
         Cell::Null => Ok(py.None()),
         Cell::Integer(i) => i.into_py_any(py),
@@ -54,7 +70,7 @@ fn total_steps(py: Python<'_>, value: Cell) -> PyResult<Py<PyAny>> {
     }
 }
 
-fn json_or(
+pub(crate) fn json_or(
     py: Python<'_>,
     text: Option<String>,
     missing: impl FnOnce() -> PyResult<Py<PyAny>>,
@@ -68,7 +84,7 @@ fn json_or(
 /// Stored timestamp text as a `datetime` (aware exactly when the text has an offset). Text that
 /// is not ISO 8601 (only direct SQL can put it there) is returned as it is rather than failing
 /// the whole load.
-fn datetime(py: Python<'_>, value: Cell) -> PyResult<Py<PyAny>> {
+pub(crate) fn datetime(py: Python<'_>, value: Cell) -> PyResult<Py<PyAny>> {
     static FROMISOFORMAT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
     let Cell::Text(text) = value else {
         return cell(py, value);

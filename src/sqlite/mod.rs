@@ -173,6 +173,9 @@ fn execute_read(
         Request::ListRuns(query) => {
             Response::Runs(run_history::list_runs(conn, layout, query).map_err(fail)?)
         }
+        Request::GetTrace { run_id } => {
+            Response::Trace(traces::get_spans(conn, layout, run_id, None, None).map_err(fail)?)
+        }
         Request::GetSpans {
             run_id,
             status,

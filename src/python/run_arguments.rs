@@ -1,0 +1,320 @@
+//! Python arguments of the runner-facing methods (runs, steps, traces, evaluations) to core
+//! values. Keys of both Flujo releases are accepted: 0.4.35's runner sends `cost`, `tokens`,
+//! `duration_ms` and `start_time`; 0.6.11's sends `cost_usd`, `token_counts`,
+//! `execution_time_ms` and `created_at`, often with timestamps already turned into text.
+
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyString};
+
+use super::arguments::{integer, real, run_id, text, timestamp_text, type_name};
+use super::errors::{invalid_state, invalid_type};
+use super::from_python::encode_json;
+use crate::model::{Evaluation, MetadataCondition, RunEnd, RunStart, SpanRecord, StepRecord};
+use crate::timestamp::now_text;
+
+/// Deeper trees are cut there, as Flujo does: a runaway trace must not exhaust the stack.
+const MAX_TRACE_DEPTH: usize = 100;
+
+fn as_dict<'a, 'py>(value: &'a Bound<'py, PyAny>, what: &str) -> PyResult<&'a Bound<'py, PyDict>> {
+    value.cast::<PyDict>().map_err(|_| {
+        invalid_type(
+            value.py(),
+            format!("{what} must be a dict, got {}", type_name(value)),
+        )
+    })
+}
+
+/// A present, non-None value under the first of `keys` found.
+fn get<'py>(dict: &Bound<'py, PyDict>, keys: &[&str]) -> PyResult<Option<Bound<'py, PyAny>>> {
+    for key in keys {
+        if let Some(value) = dict.get_item(key)?.filter(|v| !v.is_none()) {
+            return Ok(Some(value));
+        }
+    }
+    Ok(None)
+}
+
+fn text_or(dict: &Bound<'_, PyDict>, key: &str, default: &str) -> PyResult<String> {
+    get(dict, &[key])?.map_or(Ok(default.to_owned()), |v| loose_text(&v, key))
+}
+
+/// Names and versions are free-form in Flujo (`str(...)` of whatever was given).
+fn loose_text(value: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
+    if value.is_instance_of::<PyString>() {
+        return text(value, what);
+    }
+    let shown = value.str()?;
+    text(shown.as_any(), what)
+}
+
+fn required<'py>(dict: &Bound<'py, PyDict>, key: &str, what: &str) -> PyResult<Bound<'py, PyAny>> {
+    get(dict, &[key])?
+        .ok_or_else(|| invalid_state(dict.py(), format!("{what} needs the key {key:?}")))
+}
+
+fn time_or_now(dict: &Bound<'_, PyDict>, keys: &[&str]) -> PyResult<String> {
+    match get(dict, keys)? {
+        Some(value) => timestamp_text(&value, keys[0]),
+        None => Ok(now_text()),
+    }
+}
+
+pub(crate) fn run_start(run_data: &Bound<'_, PyAny>) -> PyResult<RunStart> {
+    let data = as_dict(run_data, "run_data")?;
+    let started_at = time_or_now(data, &["start_time", "created_at"])?;
+    Ok(RunStart {
+        run_id: run_id(&required(data, "run_id", "run_data")?)?,
+        pipeline_id: text_or(data, "pipeline_id", "unknown")?,
+        pipeline_name: text_or(data, "pipeline_name", "unknown")?,
+        pipeline_version: text_or(data, "pipeline_version", "latest")?,
+        status: text_or(data, "status", "running")?,
+        updated_at: match get(data, &["updated_at"])? {
+            Some(value) => timestamp_text(&value, "updated_at")?,
+            None => started_at.clone(),
+        },
+        started_at,
+        execution_time_ms: get(data, &["execution_time_ms"])?
+            .map(|v| integer(&v, "execution_time_ms"))
+            .transpose()?,
+        memory_usage_mb: get(data, &["memory_usage_mb"])?
+            .map(|v| real(&v, "memory_usage_mb"))
+            .transpose()?,
+        total_steps: get(data, &["total_steps"])?
+            .map(|v| integer(&v, "total_steps"))
+            .transpose()?
+            .unwrap_or(0),
+        error_message: get(data, &["error_message"])?
+            .map(|v| loose_text(&v, "error_message"))
+            .transpose()?,
+    })
+}
+
+pub(crate) fn run_end(end_data: &Bound<'_, PyAny>) -> PyResult<RunEnd> {
+    let data = as_dict(end_data, "end_data")?;
+    Ok(RunEnd {
+        status: text_or(data, "status", "completed")?,
+        ended_at: time_or_now(data, &["end_time", "updated_at"])?,
+        total_cost: get(data, &["total_cost"])?
+            .map(|v| real(&v, "total_cost"))
+            .transpose()?,
+        final_context: get(data, &["final_context"])?
+            .map(|v| encode_json(&v, "final_context"))
+            .transpose()?,
+        execution_time_ms: get(data, &["execution_time_ms"])?
+            .map(|v| integer(&v, "execution_time_ms"))
+            .transpose()?,
+        memory_usage_mb: get(data, &["memory_usage_mb"])?
+            .map(|v| real(&v, "memory_usage_mb"))
+            .transpose()?,
+        total_steps: get(data, &["total_steps"])?
+            .map(|v| integer(&v, "total_steps"))
+            .transpose()?,
+        error_message: get(data, &["error_message"])?
+            .map(|v| loose_text(&v, "error_message"))
+            .transpose()?,
+    })
+}
+
+pub(crate) fn step_record(step_data: &Bound<'_, PyAny>) -> PyResult<StepRecord> {
+    let data = as_dict(step_data, "step_data")?;
+    let run = run_id(&required(data, "run_id", "step_data")?)?;
+    let step_index = integer(&required(data, "step_index", "step_data")?, "step_index")?;
+    let json = |keys: &[&str]| -> PyResult<Option<String>> {
+        get(data, keys)?
+            .map(|v| encode_json(&v, keys[0]))
+            .transpose()
+    };
+    Ok(StepRecord {
+        step_run_id: match get(data, &["step_run_id"])? {
+            Some(value) => loose_text(&value, "step_run_id")?,
+            None => format!("{run}:{step_index}"),
+        },
+        run_id: run,
+        step_name: loose_text(&required(data, "step_name", "step_data")?, "step_name")?,
+        step_index,
+        status: text_or(data, "status", "completed")?,
+        started_at: time_or_now(data, &["start_time", "created_at"])?,
+        ended_at: get(data, &["end_time"])?
+            .map(|v| timestamp_text(&v, "end_time"))
+            .transpose()?,
+        duration_ms: get(data, &["duration_ms", "execution_time_ms"])?
+            .map(|v| integer(&v, "duration_ms"))
+            .transpose()?,
+        cost: get(data, &["cost", "cost_usd"])?
+            .map(|v| real(&v, "cost"))
+            .transpose()?,
+        tokens: get(data, &["tokens", "token_counts"])?
+            .map(|v| integer(&v, "tokens"))
+            .transpose()?,
+        // Flujo always stores input and output as JSON, `null` when absent.
+        input: json(&["input"])?.unwrap_or_else(|| "null".to_owned()),
+        output: json(&["output"])?.unwrap_or_else(|| "null".to_owned()),
+        error: json(&["error"])?,
+        raw_response: json(&["raw_response"])?,
+    })
+}
+
+/// One span from a dict of the trace tree or of a `save_spans` list.
+fn span(node: &Bound<'_, PyDict>, parent_span_id: Option<String>) -> PyResult<SpanRecord> {
+    let py = node.py();
+    let span_id = loose_text(&required(node, "span_id", "a span")?, "span_id")?;
+    let seconds = |key: &str| -> PyResult<Option<f64>> {
+        get(node, &[key])?
+            .map(|v| {
+                v.extract::<f64>().map_err(|_| {
+                    invalid_state(
+                        py,
+                        format!("span {span_id:?}: {key} must be a number of seconds, got {v}"),
+                    )
+                })
+            })
+            .transpose()
+    };
+    let attributes = match get(node, &["attributes"])? {
+        Some(value) if value.is_instance_of::<PyDict>() => encode_json(&value, "attributes")?,
+        _ => "{}".to_owned(),
+    };
+    let name = text_or(node, "name", "span")?;
+    Ok(SpanRecord {
+        parent_span_id,
+        name: if name.is_empty() {
+            "span".to_owned()
+        } else {
+            name
+        },
+        start_time: seconds("start_time")?.unwrap_or(0.0),
+        end_time: seconds("end_time")?,
+        status: text_or(node, "status", "running")?,
+        attributes,
+        span_id,
+    })
+}
+
+/// Flattens a trace tree pre-order; parent ids come from the tree's shape. A node that is not a
+/// dict with `span_id` and `name` is skipped with its subtree, as in Flujo.
+pub(crate) fn trace_spans(trace: &Bound<'_, PyAny>) -> PyResult<Vec<SpanRecord>> {
+    let mut spans = Vec::new();
+    let mut pending: Vec<(Bound<'_, PyAny>, Option<String>, usize)> =
+        vec![(trace.clone(), None, 0)];
+    while let Some((node, parent, depth)) = pending.pop() {
+        let Ok(node) = node.cast::<PyDict>() else {
+            continue;
+        };
+        if !(node.contains("span_id")? && node.contains("name")?) {
+            continue;
+        }
+        if depth > MAX_TRACE_DEPTH {
+            log::warn!("trace deeper than {MAX_TRACE_DEPTH} levels: deeper spans were not stored");
+            continue;
+        }
+        let record = span(node, parent)?;
+        let id = record.span_id.clone();
+        spans.push(record);
+        if let Some(children) = get(node, &["children"])? {
+            if let Ok(children) = children.cast::<PyList>() {
+                // Reversed so the stack pops them in their given order.
+                for child in children.iter().collect::<Vec<_>>().into_iter().rev() {
+                    pending.push((child, Some(id.clone()), depth + 1));
+                }
+            }
+        }
+    }
+    Ok(spans)
+}
+
+/// `save_spans`' flat list. Spans without an id are skipped; so are spans whose times are not
+/// numbers (with a warning), as Flujo 0.6.11 does. Returns the pipeline name and version found
+/// in the spans' `flujo.pipeline.*` attributes, for the placeholder run.
+pub(crate) fn span_list(
+    spans: &Bound<'_, PyAny>,
+) -> PyResult<(Vec<SpanRecord>, Option<String>, Option<String>)> {
+    let py = spans.py();
+    let spans = spans.cast::<PyList>().map_err(|_| {
+        invalid_type(
+            py,
+            format!("spans must be a list of dicts, got {}", type_name(spans)),
+        )
+    })?;
+    let mut records = Vec::new();
+    let (mut pipeline_name, mut pipeline_version) = (None, None);
+    for item in spans.iter() {
+        let Ok(item) = item.cast::<PyDict>() else {
+            continue;
+        };
+        if get(item, &["span_id"])?.is_none_or(|id| id.is_truthy().is_ok_and(|t| !t)) {
+            continue;
+        }
+        if let Some(attributes) = get(item, &["attributes"])? {
+            if let Ok(attributes) = attributes.cast::<PyDict>() {
+                for (key, slot) in [
+                    ("flujo.pipeline.name", &mut pipeline_name),
+                    ("flujo.pipeline.version", &mut pipeline_version),
+                ] {
+                    if slot.is_none() {
+                        if let Some(value) = get(attributes, &[key])? {
+                            *slot = Some(loose_text(&value, key)?);
+                        }
+                    }
+                }
+            }
+        }
+        let parent = get(item, &["parent_span_id"])?
+            .map(|v| loose_text(&v, "parent_span_id"))
+            .transpose()?;
+        match span(item, parent) {
+            Ok(record) => records.push(record),
+            Err(error) => log::warn!("span skipped: {error}"),
+        }
+    }
+    Ok((records, pipeline_name, pipeline_version))
+}
+
+/// `metadata_filter`: every leaf of the dict must be present and equal in the run's metadata.
+pub(crate) fn metadata_conditions(
+    filter: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Vec<MetadataCondition>> {
+    let Some(filter) = filter.filter(|f| !f.is_none()) else {
+        return Ok(Vec::new());
+    };
+    let mut conditions = Vec::new();
+    let mut pending = vec![("$".to_owned(), as_dict(filter, "metadata_filter")?.clone())];
+    while let Some((path, dict)) = pending.pop() {
+        for (key, value) in dict.iter() {
+            let key = text(&key, "metadata_filter keys")?;
+            let path = format!("{path}.\"{}\"", key.replace('"', "\\\""));
+            match value.cast::<PyDict>() {
+                Ok(nested) if !nested.is_empty() => pending.push((path, nested.clone())),
+                _ => conditions.push(MetadataCondition {
+                    value: encode_json(&value, "metadata_filter")?,
+                    path,
+                }),
+            }
+        }
+    }
+    Ok(conditions)
+}
+
+pub(crate) fn evaluation(
+    run: &Bound<'_, PyAny>,
+    score: &Bound<'_, PyAny>,
+    feedback: Option<&Bound<'_, PyAny>>,
+    step_name: Option<&Bound<'_, PyAny>>,
+    metadata: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Evaluation> {
+    let optional_text = |value: Option<&Bound<'_, PyAny>>, what: &str| {
+        value
+            .filter(|v| !v.is_none())
+            .map(|v| loose_text(v, what))
+            .transpose()
+    };
+    Ok(Evaluation {
+        run_id: run_id(run)?,
+        score: real(score, "score")?,
+        feedback: optional_text(feedback, "feedback")?,
+        step_name: optional_text(step_name, "step_name")?,
+        metadata: metadata
+            .filter(|v| !v.is_none())
+            .map(|v| encode_json(v, "metadata"))
+            .transpose()?,
+    })
+}
