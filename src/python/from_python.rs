@@ -1,7 +1,648 @@
+//! Python values -> compact JSON text, by a direct walk over the objects.
+//!
+//! Going straight to a `String` (no `serde_json::Value`, no `json` module) is what keeps a 2 KB
+//! state near 5 µs (see `shared/notes/async-bridge.md`). Exact dict/list/str/int/float/bool/None
+//! are tried first because they are almost every value; everything else goes through the
+//! registered serializers, then the built-in rules. Errors never carry a placeholder: they name
+//! the path inside the state and the type, so the caller knows what to fix.
+
+use std::fmt::Write as _;
+use std::sync::{Mutex, PoisonError};
+
+use base64::Engine as _;
+use pyo3::exceptions::{PyTypeError, PyUnicodeEncodeError};
 use pyo3::prelude::*;
-pub(crate) fn encode_json(value: &Bound<'_, PyAny>, _path: &str) -> PyResult<String> {
-    let json = value.py().import("json")?;
-    json.call_method1("dumps", (value,))?.extract()
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{
+    PyBool, PyByteArray, PyBytes, PyComplex, PyDict, PyFloat, PyFrozenSet, PyInt, PyList,
+    PyMemoryView, PySet, PyString, PyTuple, PyType,
+};
+use pyo3::PyTypeInfo;
+
+use super::errors;
+
+/// Deeper states are refused, so the recursive walk cannot overflow the stack: a level of
+/// plain dicts or lists costs about 200 bytes of stack in a release build, so 1000 levels fit
+/// even a 256 KB thread stack, and no real workflow state comes close to that depth.
+/// Conversions (an Enum's value, a serializer's or `model_dump`'s result) count as a level too,
+/// which is also what stops a serializer that keeps returning new objects to serialize.
+const MAX_DEPTH: usize = 1000;
+
+/// Serializers registered from Python, in registration order.
+static SERIALIZERS: Mutex<Vec<(Py<PyType>, Py<PyAny>)>> = Mutex::new(Vec::new());
+
+/// Registers `function` as the serializer of `type_` and its subclasses; registering the same
+/// type again replaces its function but keeps its place in the isinstance order.
+pub(crate) fn register_serializer(type_: &Bound<'_, PyType>, function: Bound<'_, PyAny>) {
+    let function = function.unbind();
+    let mut registry = SERIALIZERS.lock().unwrap_or_else(PoisonError::into_inner);
+    let replaced = match registry.iter_mut().find(|(known, _)| known.is(type_)) {
+        Some((_, current)) => Some(std::mem::replace(current, function)),
+        None => {
+            registry.push((type_.clone().unbind(), function));
+            None
+        }
+    };
+    // Dropping the old function may run arbitrary Python code (`__del__`) that could register
+    // again, so it must happen after the lock is released.
+    drop(registry);
+    drop(replaced);
 }
+
 #[pyfunction]
-pub(crate) fn register_serializer(_t: &Bound<'_, PyAny>, _f: &Bound<'_, PyAny>) {}
+#[pyo3(name = "register_serializer")]
+pub(crate) fn register_serializer_py(
+    type_: &Bound<'_, PyType>,
+    function: Bound<'_, PyAny>,
+) -> PyResult<()> {
+    if !function.is_callable() {
+        return Err(PyTypeError::new_err(format!(
+            "the serializer for {} must be callable, got a {}",
+            type_name(type_),
+            type_name(&function.get_type()),
+        )));
+    }
+    register_serializer(type_, function);
+    Ok(())
+}
+
+/// The serializer for `value`'s type: an exact match first, then the first registered type
+/// `value` is an instance of.
+fn registered_serializer<'py>(value: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let py = value.py();
+    let registry = SERIALIZERS.lock().unwrap_or_else(PoisonError::into_inner);
+    if registry.is_empty() {
+        return Ok(None);
+    }
+    let value_type = value.get_type();
+    if let Some((_, function)) = registry.iter().find(|(known, _)| known.is(&value_type)) {
+        return Ok(Some(function.bind(py).clone()));
+    }
+    // isinstance may run Python code (`__instancecheck__`) that could register a serializer,
+    // so it runs on a copy taken under the lock, not under the lock itself.
+    let candidates: Vec<(Bound<'py, PyType>, Bound<'py, PyAny>)> = registry
+        .iter()
+        .map(|(known, function)| (known.bind(py).clone(), function.bind(py).clone()))
+        .collect();
+    drop(registry);
+    for (known, function) in candidates {
+        if value.is_instance(&known)? {
+            return Ok(Some(function));
+        }
+    }
+    Ok(None)
+}
+
+#[pyfunction]
+#[pyo3(name = "encode_json", signature = (value, path = "value"))]
+pub(crate) fn encode_json_py(value: &Bound<'_, PyAny>, path: &str) -> PyResult<String> {
+    encode_json(value, path)
+}
+
+/// Encodes `value` as compact JSON; `path` names it in error messages (e.g. "pipeline_context").
+pub(crate) fn encode_json(value: &Bound<'_, PyAny>, path: &str) -> PyResult<String> {
+    let mut encoder = Encoder {
+        out: String::with_capacity(512),
+        ancestors: Vec::new(),
+    };
+    match encoder.value(value, 0) {
+        Ok(()) => Ok(encoder.out),
+        Err(failure) => Err(failure.into_py_err(value.py(), path)),
+    }
+}
+
+/// Why a value could not be stored. Built where the walk fails; the path is added while the
+/// failure travels back up, so a successful walk never spends time formatting paths.
+enum Reason {
+    Unsupported { type_name: String },
+    BadKey { key_type: String },
+    Cycle,
+    TooDeep,
+    LoneSurrogate,
+    Raised { type_name: String, error: PyErr },
+}
+
+struct Failure {
+    reason: Reason,
+    /// Path segments like `['key']` or `[3]`, innermost first.
+    segments: Vec<String>,
+}
+
+/// Boxed so that `Result<(), Failure>` stays one word and the recursive frames stay small.
+type Step = Result<(), Box<Failure>>;
+
+impl Failure {
+    fn new(reason: Reason) -> Box<Self> {
+        Box::new(Self {
+            reason,
+            segments: Vec::new(),
+        })
+    }
+
+    fn at(mut self: Box<Self>, segment: String) -> Box<Self> {
+        self.segments.push(segment);
+        self
+    }
+
+    fn into_py_err(self, py: Python<'_>, root: &str) -> PyErr {
+        let mut path = root.to_owned();
+        for segment in self.segments.iter().rev() {
+            path.push_str(segment);
+        }
+        let message = match self.reason {
+            Reason::Unsupported { type_name } => format!(
+                "cannot store {path} (a {type_name}): register a serializer with \
+                 flujo_sqlite.register_serializer({type_name}, fn) or convert it to \
+                 dict/list/str/int/float/bool/None"
+            ),
+            Reason::BadKey { key_type } => format!(
+                "cannot store {path}: the dict key is a {key_type}; keys must be str, int, \
+                 float, bool, None or an Enum of those"
+            ),
+            Reason::Cycle => format!("{root} contains a reference cycle at {path}"),
+            Reason::TooDeep => {
+                format!("cannot store {path}: it is nested more than {MAX_DEPTH} levels deep")
+            }
+            Reason::LoneSurrogate => format!(
+                "cannot store {path}: the str contains a lone surrogate (such as '\\udc80'), \
+                 which has no UTF-8 encoding; lone surrogates are not storable"
+            ),
+            Reason::Raised { type_name, error } => {
+                let detail = error.value(py).repr().map_or_else(
+                    |_| "an exception".to_owned(),
+                    |repr| repr.to_string_lossy().into_owned(),
+                );
+                let failure = errors::serialization_error(
+                    py,
+                    format!("cannot store {path} (a {type_name}): {detail}"),
+                );
+                failure.set_cause(py, Some(error));
+                return failure;
+            }
+        };
+        errors::serialization_error(py, message)
+    }
+}
+
+fn type_name(type_: &Bound<'_, PyType>) -> String {
+    type_.fully_qualified_name().map_or_else(
+        |_| "object of unknown type".to_owned(),
+        |name| name.to_string_lossy().into_owned(),
+    )
+}
+
+/// Wraps an exception raised by `value`'s own code (a serializer, `model_dump`, `isoformat`...).
+fn raised(value: &Bound<'_, PyAny>, error: PyErr) -> Box<Failure> {
+    Failure::new(Reason::Raised {
+        type_name: type_name(&value.get_type()),
+        error,
+    })
+}
+
+fn key_segment(key: &Bound<'_, PyAny>) -> String {
+    match key.repr() {
+        Ok(repr) => format!("[{}]", repr.to_string_lossy()),
+        Err(_) => "[<key whose repr() failed>]".to_owned(),
+    }
+}
+
+/// The Python types behind the non-fast-path rules, imported once.
+static ENUM: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static DATE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static TIME: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static UUID: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static DECIMAL: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static DATACLASS_FIELDS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+fn is_instance_of(
+    value: &Bound<'_, PyAny>,
+    cell: &'static PyOnceLock<Py<PyType>>,
+    module: &str,
+    name: &str,
+) -> PyResult<bool> {
+    value.is_instance(cell.import(value.py(), module, name)?)
+}
+
+/// The bytes -> JSON escape for each byte that needs one; 0 means "copy as is".
+const ESCAPES: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut byte = 0;
+    while byte < 0x20 {
+        table[byte] = b'u';
+        byte += 1;
+    }
+    table[b'\n' as usize] = b'n';
+    table[b'\r' as usize] = b'r';
+    table[b'\t' as usize] = b't';
+    table[0x08] = b'b';
+    table[0x0c] = b'f';
+    table[b'"' as usize] = b'"';
+    table[b'\\' as usize] = b'\\';
+    table
+};
+
+fn write_string(out: &mut String, text: &str) {
+    out.reserve(text.len() + 2);
+    out.push('"');
+    let mut copied = 0;
+    for (index, &byte) in text.as_bytes().iter().enumerate() {
+        let escape = ESCAPES[usize::from(byte)];
+        if escape == 0 {
+            continue;
+        }
+        // Every escaped byte is ASCII, so `index` is a char boundary.
+        out.push_str(&text[copied..index]);
+        copied = index + 1;
+        out.push('\\');
+        if escape == b'u' {
+            write!(out, "u{byte:04x}").expect("writing to a String cannot fail");
+        } else {
+            out.push(char::from(escape));
+        }
+    }
+    out.push_str(&text[copied..]);
+    out.push('"');
+}
+
+fn write_float(out: &mut String, number: f64) {
+    if number.is_finite() {
+        // `Debug` is the shortest text that parses back to the same f64 and keeps integral
+        // values recognisable as floats ("2.0", "1e16"); every form it uses is valid JSON.
+        write!(out, "{number:?}").expect("writing to a String cannot fail");
+    } else if number.is_nan() {
+        out.push_str("\"nan\"");
+    } else if number > 0.0 {
+        out.push_str("\"inf\"");
+    } else {
+        out.push_str("\"-inf\"");
+    }
+}
+
+/// Decimal digits of an int too large for i64. `str(int)` would refuse past 4300 digits
+/// (CPython's int_max_str_digits), so the digits are computed here from the int's bytes.
+fn big_int_digits(int: &Bound<'_, PyAny>) -> PyResult<String> {
+    let negative = int.lt(0)?;
+    let magnitude = if negative { int.neg()? } else { int.clone() };
+    let bits: usize = magnitude.call_method0("bit_length")?.extract()?;
+    let bytes = magnitude.call_method1("to_bytes", (bits.div_ceil(8), "big"))?;
+    let bytes = bytes.cast::<PyBytes>()?.as_bytes();
+
+    // Big-endian base-2^32 words, divided by 10^9 repeatedly: quadratic, but only ever run on
+    // the rare huge int.
+    let mut words: Vec<u32> = bytes
+        .rchunks(4)
+        .rev()
+        .map(|chunk| {
+            chunk
+                .iter()
+                .fold(0u32, |word, &byte| (word << 8) | u32::from(byte))
+        })
+        .collect();
+    let mut groups = Vec::new();
+    while words.iter().any(|&word| word != 0) {
+        let mut remainder = 0u64;
+        for word in &mut words {
+            let current = (remainder << 32) | u64::from(*word);
+            *word = u32::try_from(current / 1_000_000_000).expect("quotient fits in a word");
+            remainder = current % 1_000_000_000;
+        }
+        groups.push(remainder);
+        let leading_zeros = words.iter().take_while(|&&word| word == 0).count();
+        words.drain(..leading_zeros);
+    }
+    let mut digits = String::with_capacity(groups.len() * 9 + 1);
+    if negative {
+        digits.push('-');
+    }
+    let mut groups = groups.iter().rev();
+    let first = groups.next().copied().unwrap_or(0);
+    write!(digits, "{first}").expect("writing to a String cannot fail");
+    for group in groups {
+        write!(digits, "{group:09}").expect("writing to a String cannot fail");
+    }
+    Ok(digits)
+}
+
+struct Encoder {
+    out: String,
+    /// Addresses of the containers on the path from the root to the current value: a value
+    /// found among them is a reference cycle.
+    ancestors: Vec<usize>,
+}
+
+impl Encoder {
+    fn value(&mut self, value: &Bound<'_, PyAny>, depth: usize) -> Step {
+        if let Ok(text) = value.cast_exact::<PyString>() {
+            self.string(text)
+        } else if let Ok(dict) = value.cast_exact::<PyDict>() {
+            self.dict(dict, depth)
+        } else if let Ok(list) = value.cast_exact::<PyList>() {
+            self.list(list, depth)
+        } else if let Ok(int) = value.cast_exact::<PyInt>() {
+            self.int(int)
+        } else if let Ok(flag) = value.cast_exact::<PyBool>() {
+            self.out
+                .push_str(if flag.is_true() { "true" } else { "false" });
+            Ok(())
+        } else if let Ok(float) = value.cast_exact::<PyFloat>() {
+            write_float(&mut self.out, float.value());
+            Ok(())
+        } else if value.is_none() {
+            self.out.push_str("null");
+            Ok(())
+        } else {
+            self.other(value, depth)
+        }
+    }
+
+    /// Marks `value` as an ancestor of what is encoded next, refusing cycles and deep nesting.
+    fn enter(&mut self, value: &Bound<'_, PyAny>, depth: usize) -> Step {
+        if depth >= MAX_DEPTH {
+            return Err(Failure::new(Reason::TooDeep));
+        }
+        let address = value.as_ptr() as usize;
+        if self.ancestors.contains(&address) {
+            return Err(Failure::new(Reason::Cycle));
+        }
+        self.ancestors.push(address);
+        Ok(())
+    }
+
+    fn leave(&mut self) {
+        self.ancestors.pop();
+    }
+
+    fn string(&mut self, text: &Bound<'_, PyString>) -> Step {
+        let text = text.to_str().map_err(|error| {
+            if error.is_instance_of::<PyUnicodeEncodeError>(text.py()) {
+                Failure::new(Reason::LoneSurrogate)
+            } else {
+                raised(text, error)
+            }
+        })?;
+        write_string(&mut self.out, text);
+        Ok(())
+    }
+
+    fn int(&mut self, int: &Bound<'_, PyInt>) -> Step {
+        if let Ok(small) = int.extract::<i64>() {
+            write!(self.out, "{small}").expect("writing to a String cannot fail");
+        } else {
+            let digits = big_int_digits(int.as_any()).map_err(|error| raised(int, error))?;
+            self.out.push_str(&digits);
+        }
+        Ok(())
+    }
+
+    fn dict(&mut self, dict: &Bound<'_, PyDict>, depth: usize) -> Step {
+        self.enter(dict.as_any(), depth)?;
+        self.out.push('{');
+        for (index, (key, item)) in dict.iter().enumerate() {
+            if index > 0 {
+                self.out.push(',');
+            }
+            self.key(&key)
+                .map_err(|failure| failure.at(key_segment(&key)))?;
+            self.out.push(':');
+            self.value(&item, depth + 1)
+                .map_err(|failure| failure.at(key_segment(&key)))?;
+        }
+        self.out.push('}');
+        self.leave();
+        Ok(())
+    }
+
+    /// Non-str keys become strings the way `json.dumps` makes them, so both read back alike.
+    fn key(&mut self, key: &Bound<'_, PyAny>) -> Step {
+        if let Ok(text) = key.cast::<PyString>() {
+            return self.string(text);
+        }
+        let text = if let Ok(flag) = key.cast_exact::<PyBool>() {
+            if flag.is_true() { "true" } else { "false" }.to_owned()
+        } else if let Ok(int) = key.cast::<PyInt>() {
+            match int.extract::<i64>() {
+                Ok(small) => small.to_string(),
+                Err(_) => big_int_digits(key).map_err(|error| raised(key, error))?,
+            }
+        } else if let Ok(float) = key.cast::<PyFloat>() {
+            let number = float.value();
+            if number.is_nan() {
+                "NaN".to_owned()
+            } else if number.is_infinite() {
+                if number > 0.0 {
+                    "Infinity"
+                } else {
+                    "-Infinity"
+                }
+                .to_owned()
+            } else {
+                // Python's repr spells exponents differently from Rust ("1e+16"); a key must
+                // match what json.dumps wrote, so ask Python.
+                let repr = PyFloat::type_object(key.py())
+                    .call_method1("__repr__", (key,))
+                    .map_err(|error| raised(key, error))?;
+                repr.to_string()
+            }
+        } else if key.is_none() {
+            "null".to_owned()
+        } else if is_instance_of(key, &ENUM, "enum", "Enum").map_err(|error| raised(key, error))? {
+            let inner = key.getattr("value").map_err(|error| raised(key, error))?;
+            if is_instance_of(&inner, &ENUM, "enum", "Enum").map_err(|error| raised(key, error))? {
+                return Err(Failure::new(Reason::BadKey {
+                    key_type: type_name(&key.get_type()),
+                }));
+            }
+            return self.key(&inner);
+        } else {
+            return Err(Failure::new(Reason::BadKey {
+                key_type: type_name(&key.get_type()),
+            }));
+        };
+        write_string(&mut self.out, &text);
+        Ok(())
+    }
+
+    fn sequence<'py>(
+        &mut self,
+        container: &Bound<'py, PyAny>,
+        items: impl Iterator<Item = Bound<'py, PyAny>>,
+        depth: usize,
+    ) -> Step {
+        self.enter(container, depth)?;
+        self.out.push('[');
+        for (index, item) in items.enumerate() {
+            if index > 0 {
+                self.out.push(',');
+            }
+            self.value(&item, depth + 1)
+                .map_err(|failure| failure.at(format!("[{index}]")))?;
+        }
+        self.out.push(']');
+        self.leave();
+        Ok(())
+    }
+
+    fn list(&mut self, list: &Bound<'_, PyList>, depth: usize) -> Step {
+        self.sequence(list.as_any(), list.iter(), depth)
+    }
+
+    /// Everything that is not an exact fast-path type: registered serializers first, then the
+    /// built-in rules. `convert` itself never recurses: it writes leaves and hands containers
+    /// and replacements back, so its large frame is not repeated once per nesting level.
+    fn other(&mut self, value: &Bound<'_, PyAny>, depth: usize) -> Step {
+        match self.convert(value)? {
+            Converted::Written => Ok(()),
+            Converted::Replaced(replacement) => {
+                self.enter(value, depth)?;
+                self.value(&replacement, depth + 1)?;
+                self.leave();
+                Ok(())
+            }
+            Converted::Dict(dict) => self.dict(&dict, depth),
+            Converted::List(list) => self.list(&list, depth),
+            Converted::Tuple(tuple) => self.sequence(value, tuple.iter(), depth),
+            Converted::Set(items) => self.set(value, &items, depth),
+        }
+    }
+
+    #[inline(never)]
+    fn convert<'py>(&mut self, value: &Bound<'py, PyAny>) -> Result<Converted<'py>, Box<Failure>> {
+        let py = value.py();
+        // Every failure below is an exception raised by `value` itself.
+        let failed = |error| raised(value, error);
+        if let Some(serializer) = registered_serializer(value).map_err(failed)? {
+            let replacement = serializer.call1((value,)).map_err(failed)?;
+            return Ok(Converted::Replaced(replacement));
+        }
+        // Subclasses of the fast-path types (IntEnum, StrEnum, OrderedDict, namedtuple...).
+        if let Ok(text) = value.cast::<PyString>() {
+            self.string(text)?;
+        } else if let Ok(int) = value.cast::<PyInt>() {
+            self.int(int)?;
+        } else if let Ok(float) = value.cast::<PyFloat>() {
+            write_float(&mut self.out, float.value());
+        } else if let Ok(dict) = value.cast::<PyDict>() {
+            return Ok(Converted::Dict(dict.clone()));
+        } else if let Ok(list) = value.cast::<PyList>() {
+            return Ok(Converted::List(list.clone()));
+        } else if let Ok(tuple) = value.cast::<PyTuple>() {
+            return Ok(Converted::Tuple(tuple.clone()));
+        } else if is_instance_of(value, &ENUM, "enum", "Enum").map_err(failed)? {
+            return Ok(Converted::Replaced(value.getattr("value").map_err(failed)?));
+        } else if is_instance_of(value, &DATE, "datetime", "date").map_err(failed)?
+            || is_instance_of(value, &TIME, "datetime", "time").map_err(failed)?
+        {
+            return Ok(Converted::Replaced(
+                value.call_method0("isoformat").map_err(failed)?,
+            ));
+        } else if is_instance_of(value, &UUID, "uuid", "UUID").map_err(failed)?
+            || is_instance_of(value, &DECIMAL, "decimal", "Decimal").map_err(failed)?
+        {
+            self.string(&value.str().map_err(failed)?)?;
+        } else if let Ok(bytes) = value.cast::<PyBytes>() {
+            self.base64(bytes.as_bytes());
+        } else if let Ok(bytes) = value.cast::<PyByteArray>() {
+            self.base64(&bytes.to_vec());
+        } else if value.is_instance_of::<PyMemoryView>() {
+            let bytes = value.call_method0("tobytes").map_err(failed)?;
+            let bytes = bytes
+                .cast::<PyBytes>()
+                .map_err(|error| failed(error.into()))?;
+            self.base64(bytes.as_bytes());
+        } else if value.is_instance_of::<PySet>() || value.is_instance_of::<PyFrozenSet>() {
+            let items = value
+                .try_iter()
+                .and_then(Iterator::collect)
+                .map_err(failed)?;
+            return Ok(Converted::Set(items));
+        } else if let Ok(complex) = value.cast::<PyComplex>() {
+            self.out.push_str("{\"real\":");
+            write_float(&mut self.out, complex.real());
+            self.out.push_str(",\"imag\":");
+            write_float(&mut self.out, complex.imag());
+            self.out.push('}');
+        } else if value.is_instance_of::<PyType>() {
+            return Err(unsupported(value));
+        } else if value.get_type().hasattr("model_dump").map_err(failed)? {
+            // Looked up on the type so that an instance's `__getattr__` cannot fake a model.
+            let kwargs = PyDict::new(py);
+            kwargs.set_item("mode", "python").map_err(failed)?;
+            let dumped = value
+                .call_method("model_dump", (), Some(&kwargs))
+                .map_err(failed)?;
+            return Ok(Converted::Replaced(dumped));
+        } else if value
+            .get_type()
+            .hasattr("__dataclass_fields__")
+            .map_err(failed)?
+        {
+            return Ok(Converted::Replaced(
+                dataclass_fields(value).map_err(failed)?.into_any(),
+            ));
+        } else {
+            return Err(unsupported(value));
+        }
+        Ok(Converted::Written)
+    }
+
+    fn base64(&mut self, bytes: &[u8]) {
+        self.out.push('"');
+        base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut self.out);
+        self.out.push('"');
+    }
+
+    /// Sets have no order, so items are sorted by their JSON text to store the same set the
+    /// same way every time.
+    fn set(&mut self, set: &Bound<'_, PyAny>, items: &[Bound<'_, PyAny>], depth: usize) -> Step {
+        self.enter(set, depth)?;
+        let outer = std::mem::take(&mut self.out);
+        let mut encoded = Vec::new();
+        for item in items {
+            let result = self.value(item, depth + 1);
+            encoded.push(std::mem::take(&mut self.out));
+            if let Err(failure) = result {
+                self.out = outer;
+                return Err(failure);
+            }
+        }
+        self.out = outer;
+        encoded.sort_unstable();
+        self.out.push('[');
+        self.out.push_str(&encoded.join(","));
+        self.out.push(']');
+        self.leave();
+        Ok(())
+    }
+}
+
+fn unsupported(value: &Bound<'_, PyAny>) -> Box<Failure> {
+    Failure::new(Reason::Unsupported {
+        type_name: type_name(&value.get_type()),
+    })
+}
+
+/// What `Encoder::convert` found a value to be, beyond what it wrote itself.
+enum Converted<'py> {
+    Written,
+    /// Encode this in place of the value (a serializer's result, an Enum's value...).
+    Replaced(Bound<'py, PyAny>),
+    Dict(Bound<'py, PyDict>),
+    List(Bound<'py, PyList>),
+    Tuple(Bound<'py, PyTuple>),
+    Set(Vec<Bound<'py, PyAny>>),
+}
+
+/// A dataclass instance as a shallow dict of its fields, read with getattr (not `asdict`,
+/// which deep-copies every field first). Paths then read like a model's: `['field']`.
+fn dataclass_fields<'py>(value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+    let py = value.py();
+    let fields = DATACLASS_FIELDS.get_or_try_init(py, || -> PyResult<_> {
+        Ok(py.import("dataclasses")?.getattr("fields")?.unbind())
+    })?;
+    let dict = PyDict::new(py);
+    for field in fields.bind(py).call1((value,))?.try_iter()? {
+        let name = field?.getattr("name")?;
+        dict.set_item(&name, value.getattr(name.cast::<PyString>()?)?)?;
+    }
+    Ok(dict)
+}
