@@ -43,10 +43,6 @@ pub enum Error {
         supported: i64,
     },
 
-    /// The file's tables cannot hold what this call needs (a layout we cannot migrate).
-    #[error("database {path} has an unexpected layout: {detail}")]
-    Layout { path: PathBuf, detail: String },
-
     /// `close()` was called; the engine accepts no more work.
     #[error("this SQLiteBackend is closed; create a new one to keep working with {path}")]
     Closed { path: PathBuf },

@@ -19,9 +19,10 @@ class NativeBackend:
         cls,
         path: str | PathLike[str],
         *,
-        durability: str = "full",
-        lock_timeout: float = 30.0,
+        durability: str,
+        lock_timeout: float,
         readers: int = 2,
+        fresh_layout: str = "flujo-0.6",
     ) -> NativeBackend: ...
     @property
     def path(self) -> str: ...

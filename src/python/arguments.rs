@@ -16,11 +16,32 @@ pub(crate) fn type_name(value: &Bound<'_, PyAny>) -> String {
         .map_or_else(|_| "?".to_owned(), |n| n.to_string())
 }
 
+/// A short quotation of a str argument for an error message (never a repr of arbitrary objects:
+/// those can be huge or raise).
+fn preview(value: &Bound<'_, PyAny>) -> String {
+    const LIMIT: usize = 60;
+    let Ok(text) = value
+        .cast::<PyString>()
+        .map(|s| s.to_string_lossy().into_owned())
+    else {
+        return format!("(a {})", type_name(value));
+    };
+    if text.chars().count() <= LIMIT {
+        format!("{text:?}")
+    } else {
+        format!(
+            "{:?}... ({} characters)",
+            text.chars().take(LIMIT).collect::<String>(),
+            text.chars().count()
+        )
+    }
+}
+
 pub(crate) fn run_id(value: &Bound<'_, PyAny>) -> PyResult<String> {
     let text = value.cast::<PyString>().map_err(|_| {
         invalid_type(
             value.py(),
-            format!("run_id must be a str, got {} ({value:?})", type_name(value)),
+            format!("run_id must be a str, got {}", type_name(value)),
         )
     })?;
     text.to_str().map(str::to_owned).map_err(|_| {
@@ -157,9 +178,12 @@ pub(crate) fn amount(value: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
             format!("{what} must be an int or float, got {}", type_name(value)),
         ));
     }
-    value
-        .extract::<f64>()
-        .map_err(|_| invalid_state(value.py(), format!("{what} is too large: {value}")))
+    value.extract::<f64>().map_err(|_| {
+        invalid_state(
+            value.py(),
+            format!("{what} is too large to be a number of hours or days"),
+        )
+    })
 }
 
 fn count(value: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
@@ -204,12 +228,9 @@ pub(crate) fn integer(value: &Bound<'_, PyAny>, what: &str) -> PyResult<i64> {
             format!("{what} must be an int, got {}", type_name(value)),
         ));
     }
-    value.extract::<i64>().map_err(|_| {
-        invalid_state(
-            py,
-            format!("{what} does not fit in a 64-bit integer: {value}"),
-        )
-    })
+    value
+        .extract::<i64>()
+        .map_err(|_| invalid_state(py, format!("{what} does not fit in a 64-bit integer")))
 }
 
 pub(crate) fn real(value: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
@@ -247,21 +268,33 @@ pub(crate) fn timestamp_text(value: &Bound<'_, PyAny>, what: &str) -> PyResult<S
             .map_err(|_| {
                 invalid_state(
                     py,
-                    format!("{what} is the text {value}, which is not an ISO 8601 timestamp"),
+                    format!(
+                        "{what} is the text {}, which is not an ISO 8601 timestamp",
+                        preview(value)
+                    ),
                 )
             })?
     } else {
         value.clone()
     };
     let text = if value.is_instance(datetime_type)? {
-        let aware = !value.call_method0("utcoffset")?.is_none();
-        let in_utc = if aware {
-            let utc = UTC.import(py, "datetime", "UTC")?;
-            value.call_method1("astimezone", (utc,))?
-        } else {
-            value
+        let in_utc = || -> PyResult<Bound<'_, PyAny>> {
+            let aware = !value.call_method0("utcoffset")?.is_none();
+            let in_utc = if aware {
+                value.call_method1("astimezone", (UTC.import(py, "datetime", "UTC")?,))?
+            } else {
+                value.clone()
+            };
+            in_utc.call_method1("isoformat", (" ",))
         };
-        in_utc.call_method1("isoformat", (" ",))?
+        in_utc().map_err(|cause| {
+            let error = invalid_state(
+                py,
+                format!("{what} cannot be stored as a UTC timestamp: {cause}"),
+            );
+            error.set_cause(py, Some(cause));
+            error
+        })?
     } else if value.is_instance(DATE.import(py, "datetime", "date")?)? {
         value.call_method0("isoformat")?
     } else {

@@ -39,15 +39,32 @@ impl NativeBackend {
 #[pymethods]
 impl NativeBackend {
     #[new]
-    #[pyo3(signature = (path, *, durability = "full", lock_timeout = 30.0, readers = 2, fresh_layout = "flujo-0.6"))]
+    #[pyo3(signature = (path, *, durability, lock_timeout, readers = 2, fresh_layout = "flujo-0.6"))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
-        durability: &str,
-        lock_timeout: f64,
+        durability: &Bound<'_, PyAny>,
+        lock_timeout: &Bound<'_, PyAny>,
         readers: usize,
         fresh_layout: &str,
     ) -> PyResult<Self> {
+        let durability = match arguments::text(durability, "durability")?.as_str() {
+            "full" => Durability::Full,
+            "normal" => Durability::Normal,
+            other => {
+                return Err(invalid_state(
+                    py,
+                    format!("durability must be \"full\" or \"normal\", got {other:?}"),
+                ))
+            }
+        };
+        let lock_timeout = arguments::real(lock_timeout, "lock_timeout")?;
+        if lock_timeout < 0.0 {
+            return Err(invalid_state(
+                py,
+                format!("lock_timeout must be a number of seconds >= 0, got {lock_timeout}"),
+            ));
+        }
         let fresh_layout = match fresh_layout {
             "flujo-0.4" => FreshLayout::Flujo04,
             "flujo-0.6" => FreshLayout::Flujo06,
@@ -58,22 +75,6 @@ impl NativeBackend {
                 ))
             }
         };
-        let durability = match durability {
-            "full" => Durability::Full,
-            "normal" => Durability::Normal,
-            other => {
-                return Err(invalid_state(
-                    py,
-                    format!("durability must be \"full\" or \"normal\", got {other:?}"),
-                ))
-            }
-        };
-        if !lock_timeout.is_finite() || lock_timeout < 0.0 {
-            return Err(invalid_state(
-                py,
-                format!("lock_timeout must be a finite number of seconds >= 0, got {lock_timeout}"),
-            ));
-        }
         let mut options = SqliteOptions::new(path.clone());
         options.durability = durability;
         options.lock_wait = Duration::from_secs_f64(lock_timeout);

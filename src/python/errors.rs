@@ -42,9 +42,8 @@ pub(crate) fn to_py_err(py: Python<'_>, error: &Error) -> PyErr {
         Error::Locked { .. } => database_locked(py, message),
         Error::Corrupt { .. } => corrupt_database(py, message),
         Error::Closed { .. } => backend_closed(py, message),
-        Error::CannotOpen { .. }
-        | Error::SchemaTooNew { .. }
-        | Error::Layout { .. }
-        | Error::Storage { .. } => database_error(py, message),
+        Error::CannotOpen { .. } | Error::SchemaTooNew { .. } | Error::Storage { .. } => {
+            database_error(py, message)
+        }
     }
 }

@@ -22,7 +22,10 @@ pub(crate) fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
         .ok();
     module.add_class::<backend::NativeBackend>()?;
     module.add_class::<completion::CompletionPort>()?;
-    module.add_function(wrap_pyfunction!(from_python::register_serializer_py, module)?)?;
+    module.add_function(wrap_pyfunction!(
+        from_python::register_serializer_py,
+        module
+    )?)?;
     module.add_function(wrap_pyfunction!(from_python::encode_json_py, module)?)?;
 
     module.add_function(wrap_pyfunction!(to_python::decode_json_py, module)?)?;

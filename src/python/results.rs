@@ -5,6 +5,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList};
 use pyo3::IntoPyObjectExt;
 
+use super::errors::database_error;
 use super::run_results;
 use super::to_python::decode_json;
 use crate::engine::Response;
@@ -16,9 +17,17 @@ pub(crate) fn response_to_python(py: Python<'_>, response: Response) -> PyResult
     match response {
         Response::Done => Ok(py.None()),
         Response::State(None) => Ok(py.None()),
-        Response::State(Some(state)) => Ok(stored_state(py, *state)?.into_any().unbind()),
+        Response::State(Some(state)) => {
+            let run_id = state.run_id.clone();
+            Ok(in_row(py, &run_id, stored_state(py, *state))?
+                .into_any()
+                .unbind())
+        }
         Response::States(states) => list(py, states, state_listing),
-        Response::Workflows(items) => list(py, items, workflow_summary),
+        Response::Workflows(items) => list(py, items, |py, item| {
+            let run_id = item.run_id.clone();
+            in_row(py, &run_id, workflow_summary(py, item))
+        }),
         Response::Stats(stats) => Ok(workflow_stats(py, stats)?.into_any().unbind()),
         Response::Count(n) => n.into_py_any(py),
         Response::RunDetails(None) | Response::SystemState(None) => Ok(py.None()),
@@ -70,15 +79,42 @@ fn total_steps(py: Python<'_>, value: Cell) -> PyResult<Py<PyAny>> {
     }
 }
 
+/// A JSON column's value, or `missing()` for SQL NULL. Text that does not parse can only have
+/// been written by another program; the error names the column so it can be repaired.
 pub(crate) fn json_or(
     py: Python<'_>,
+    column: &str,
     text: Option<String>,
     missing: impl FnOnce() -> PyResult<Py<PyAny>>,
 ) -> PyResult<Py<PyAny>> {
     match text {
-        Some(text) => Ok(decode_json(py, &text)?.unbind()),
+        Some(text) => decode_json(py, &text).map(Bound::unbind).map_err(|cause| {
+            let error = database_error(
+                py,
+                format!("column {column} holds malformed JSON ({cause})"),
+            );
+            error.set_cause(py, Some(cause));
+            error
+        }),
         None => missing(),
     }
+}
+
+/// Adds which row failed to convert, for errors about stored data.
+fn in_row<T>(py: Python<'_>, run_id: &Cell, converted: PyResult<T>) -> PyResult<T> {
+    converted.map_err(|cause| {
+        let run = match run_id {
+            Cell::Text(t) if t.chars().count() <= 80 => format!("{t:?}"),
+            Cell::Text(t) => format!("{:?}...", t.chars().take(80).collect::<String>()),
+            other => format!("{other:?}"),
+        };
+        let error = database_error(
+            py,
+            format!("the stored row of run {run} cannot be read: {cause}; repair or delete it"),
+        );
+        error.set_cause(py, Some(cause));
+        error
+    })
 }
 
 /// Stored timestamp text as a `datetime` (aware exactly when the text has an offset). Text that
@@ -113,17 +149,17 @@ fn stored_state(py: Python<'_>, s: StoredState) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("current_step_index", cell(py, s.current_step_index)?)?;
     d.set_item(
         "pipeline_context",
-        json_or(py, s.pipeline_context, || {
+        json_or(py, "pipeline_context", s.pipeline_context, || {
             Ok(PyDict::new(py).into_any().unbind())
         })?,
     )?;
     d.set_item(
         "last_step_output",
-        json_or(py, s.last_step_output, || Ok(py.None()))?,
+        json_or(py, "last_step_output", s.last_step_output, || Ok(py.None()))?,
     )?;
     d.set_item(
         "step_history",
-        json_or(py, s.step_history, || {
+        json_or(py, "step_history", s.step_history, || {
             Ok(PyList::empty(py).into_any().unbind())
         })?,
     )?;
@@ -141,7 +177,9 @@ fn stored_state(py: Python<'_>, s: StoredState) -> PyResult<Bound<'_, PyDict>> {
 fn add_background(py: Python<'_>, d: &Bound<'_, PyDict>, b: StoredBackground) -> PyResult<()> {
     d.set_item(
         "metadata",
-        json_or(py, b.metadata, || Ok(PyDict::new(py).into_any().unbind()))?,
+        json_or(py, "metadata", b.metadata, || {
+            Ok(PyDict::new(py).into_any().unbind())
+        })?,
     )?;
     let is_background = match b.is_background_task {
         Cell::Integer(i) => i != 0,

@@ -12,12 +12,12 @@ use crate::model::{
     SystemStateEntry,
 };
 
-fn json_or_none(py: Python<'_>, text: Option<String>) -> PyResult<Py<PyAny>> {
-    json_or(py, text, || Ok(py.None()))
+fn json_or_none(py: Python<'_>, column: &str, text: Option<String>) -> PyResult<Py<PyAny>> {
+    json_or(py, column, text, || Ok(py.None()))
 }
 
-fn json_or_empty_dict(py: Python<'_>, text: Option<String>) -> PyResult<Py<PyAny>> {
-    json_or(py, text, || Ok(PyDict::new(py).into_any().unbind()))
+fn json_or_empty_dict(py: Python<'_>, column: &str, text: Option<String>) -> PyResult<Py<PyAny>> {
+    json_or(py, column, text, || Ok(PyDict::new(py).into_any().unbind()))
 }
 
 pub(crate) fn run_details(py: Python<'_>, r: RunDetails) -> PyResult<Bound<'_, PyDict>> {
@@ -31,7 +31,10 @@ pub(crate) fn run_details(py: Python<'_>, r: RunDetails) -> PyResult<Bound<'_, P
     d.set_item("end_time", cell(py, r.end_time)?)?;
     d.set_item("total_cost", cell(py, r.total_cost)?)?;
     // Flujo treats a stored JSON `null` like a missing context.
-    d.set_item("final_context", json_or_none(py, r.final_context)?)?;
+    d.set_item(
+        "final_context",
+        json_or_none(py, "final_context", r.final_context)?,
+    )?;
     d.set_item("created_at", cell(py, r.created_at)?)?;
     d.set_item("updated_at", cell(py, r.updated_at)?)?;
     d.set_item("execution_time_ms", cell(py, r.execution_time_ms)?)?;
@@ -59,10 +62,13 @@ pub(crate) fn step_details(py: Python<'_>, s: StepDetails) -> PyResult<Bound<'_,
     let tokens = cell(py, s.tokens)?;
     d.set_item("tokens", tokens.clone_ref(py))?;
     d.set_item("token_counts", tokens)?;
-    d.set_item("input", json_or_none(py, s.input)?)?;
-    d.set_item("output", json_or_none(py, s.output)?)?;
-    d.set_item("error", json_or_none(py, s.error)?)?;
-    d.set_item("raw_response", json_or_none(py, s.raw_response)?)?;
+    d.set_item("input", json_or_none(py, "input", s.input)?)?;
+    d.set_item("output", json_or_none(py, "output", s.output)?)?;
+    d.set_item("error", json_or_none(py, "error", s.error)?)?;
+    d.set_item(
+        "raw_response",
+        json_or_none(py, "raw_response", s.raw_response)?,
+    )?;
     Ok(d)
 }
 
@@ -77,7 +83,7 @@ pub(crate) fn run_summary(py: Python<'_>, r: RunSummary) -> PyResult<Bound<'_, P
     d.set_item("total_cost", cell(py, r.total_cost)?)?;
     d.set_item("created_at", cell(py, r.created_at)?)?;
     d.set_item("updated_at", cell(py, r.updated_at)?)?;
-    d.set_item("metadata", json_or_empty_dict(py, r.metadata)?)?;
+    d.set_item("metadata", json_or_empty_dict(py, "metadata", r.metadata)?)?;
     Ok(d)
 }
 
@@ -90,7 +96,10 @@ pub(crate) fn span(py: Python<'_>, s: StoredSpan) -> PyResult<Bound<'_, PyDict>>
     d.set_item("end_time", cell(py, s.end_time)?)?;
     d.set_item("status", cell(py, s.status)?)?;
     // A NULL written by hand through SQL reads as no attributes (Flujo fails to decode it).
-    d.set_item("attributes", json_or_empty_dict(py, s.attributes)?)?;
+    d.set_item(
+        "attributes",
+        json_or_empty_dict(py, "attributes", s.attributes)?,
+    )?;
     Ok(d)
 }
 
@@ -161,7 +170,7 @@ pub(crate) fn span_statistics(py: Python<'_>, s: SpanStatistics) -> PyResult<Bou
 pub(crate) fn system_state(py: Python<'_>, entry: SystemStateEntry) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("key", cell(py, entry.key)?)?;
-    d.set_item("value", json_or_none(py, entry.value)?)?;
+    d.set_item("value", json_or_none(py, "value", entry.value)?)?;
     d.set_item("updated_at", datetime(py, entry.updated_at)?)?;
     Ok(d)
 }
@@ -172,7 +181,7 @@ pub(crate) fn evaluation(py: Python<'_>, e: StoredEvaluation) -> PyResult<Bound<
     d.set_item("step_name", cell(py, e.step_name)?)?;
     d.set_item("score", cell(py, e.score)?)?;
     d.set_item("feedback", cell(py, e.feedback)?)?;
-    d.set_item("metadata", json_or_none(py, e.metadata)?)?;
+    d.set_item("metadata", json_or_none(py, "metadata", e.metadata)?)?;
     d.set_item("created_at", cell(py, e.created_at)?)?;
     Ok(d)
 }

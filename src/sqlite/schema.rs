@@ -51,9 +51,12 @@ impl Layout {
     }
 }
 
-/// Flujo 0.4.35's tables, created when the file has none. Kept byte-for-byte equivalent in
+/// Flujo 0.4.35's tables with their indexes, each created when the file lacks it. Equivalent in
 /// meaning (columns, types, constraints) to what Flujo creates, so both releases accept the file.
-const CREATE_TABLES: &str = "
+const FLUJO_04_TABLES: [(&str, &str); 4] = [
+    (
+        "workflow_state",
+        "
 CREATE TABLE IF NOT EXISTS workflow_state (
     run_id TEXT PRIMARY KEY,
     pipeline_id TEXT NOT NULL,
@@ -74,6 +77,11 @@ CREATE TABLE IF NOT EXISTS workflow_state (
 CREATE INDEX IF NOT EXISTS idx_workflow_state_status ON workflow_state(status);
 CREATE INDEX IF NOT EXISTS idx_workflow_state_created_at ON workflow_state(created_at);
 CREATE INDEX IF NOT EXISTS idx_workflow_state_pipeline_id ON workflow_state(pipeline_id);
+",
+    ),
+    (
+        "runs",
+        "
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     pipeline_name TEXT NOT NULL,
@@ -88,6 +96,11 @@ CREATE INDEX IF NOT EXISTS idx_runs_status ON runs(status);
 CREATE INDEX IF NOT EXISTS idx_runs_pipeline_name ON runs(pipeline_name);
 CREATE INDEX IF NOT EXISTS idx_runs_start_time_desc ON runs(start_time DESC);
 CREATE INDEX IF NOT EXISTS idx_runs_status_start_time ON runs(status, start_time DESC);
+",
+    ),
+    (
+        "steps",
+        "
 CREATE TABLE IF NOT EXISTS steps (
     step_run_id TEXT PRIMARY KEY,
     run_id TEXT NOT NULL,
@@ -105,6 +118,11 @@ CREATE TABLE IF NOT EXISTS steps (
     FOREIGN KEY (run_id) REFERENCES runs(run_id) ON DELETE CASCADE
 );
 CREATE INDEX IF NOT EXISTS idx_steps_run_id ON steps(run_id);
+",
+    ),
+    (
+        "spans",
+        "
 CREATE TABLE IF NOT EXISTS spans (
     span_id TEXT PRIMARY KEY,
     run_id TEXT NOT NULL,
@@ -123,10 +141,15 @@ CREATE INDEX IF NOT EXISTS idx_spans_status ON spans(status);
 CREATE INDEX IF NOT EXISTS idx_spans_name ON spans(name);
 CREATE INDEX IF NOT EXISTS idx_spans_start_time ON spans(start_time);
 CREATE INDEX IF NOT EXISTS idx_spans_parent_span_id ON spans(parent_span_id);
-";
+",
+    ),
+];
 
-/// Flujo 0.6.11's tables, created when the file has none and the caller asked for them.
-const CREATE_TABLES_0_6: &str = "
+/// Flujo 0.6.11's tables with their indexes, each created when the file lacks it.
+const FLUJO_06_TABLES: [(&str, &str); 4] = [
+    (
+        "workflow_state",
+        "
 CREATE TABLE IF NOT EXISTS workflow_state (
     run_id TEXT PRIMARY KEY,
     pipeline_id TEXT NOT NULL,
@@ -149,6 +172,15 @@ CREATE TABLE IF NOT EXISTS workflow_state (
     task_id TEXT,
     background_error TEXT
 );
+CREATE INDEX IF NOT EXISTS idx_workflow_state_status ON workflow_state(status);
+CREATE INDEX IF NOT EXISTS idx_workflow_state_pipeline_id ON workflow_state(pipeline_id);
+CREATE INDEX IF NOT EXISTS idx_workflow_state_parent_run_id ON workflow_state(parent_run_id);
+CREATE INDEX IF NOT EXISTS idx_workflow_state_created_at ON workflow_state(created_at);
+",
+    ),
+    (
+        "runs",
+        "
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     pipeline_id TEXT NOT NULL,
@@ -165,6 +197,15 @@ CREATE TABLE IF NOT EXISTS runs (
     total_cost REAL,
     final_context_blob TEXT
 );
+CREATE INDEX IF NOT EXISTS idx_runs_status ON runs(status);
+CREATE INDEX IF NOT EXISTS idx_runs_pipeline_id ON runs(pipeline_id);
+CREATE INDEX IF NOT EXISTS idx_runs_created_at ON runs(created_at);
+CREATE INDEX IF NOT EXISTS idx_runs_pipeline_name ON runs(pipeline_name);
+",
+    ),
+    (
+        "steps",
+        "
 CREATE TABLE IF NOT EXISTS steps (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     run_id TEXT NOT NULL,
@@ -181,6 +222,11 @@ CREATE TABLE IF NOT EXISTS steps (
 );
 CREATE INDEX IF NOT EXISTS idx_steps_run_id ON steps(run_id);
 CREATE INDEX IF NOT EXISTS idx_steps_step_index ON steps(step_index);
+",
+    ),
+    (
+        "spans",
+        "
 CREATE TABLE IF NOT EXISTS spans (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     run_id TEXT NOT NULL,
@@ -196,16 +242,9 @@ CREATE TABLE IF NOT EXISTS spans (
 );
 CREATE INDEX IF NOT EXISTS idx_spans_run_id ON spans(run_id);
 CREATE INDEX IF NOT EXISTS idx_spans_parent_span ON spans(parent_span_id);
-CREATE INDEX IF NOT EXISTS idx_workflow_state_status ON workflow_state(status);
-CREATE INDEX IF NOT EXISTS idx_workflow_state_pipeline_id ON workflow_state(pipeline_id);
-CREATE INDEX IF NOT EXISTS idx_workflow_state_parent_run_id ON workflow_state(parent_run_id);
-CREATE INDEX IF NOT EXISTS idx_workflow_state_created_at ON workflow_state(created_at);
-CREATE INDEX IF NOT EXISTS idx_runs_status ON runs(status);
-CREATE INDEX IF NOT EXISTS idx_runs_pipeline_id ON runs(pipeline_id);
-CREATE INDEX IF NOT EXISTS idx_runs_created_at ON runs(created_at);
-CREATE INDEX IF NOT EXISTS idx_runs_pipeline_name ON runs(pipeline_name);
-PRAGMA user_version = 1;
-";
+",
+    ),
+];
 
 /// Flujo 0.6.11's auxiliary tables, added to any file that lacks them (0.4.35 ignores them).
 const CREATE_AUXILIARY_TABLES: &str = "
@@ -331,13 +370,20 @@ pub(crate) fn prepare(conn: &mut Connection, options: &SqliteOptions) -> Result<
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(fail)?;
         // Re-check under the write lock: another process may have done it meanwhile.
-        let existing = columns(&tx, "workflow_state").map_err(fail)?;
-        if existing.is_empty() {
-            let tables = match options.fresh_layout {
-                FreshLayout::Flujo04 => CREATE_TABLES,
-                FreshLayout::Flujo06 => CREATE_TABLES_0_6,
-            };
-            tx.execute_batch(tables).map_err(fail)?;
+        let tables = match options.fresh_layout {
+            FreshLayout::Flujo04 => &FLUJO_04_TABLES,
+            FreshLayout::Flujo06 => &FLUJO_06_TABLES,
+        };
+        let mut created = 0;
+        for (table, ddl) in tables {
+            if columns(&tx, table).map_err(fail)?.is_empty() {
+                tx.execute_batch(ddl).map_err(fail)?;
+                created += 1;
+            }
+        }
+        // Only a brand-new file is marked as migrated the way Flujo 0.6.11 marks its own.
+        if created == tables.len() && options.fresh_layout == FreshLayout::Flujo06 {
+            tx.execute_batch("PRAGMA user_version = 1").map_err(fail)?;
         }
         let existing = columns(&tx, "workflow_state").map_err(fail)?;
         add_missing_state_columns(&tx, &existing).map_err(fail)?;
@@ -354,14 +400,6 @@ pub(crate) fn prepare(conn: &mut Connection, options: &SqliteOptions) -> Result<
         steps: columns(conn, "steps").map_err(fail)?,
         spans: columns(conn, "spans").map_err(fail)?,
     };
-    if layout.runs.is_empty() || layout.steps.is_empty() || layout.spans.is_empty() {
-        return Err(Error::Layout {
-            path: options.path.clone(),
-            detail: "the file has a workflow_state table but no runs, steps or spans table; \
-                     open it once with Flujo to complete it"
-                .into(),
-        });
-    }
     Ok(layout)
 }
 
