@@ -1,0 +1,960 @@
+"""Reliability under faults: kills, other processes, locks, odd files, cancellation, teardown.
+
+Flujo's own backend loses data on several of these paths (spec section 6): it renames the
+database aside on "database is locked" or an unreadable file, and a crash can leave it with a
+dangling transaction. Here every acknowledged write must survive, every failure must be a
+specific exception, and the user's file must never be renamed, replaced or emptied.
+
+Child programs live in ``tests_py/programs``; ``programs/state_factory.py`` derives every saved
+state from its run id and version, so the parent can check rows it never saw being written.
+Set ``FLUJO_SQLITE_SOAK_KILLS`` for a longer SIGKILL soak and ``FLUJO_SQLITE_SEED`` to replay a
+run's random choices (the seed is printed in every failure message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flujo_sqlite import SQLiteBackend
+from flujo_sqlite.errors import (
+    BackendClosedError,
+    CorruptDatabaseError,
+    DatabaseError,
+    DatabaseLockedError,
+    FlujoSQLiteError,
+)
+
+PROGRAMS = Path(__file__).parent / "programs"
+sys.path.insert(0, str(PROGRAMS))
+
+from state_factory import loaded_version, matches, state_for
+
+SOAK_KILLS = int(os.environ.get("FLUJO_SQLITE_SOAK_KILLS", "50"))
+SEED = int(os.environ.get("FLUJO_SQLITE_SEED", str(random.randrange(2**32))))
+CHILD_TIMEOUT = 120.0  # a backstop against hangs, never a performance assertion
+
+
+def integrity(path: Path) -> str:
+    """``PRAGMA integrity_check`` through the stdlib driver. Call it only while no flujo-sqlite
+    backend of this process has the file open: two SQLite libraries in one process do not see
+    each other's POSIX locks."""
+    conn = sqlite3.connect(str(path))
+    try:
+        return "\n".join(row[0] for row in conn.execute("PRAGMA integrity_check"))
+    finally:
+        conn.close()
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def corrupt_siblings(folder: Path) -> list[str]:
+    return sorted(name for name in os.listdir(folder) if ".corrupt" in name)
+
+
+def run_program(
+    *args: str, stdin: str | None = None, timeout: float = CHILD_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(PROGRAMS / args[0]), *args[1:]],
+        input=stdin,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Durability under SIGKILL
+# --------------------------------------------------------------------------------------------
+
+
+class CrashWriter:
+    """One ``crash_writer.py`` child; a thread collects its acknowledgements as they arrive."""
+
+    def __init__(self, db_path: Path, durability: str, generation: int) -> None:
+        self.generation = generation
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(PROGRAMS / "crash_writer.py"),
+                str(db_path),
+                durability,
+                str(generation),
+                "4",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.acked: dict[str, int] = {}
+        self.ready = threading.Event()
+        self.first_ack = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            if not raw.endswith(b"\n"):
+                break  # a line cut by the kill is not an acknowledgement
+            line = raw.decode().strip()
+            if line == "ready":
+                self.ready.set()
+                continue
+            run_id, version = line.rsplit(" ", 1)
+            self.acked[run_id] = max(int(version), self.acked.get(run_id, -1))
+            self.first_ack.set()
+        self.ready.set()
+        self.first_ack.set()
+
+    def go(self) -> None:
+        assert self.ready.wait(CHILD_TIMEOUT), "the crash writer never started"
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"go\n")
+        self.proc.stdin.flush()
+
+    def kill(self) -> str:
+        """SIGKILLs the child; returns its stderr (which must be empty for a healthy run)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(CHILD_TIMEOUT)
+        self._reader.join(CHILD_TIMEOUT)
+        assert self.proc.stderr is not None
+        stderr = self.proc.stderr.read().decode(errors="replace")
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        return stderr
+
+
+async def verify_generation(
+    db_path: Path, durability: str, writer: CrashWriter, context: str
+) -> int:
+    """Reopens the database and checks every row the killed child wrote. Returns rows checked."""
+    pipeline_id = f"crash-g{writer.generation}"
+    async with SQLiteBackend(db_path, durability=durability) as backend:
+        rows = await backend.list_workflows(pipeline_id=pipeline_id)
+        present = {row["run_id"] for row in rows}
+        lost = sorted(set(writer.acked) - present)
+        assert not lost, f"{context}: acknowledged runs missing after the kill: {lost[:10]}"
+        run_ids = sorted(present)
+        loaded_states = await asyncio.gather(*(backend.load_state(run_id) for run_id in run_ids))
+    for run_id, loaded in zip(run_ids, loaded_states):
+        assert loaded is not None, f"{context}: {run_id} is listed but does not load"
+        version = loaded_version(loaded)
+        assert matches(loaded, run_id, version, pipeline_id), (
+            f"{context}: {run_id} v{version} is not intact"
+        )
+        acked = writer.acked.get(run_id)
+        # At most one save per run is in flight, at the version after the acknowledged one.
+        allowed = {0} if acked is None else {acked, acked + 1}
+        assert version in allowed, f"{context}: {run_id} is at v{version}, acknowledged v{acked}"
+    return len(run_ids)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("durability", ["full", "normal"])
+async def test_acknowledged_saves_survive_sigkill(tmp_path: Path, durability: str) -> None:
+    """A child saves as fast as it can and is SIGKILLed 50-400 ms after its first
+    acknowledgement; on reopen every acknowledged run loads exactly as saved. ``normal`` only
+    gives up durability on power loss, so a process crash must not lose anything there either.
+    The next child starts while the current one runs, so a kill costs ~0.3 s."""
+    db_path = tmp_path / "crash.db"
+    rng = random.Random(SEED)
+    acknowledged = rows_checked = 0
+    writer = CrashWriter(db_path, durability, 0)
+    for generation in range(SOAK_KILLS):
+        context = f"seed={SEED} durability={durability} kill #{generation}"
+        writer.go()
+        upcoming = (
+            CrashWriter(db_path, durability, generation + 1)
+            if generation + 1 < SOAK_KILLS
+            else None
+        )
+        assert writer.first_ack.wait(CHILD_TIMEOUT), f"{context}: no save was ever acknowledged"
+        await asyncio.sleep(rng.uniform(0.05, 0.4))
+        stderr = writer.kill()
+        assert writer.proc.returncode == -signal.SIGKILL, (
+            f"{context}: the child died on its own:\n{stderr}"
+        )
+        assert writer.acked, f"{context}: no acknowledgement was read"
+        rows_checked += await verify_generation(db_path, durability, writer, context)
+        acknowledged += len(writer.acked)
+        if upcoming is None:
+            break
+        writer = upcoming
+    assert integrity(db_path) == "ok"
+    assert corrupt_siblings(tmp_path) == []
+    print(
+        f"\n[sigkill/{durability}] {SOAK_KILLS} kills survived, {acknowledged} acknowledged runs "
+        f"intact, {rows_checked} rows checked (seed {SEED})"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Several processes on one file
+# --------------------------------------------------------------------------------------------
+
+PROCESSES = 4
+SAVES_PER_PROCESS = 2000
+
+
+@pytest.mark.timeout(600)
+def test_four_processes_share_one_file(tmp_path: Path) -> None:
+    """Four processes create the file together, then each saves 2000 runs (plus ~290 updates)
+    while reading their own and the others' rows. All finish, nothing surfaces a lock error,
+    every row is intact and the file passes integrity_check."""
+    db_path = tmp_path / "shared.db"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(PROGRAMS / "multi_writer.py"),
+                str(db_path),
+                str(worker),
+                str(SAVES_PER_PROCESS),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for worker in range(PROCESSES)
+    ]
+    try:
+        for proc in procs:  # start together, so they also race to create the tables
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        outcomes = [proc.communicate(timeout=CHILD_TIMEOUT * 3) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for worker, (proc, (stdout, stderr)) in enumerate(zip(procs, outcomes)):
+        assert "DatabaseLockedError" not in stderr and "locked" not in stderr.lower(), stderr
+        assert proc.returncode == 0, f"process {worker} failed:\n{stderr}"
+        assert stdout.strip().startswith(f"done {SAVES_PER_PROCESS} saves"), stdout
+
+    async def verify() -> None:
+        async with SQLiteBackend(db_path) as backend:
+            stats = await backend.get_workflow_stats()
+            assert stats["total_workflows"] == PROCESSES * SAVES_PER_PROCESS
+            for worker in range(PROCESSES):
+                run_ids = [f"p{worker}-{i}" for i in range(SAVES_PER_PROCESS)]
+                loaded = await asyncio.gather(*(backend.load_state(run_id) for run_id in run_ids))
+                for i, (run_id, state) in enumerate(zip(run_ids, loaded)):
+                    assert matches(state, run_id, 1 if i % 7 == 0 else 0, f"mp-{worker}"), run_id
+
+    asyncio.run(verify())
+    assert integrity(db_path) == "ok"
+
+
+# --------------------------------------------------------------------------------------------
+# 3. A lock held by another connection
+# --------------------------------------------------------------------------------------------
+
+
+class LockHolder:
+    """``lock_holder.py`` in a child process, holding ``BEGIN EXCLUSIVE`` until released."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(PROGRAMS / "lock_holder.py"), str(db_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if line != "locked":
+            self.proc.kill()
+            raise AssertionError(
+                f"lock holder failed: {line} {self.proc.stderr.read() if self.proc.stderr else ''}"
+            )
+
+    def release(self) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("release\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == "released"
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(CHILD_TIMEOUT)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            for stream in (self.proc.stdout, self.proc.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+@contextlib.contextmanager
+def lock_held(db_path: Path) -> Iterator[LockHolder]:
+    holder = LockHolder(db_path)
+    try:
+        yield holder
+    finally:
+        holder.stop()
+
+
+async def seed_database(db_path: Path, *run_ids: str) -> None:
+    async with SQLiteBackend(db_path) as backend:
+        for run_id in run_ids:
+            await backend.save_state(run_id, state_for(run_id, 0))
+
+
+def assert_locked_error(error: BaseException, db_path: Path) -> None:
+    assert isinstance(error, DatabaseLockedError)
+    assert isinstance(error, sqlite3.OperationalError) and isinstance(error, FlujoSQLiteError)
+    message = str(error)
+    assert "locked" in message.lower() and str(db_path) in message, message
+    # It must say what to check, not just that something went wrong.
+    assert any(hint in message.lower() for hint in ("process", "transaction", "connection")), (
+        message
+    )
+
+
+async def test_lock_held_longer_than_lock_timeout_raises_locked_error(tmp_path: Path) -> None:
+    db_path = tmp_path / "wf.db"
+    await seed_database(db_path, "before")
+    listing = sorted(os.listdir(tmp_path))
+    with lock_held(db_path) as holder:
+        backend = SQLiteBackend(db_path, lock_timeout=0.5)
+        try:
+            # A fresh instance reads a fully prepared WAL file while another process writes.
+            assert matches(await asyncio.wait_for(backend.load_state("before"), 30), "before", 0)
+            with pytest.raises(DatabaseLockedError) as raised:
+                await asyncio.wait_for(backend.save_state("blocked", state_for("blocked", 0)), 30)
+            assert_locked_error(raised.value, db_path)
+            with pytest.raises(DatabaseLockedError):
+                await asyncio.wait_for(backend.delete_state("before"), 30)
+            holder.release()
+            # The same instance recovers once the lock is gone: nothing was left half-done.
+            await asyncio.wait_for(backend.save_state("after", state_for("after", 0)), 30)
+            assert matches(await backend.load_state("after"), "after", 0)
+            assert await backend.load_state("blocked") is None
+            assert matches(await backend.load_state("before"), "before", 0)
+        finally:
+            await backend.close()
+    assert sorted(os.listdir(tmp_path)) == listing
+    assert corrupt_siblings(tmp_path) == []
+    assert integrity(db_path) == "ok"
+
+
+async def test_lock_held_shorter_than_lock_timeout_is_waited_for(tmp_path: Path) -> None:
+    db_path = tmp_path / "wf.db"
+    await seed_database(db_path, "before")
+    with lock_held(db_path) as holder:
+        async with SQLiteBackend(db_path, lock_timeout=30) as backend:
+            saving = asyncio.ensure_future(backend.save_state("waits", state_for("waits", 0)))
+            await asyncio.sleep(0.3)
+            assert not saving.done(), "the save did not wait for the lock: " + repr(
+                saving.exception() if saving.done() else None
+            )
+            holder.release()
+            await asyncio.wait_for(saving, 30)
+            assert matches(await backend.load_state("waits"), "waits", 0)
+    assert corrupt_siblings(tmp_path) == []
+
+
+async def test_lock_on_a_fresh_file_is_not_mistaken_for_corruption(tmp_path: Path) -> None:
+    """Flujo renames a database aside when its first writes meet "database is locked" (spec
+    6.3). Here a rollback-journal file with another application's table is locked while our
+    backend needs to create its tables: the call fails with DatabaseLockedError, the file is
+    untouched, and once the lock is gone the same instance adds its tables beside the old one."""
+    db_path = tmp_path / "app.db"
+    conn = sqlite3.connect(str(db_path))
+    conn.execute("CREATE TABLE app_data (k TEXT PRIMARY KEY, v TEXT)")
+    conn.execute("INSERT INTO app_data VALUES ('keep', 'me')")
+    conn.commit()
+    conn.close()
+    digest = file_digest(db_path)
+    with lock_held(db_path) as holder:
+        backend = SQLiteBackend(db_path, lock_timeout=0.5)
+        try:
+            with pytest.raises(DatabaseLockedError) as raised:
+                await asyncio.wait_for(backend.save_state("r", state_for("r", 0)), 30)
+            assert_locked_error(raised.value, db_path)
+            assert file_digest(db_path) == digest
+            assert sorted(os.listdir(tmp_path)) == ["app.db"]
+            holder.release()
+            await asyncio.wait_for(backend.save_state("r", state_for("r", 0)), 30)
+            assert matches(await backend.load_state("r"), "r", 0)
+        finally:
+            await backend.close()
+    conn = sqlite3.connect(str(db_path))
+    try:
+        assert conn.execute("SELECT v FROM app_data WHERE k = 'keep'").fetchall() == [("me",)]
+    finally:
+        conn.close()
+    assert corrupt_siblings(tmp_path) == []
+
+
+# flujo-sqlite bundles its own SQLite (as the project requires), so Python's sqlite3 module is a
+# second copy of SQLite in the process; POSIX locks cannot coordinate the two. README "Known
+# limitations" documents this. strict=True: these fail the suite the day the behaviour changes.
+SAME_PROCESS_SQLITE_COPIES = pytest.mark.xfail(
+    strict=True,
+    reason="documented limitation: two copies of SQLite in one process do not see each other's "
+    "POSIX locks (README, Known limitations)",
+)
+
+
+@SAME_PROCESS_SQLITE_COPIES
+async def test_lock_held_by_stdlib_sqlite3_in_the_same_process_is_respected(tmp_path: Path) -> None:
+    """Flujo apps also open the file with the stdlib ``sqlite3`` module in the same process
+    (Flujo 0.6.11's own ``get_workflow_stats_sync`` does). POSIX locks do not conflict within a
+    process, so a second SQLite library in the process must still honour this connection's
+    write lock, or two writers append to the WAL at once."""
+    db_path = tmp_path / "wf.db"
+    await seed_database(db_path, "before")
+    conn = sqlite3.connect(str(db_path), isolation_level=None, timeout=0)
+    backend = SQLiteBackend(db_path, lock_timeout=0.5)
+    try:
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.execute("UPDATE workflow_state SET pipeline_name = 'uncommitted'")
+        with pytest.raises(DatabaseLockedError) as raised:
+            await asyncio.wait_for(backend.save_state("blocked", state_for("blocked", 0)), 30)
+        assert_locked_error(raised.value, db_path)
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        conn.close()
+        await backend.close()
+    assert integrity(db_path) == "ok"
+
+
+@SAME_PROCESS_SQLITE_COPIES
+async def test_acknowledged_saves_survive_a_stdlib_sqlite3_writer_in_the_same_process(
+    tmp_path: Path,
+) -> None:
+    """The consequence of the test above: while a stdlib ``sqlite3`` connection of this process
+    has a write transaction open, our saves must wait for it (or fail with
+    DatabaseLockedError). Neither side's committed writes may be lost: not ours, acknowledged,
+    and not the other connection's committed update."""
+    db_path = tmp_path / "wf.db"
+    await seed_database(db_path, "before")
+    acknowledged: list[str] = []
+    conn = sqlite3.connect(str(db_path), isolation_level=None, timeout=30)
+    backend = SQLiteBackend(db_path, lock_timeout=5)
+    try:
+        for round_number in range(5):
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                "UPDATE workflow_state SET error_message = ? WHERE run_id = 'before'",
+                (f"round {round_number}",),
+            )
+            run_ids = [f"ours-{round_number}-{i}" for i in range(20)]
+            saves = asyncio.ensure_future(
+                asyncio.gather(
+                    *(backend.save_state(r, state_for(r, 0)) for r in run_ids),
+                    return_exceptions=True,
+                )
+            )
+            await asyncio.sleep(0.2)
+            conn.execute("COMMIT")
+            results = await asyncio.wait_for(saves, 60)
+            for run_id, result in zip(run_ids, results):
+                if result is None:
+                    acknowledged.append(run_id)
+                else:
+                    assert isinstance(result, DatabaseLockedError), repr(result)
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        conn.close()
+        await backend.close()
+    async with SQLiteBackend(db_path) as reopened:
+        loaded = await asyncio.gather(*(reopened.load_state(r) for r in acknowledged))
+        lost = [r for r, state in zip(acknowledged, loaded) if not matches(state, r, 0)]
+        before = await reopened.load_state("before")
+    assert not lost, f"{len(lost)} of {len(acknowledged)} acknowledged saves were lost: {lost[:5]}"
+    assert before is not None
+    assert before["error_message"] == "round 4", (
+        f"the stdlib connection's committed update was lost: error_message is {before['error_message']!r}"
+    )
+    assert integrity(db_path) == "ok"
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Odd files at the path
+# --------------------------------------------------------------------------------------------
+
+
+def make_random_bytes(path: Path) -> None:
+    path.write_bytes(random.Random(1).randbytes(16384))
+
+
+def make_sqlite_header_then_garbage(path: Path) -> None:
+    # The magic string and a plausible header, then noise: "malformed", not "not a database".
+    good = path.with_name("good.db")
+    conn = sqlite3.connect(str(good))
+    conn.execute("CREATE TABLE t (x)")
+    conn.commit()
+    conn.close()
+    header = good.read_bytes()[:100]
+    good.unlink()
+    path.write_bytes(header + random.Random(2).randbytes(8192 - 100))
+
+
+def make_text_file(path: Path) -> None:
+    path.write_text("# notes\n" + "This is not a database, it is somebody's text file.\n" * 200)
+
+
+def make_short_text_file(path: Path) -> None:
+    path.write_text("hello\n")
+
+
+def make_truncated_database(path: Path) -> None:
+    """A real flujo-sqlite database of ~400 runs, cut to 40 % of its length."""
+
+    async def fill() -> None:
+        async with SQLiteBackend(path) as backend:
+            await asyncio.gather(
+                *(backend.save_state(f"t{i}", state_for(f"t{i}", 0)) for i in range(400))
+            )
+
+    asyncio.run(fill())
+    conn = sqlite3.connect(str(path))
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    conn.execute("PRAGMA journal_mode=DELETE").fetchall()
+    conn.close()
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.4) // 4096 * 4096])
+
+
+UNREADABLE_FILES = {
+    "random-bytes": make_random_bytes,
+    "sqlite-header-then-garbage": make_sqlite_header_then_garbage,
+    "text-file": make_text_file,
+    "short-text-file": make_short_text_file,
+    "truncated-database": make_truncated_database,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNREADABLE_FILES))
+def test_unreadable_file_raises_corrupt_and_is_left_alone(tmp_path: Path, kind: str) -> None:
+    """Flujo renames such files to ``*.corrupt.<ts>`` and silently starts empty (spec 6.2), so
+    ``load_state`` returns None for runs that exist. Here every call says the file is corrupt,
+    and the file's bytes stay exactly as they were."""
+    db_path = tmp_path / "wf.db"
+    UNREADABLE_FILES[kind](db_path)
+    digest = file_digest(db_path)
+
+    async def attempts() -> list[tuple[str, BaseException | None]]:
+        outcomes: list[tuple[str, BaseException | None]] = []
+        backend = SQLiteBackend(db_path)
+        try:
+            calls = {
+                "save_state": lambda: backend.save_state("new", state_for("new", 0)),
+                "load_state": lambda: backend.load_state("t350"),
+                "list_workflows": lambda: backend.list_workflows(),
+                "save_state again": lambda: backend.save_state("new", state_for("new", 0)),
+            }
+            for name, call in calls.items():
+                try:
+                    await asyncio.wait_for(call(), 30)
+                    outcomes.append((name, None))
+                except Exception as error:  # noqa: BLE001 - recorded and checked below
+                    outcomes.append((name, error))
+        finally:
+            await backend.close()
+        return outcomes
+
+    for name, error in asyncio.run(attempts()):
+        assert isinstance(error, CorruptDatabaseError), (
+            f"{name}: expected CorruptDatabaseError, got {error!r}"
+        )
+        assert isinstance(error, sqlite3.DatabaseError) and isinstance(error, FlujoSQLiteError)
+        assert str(db_path) in str(error), str(error)
+    assert file_digest(db_path) == digest, "the unreadable file was modified"
+    assert corrupt_siblings(tmp_path) == []
+    assert not (tmp_path / "wf.db-wal").exists() or (tmp_path / "wf.db-wal").stat().st_size == 0
+
+
+async def test_zero_length_file_becomes_a_database(tmp_path: Path) -> None:
+    db_path = tmp_path / "wf.db"
+    db_path.touch()
+    async with SQLiteBackend(db_path) as backend:
+        await backend.save_state("r", state_for("r", 0))
+        assert matches(await backend.load_state("r"), "r", 0)
+    assert db_path.read_bytes().startswith(b"SQLite format 3\x00")
+    assert integrity(db_path) == "ok"
+
+
+async def test_directory_at_the_path_is_an_error_and_is_left_alone(tmp_path: Path) -> None:
+    db_path = tmp_path / "wf.db"
+    db_path.mkdir()
+    (db_path / "inside.txt").write_text("keep")
+    backend = SQLiteBackend(db_path)
+    try:
+        for call in (
+            lambda: backend.save_state("r", state_for("r", 0)),
+            lambda: backend.load_state("r"),
+        ):
+            with pytest.raises(DatabaseError) as raised:
+                await asyncio.wait_for(call(), 30)
+            assert not isinstance(raised.value, (CorruptDatabaseError, DatabaseLockedError))
+            assert isinstance(raised.value, sqlite3.DatabaseError)
+            assert "directory" in str(raised.value), str(raised.value)
+    finally:
+        await backend.close()
+    assert db_path.is_dir() and os.listdir(db_path) == ["inside.txt"]
+    assert (db_path / "inside.txt").read_text() == "keep"
+    assert sorted(os.listdir(tmp_path)) == ["wf.db"]
+
+
+async def test_missing_parent_folders_are_created(tmp_path: Path) -> None:
+    db_path = tmp_path / "a" / "b" / "c" / "wf.db"
+    async with SQLiteBackend(db_path) as backend:
+        await backend.save_state("r", state_for("r", 0))
+        assert matches(await backend.load_state("r"), "r", 0)
+    assert integrity(db_path) == "ok"
+
+
+async def test_folder_removed_after_construction_is_an_error(tmp_path: Path) -> None:
+    db_path = tmp_path / "gone" / "wf.db"
+    backend = SQLiteBackend(db_path)
+    try:
+        shutil.rmtree(tmp_path / "gone")
+        with pytest.raises(DatabaseError) as raised:
+            await asyncio.wait_for(backend.save_state("r", state_for("r", 0)), 30)
+        assert not isinstance(raised.value, (CorruptDatabaseError, DatabaseLockedError))
+        assert "does not exist" in str(raised.value) or "folder" in str(raised.value), str(
+            raised.value
+        )
+    finally:
+        await backend.close()
+
+
+def make_read_only(path: Path) -> str | None:
+    """Makes ``path`` unwritable; returns how, or None when nothing works here."""
+    path.chmod(0o444)
+    try:
+        with path.open("r+b"):
+            pass
+    except PermissionError:
+        return "chmod 0o444"
+    # Root ignores file modes; the immutable attribute binds root too, where the fs supports it.
+    done = subprocess.run(["chattr", "+i", str(path)], check=False, capture_output=True)
+    if done.returncode == 0:
+        return "chattr +i"
+    return None
+
+
+async def test_read_only_file_is_an_error_and_is_left_alone(tmp_path: Path) -> None:
+    db_path = tmp_path / "wf.db"
+    await seed_database(db_path, "before")
+    conn = sqlite3.connect(str(db_path))
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    conn.close()
+    how = make_read_only(db_path)
+    if how is None:
+        pytest.skip(
+            "cannot make a read-only file here: the tests run as root, where chmod 0o444 does "
+            "not stop writes, and chattr +i is not available on this filesystem"
+        )
+    try:
+        digest = file_digest(db_path)
+        backend = SQLiteBackend(db_path)
+        try:
+            with pytest.raises(DatabaseError) as raised:
+                await asyncio.wait_for(backend.save_state("new", state_for("new", 0)), 30)
+            assert not isinstance(raised.value, (CorruptDatabaseError, DatabaseLockedError)), repr(
+                raised.value
+            )
+            assert "read" in str(raised.value).lower(), str(raised.value)
+            # Reading what the file holds either works or fails clearly; it never says "absent".
+            try:
+                loaded = await asyncio.wait_for(backend.load_state("before"), 30)
+            except DatabaseError:
+                pass
+            else:
+                assert matches(loaded, "before", 0)
+        finally:
+            await backend.close()
+        assert file_digest(db_path) == digest
+        assert corrupt_siblings(tmp_path) == []
+    finally:
+        if how == "chattr +i":
+            await asyncio.to_thread(subprocess.run, ["chattr", "-i", str(db_path)], check=True)
+        db_path.chmod(0o644)
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(mount_point: Path, size: str) -> Iterator[None]:
+    mount_point.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(
+            f"cannot simulate a full disk: mounting a {size} tmpfs failed ({done.stderr.strip()})"
+        )
+    try:
+        yield
+    finally:
+        if (
+            subprocess.run(
+                ["umount", str(mount_point)], check=False, capture_output=True
+            ).returncode
+            != 0
+        ):
+            subprocess.run(["umount", "-l", str(mount_point)], check=False, capture_output=True)
+
+
+async def test_full_disk_is_an_error_and_loses_nothing(tmp_path: Path) -> None:
+    """On a 1 MiB tmpfs that other files share, saves continue until the disk is full; that save
+    fails with a plain DatabaseError, every acknowledged run stays intact, and once the other
+    files are removed the same instance saves again."""
+    mount_point = tmp_path / "tiny"
+    with tiny_tmpfs(mount_point, "1m"):
+        db_path = mount_point / "wf.db"
+        filler = mount_point / "other-files"
+        filler.write_bytes(b"\0" * 256 * 1024)
+        acknowledged: list[str] = []
+        backend = SQLiteBackend(db_path)
+        try:
+            error: BaseException | None = None
+            for i in range(10_000):
+                try:
+                    await asyncio.wait_for(backend.save_state(f"r{i}", state_for(f"r{i}", 0)), 30)
+                except Exception as failure:  # noqa: BLE001 - checked below
+                    error = failure
+                    break
+                acknowledged.append(f"r{i}")
+            assert error is not None, "a 1 MiB disk never filled up"
+            assert isinstance(error, DatabaseError), repr(error)
+            assert not isinstance(error, (CorruptDatabaseError, DatabaseLockedError)), repr(error)
+            assert "full" in str(error).lower(), str(error)
+            assert acknowledged, "not a single save fitted"
+            loaded = await asyncio.gather(*(backend.load_state(run_id) for run_id in acknowledged))
+            assert all(matches(state, run_id, 0) for run_id, state in zip(acknowledged, loaded))
+            failed_run = f"r{len(acknowledged)}"
+            assert await backend.load_state(failed_run) is None
+            # The user frees space on the disk; the same instance then saves again.
+            filler.unlink()
+            await backend.save_state("after", state_for("after", 1))
+            assert matches(await backend.load_state("after"), "after", 1)
+        finally:
+            await backend.close()
+        assert integrity(db_path) == "ok"
+        assert corrupt_siblings(mount_point) == []
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Cancellation and teardown
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+async def test_cancelled_saves_are_all_or_nothing(tmp_path: Path) -> None:
+    """Across 40 rounds, saves are cancelled at random points (``wait_for`` with tiny timeouts,
+    ``task.cancel()`` after a random number of loop turns, or before they start). After each
+    round every run is exactly at its previous version or at the new one, never a mix;
+    acknowledged saves are at the new one. The backend keeps working throughout."""
+    rng = random.Random(SEED)
+    db_path = tmp_path / "cancel.db"
+    runs = [f"c{i}" for i in range(60)]
+    known: dict[str, int] = {}
+    cancelled_total = acknowledged_total = 0
+    async with SQLiteBackend(db_path) as backend:
+        await asyncio.gather(*(backend.save_state(run_id, state_for(run_id, 0)) for run_id in runs))
+        known = dict.fromkeys(runs, 0)
+        for round_number in range(1, 41):
+            chosen = rng.sample(runs, 30)
+            tasks: dict[str, asyncio.Future[Any]] = {}
+            waiters: list[asyncio.Future[Any]] = []
+            for run_id in chosen:
+                tasks[run_id] = asyncio.ensure_future(
+                    backend.save_state(run_id, state_for(run_id, round_number))
+                )
+                how = rng.randrange(3)
+                if how == 0:
+                    waiters.append(
+                        asyncio.ensure_future(
+                            asyncio.wait_for(tasks[run_id], rng.uniform(0, 0.003))
+                        )
+                    )
+                elif how == 1:
+                    tasks[run_id].cancel()  # before it ever ran
+            for _ in range(rng.randrange(6)):
+                await asyncio.sleep(0)
+            for run_id in chosen:
+                if rng.random() < 0.5:
+                    tasks[run_id].cancel()
+            results = await asyncio.gather(*tasks.values(), return_exceptions=True)
+            await asyncio.gather(*waiters, return_exceptions=True)
+            # A save queued after everything above; once it is acknowledged the writer has
+            # dealt with every earlier save, cancelled or not.
+            await backend.save_state("barrier", state_for("barrier", round_number))
+            loaded = await asyncio.gather(*(backend.load_state(run_id) for run_id in chosen))
+            for run_id, result, state in zip(chosen, results, loaded):
+                assert state is not None, f"seed={SEED} round {round_number}: {run_id} vanished"
+                version = loaded_version(state)
+                assert matches(state, run_id, version), (
+                    f"seed={SEED}: {run_id} is a mix of versions"
+                )
+                if isinstance(result, BaseException):
+                    assert isinstance(result, asyncio.CancelledError), repr(result)
+                    assert version in (known[run_id], round_number), (
+                        run_id,
+                        version,
+                        known[run_id],
+                    )
+                    cancelled_total += 1
+                else:
+                    assert version == round_number, (
+                        f"seed={SEED}: acknowledged {run_id} is at v{version}"
+                    )
+                    acknowledged_total += 1
+                known[run_id] = version
+        await backend.save_state("still-works", state_for("still-works", 0))
+        assert matches(await backend.load_state("still-works"), "still-works", 0)
+    assert cancelled_total > 100 and acknowledged_total > 0, (cancelled_total, acknowledged_total)
+    # Everything observed is also what a fresh instance reads from the file.
+    async with SQLiteBackend(db_path) as backend:
+        for run_id, version in known.items():
+            assert matches(await backend.load_state(run_id), run_id, version)
+    assert integrity(db_path) == "ok"
+
+
+async def test_close_with_500_calls_in_flight(tmp_path: Path) -> None:
+    """``close()`` races 500 saves, loads and listings: each call completes or fails with
+    BackendClosedError, nothing hangs, and every save that reported success is in the file."""
+    db_path = tmp_path / "close.db"
+    rng = random.Random(SEED)
+    for attempt in range(5):
+        backend = SQLiteBackend(db_path)
+        await backend.save_state("seed", state_for("seed", 0))
+        calls: list[tuple[str, str, asyncio.Future[Any]]] = []
+        for i in range(500):
+            run_id = f"a{attempt}-{i}"
+            kind = rng.choice(("save", "save", "load", "list"))
+            if kind == "save":
+                future = asyncio.ensure_future(backend.save_state(run_id, state_for(run_id, 0)))
+            elif kind == "load":
+                future = asyncio.ensure_future(backend.load_state("seed"))
+            else:
+                future = asyncio.ensure_future(backend.list_workflows(limit=5))
+            calls.append((kind, run_id, future))
+        for _ in range(rng.randrange(4)):
+            await asyncio.sleep(0)
+        await asyncio.wait_for(backend.close(), 60)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(f for _, _, f in calls), return_exceptions=True), 60
+        )
+        with pytest.raises(BackendClosedError):
+            await backend.save_state("late", state_for("late", 0))
+        with pytest.raises(BackendClosedError):
+            await backend.load_state("seed")
+        await backend.close()  # closing twice is harmless
+        saved = []
+        for (kind, run_id, _), result in zip(calls, results):
+            if isinstance(result, BaseException):
+                assert isinstance(result, BackendClosedError), f"{kind} {run_id}: {result!r}"
+                assert isinstance(result, RuntimeError) and isinstance(result, FlujoSQLiteError)
+            elif kind == "save":
+                saved.append(run_id)
+            elif kind == "load":
+                assert matches(result, "seed", 0)
+        async with SQLiteBackend(db_path) as reopened:
+            loaded = await asyncio.gather(*(reopened.load_state(run_id) for run_id in saved))
+            lost = [run_id for run_id, state in zip(saved, loaded) if not matches(state, run_id, 0)]
+            assert not lost, f"acknowledged before close() but not in the file: {lost[:10]}"
+    assert integrity(db_path) == "ok"
+
+
+@pytest.mark.parametrize("mode", ["awaited", "pending", "sys_exit"])
+async def test_program_that_never_closes_exits_promptly(tmp_path: Path, mode: str) -> None:
+    """Flujo 0.6.11 hangs at interpreter exit when ``close()`` is never called (spec 1.2)."""
+    db_path = tmp_path / "wf.db"
+    done = await asyncio.to_thread(
+        run_program, "exit_without_close.py", str(db_path), mode, "50", timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    acknowledged = done.stdout.split()
+    assert len(acknowledged) == 50
+    if mode != "pending":
+        assert done.stderr == "", done.stderr
+    async with SQLiteBackend(db_path) as backend:
+        for run_id in acknowledged:
+            assert matches(await backend.load_state(run_id), run_id, 0), run_id
+        # Saves still queued at exit are whole if they landed at all.
+        for i in range(50, 100):
+            state = await backend.load_state(f"exit-{mode}-{i}")
+            assert state is None or matches(state, f"exit-{mode}-{i}", 0)
+    assert integrity(db_path) == "ok"
+
+
+def test_one_backend_used_from_four_threads_each_with_its_own_loop(tmp_path: Path) -> None:
+    db_path = tmp_path / "threads.db"
+    backend = SQLiteBackend(db_path)
+    errors: list[BaseException] = []
+
+    async def work(thread_index: int) -> None:
+        run_ids = [f"t{thread_index}-{i}" for i in range(200)]
+        for start in range(0, 200, 20):
+            batch = run_ids[start : start + 20]
+            await asyncio.gather(*(backend.save_state(r, state_for(r, 0)) for r in batch))
+            loaded = await asyncio.gather(*(backend.load_state(r) for r in batch))
+            assert all(matches(state, r, 0) for r, state in zip(batch, loaded))
+            await backend.list_workflows(limit=10)
+        for r in run_ids[:50]:
+            await backend.save_state(r, state_for(r, 1))
+            assert matches(await backend.load_state(r), r, 1)
+
+    def thread_main(thread_index: int) -> None:
+        try:
+            asyncio.run(work(thread_index))
+        except BaseException as error:  # noqa: BLE001 - reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=thread_main, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(CHILD_TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads), "a thread hung"
+    assert not errors, errors
+
+    async def check_and_close() -> None:
+        # A fifth loop, after the others are gone, still works with the same instance.
+        stats = await backend.get_workflow_stats()
+        assert stats["total_workflows"] == 800
+        for thread_index in range(4):
+            for i in range(200):
+                run_id = f"t{thread_index}-{i}"
+                assert matches(await backend.load_state(run_id), run_id, 1 if i < 50 else 0)
+        await backend.close()
+
+    asyncio.run(check_and_close())
+    assert integrity(db_path) == "ok"
