@@ -145,9 +145,19 @@ impl Failure {
     }
 
     fn into_py_err(self, py: Python<'_>, root: &str) -> PyErr {
+        // A path through a thousand levels would bury the message: keep both ends.
+        const SHOWN_AT_EACH_END: usize = 8;
+        let outermost_first: Vec<&String> = self.segments.iter().rev().collect();
         let mut path = root.to_owned();
-        for segment in self.segments.iter().rev() {
-            path.push_str(segment);
+        if outermost_first.len() > 2 * SHOWN_AT_EACH_END {
+            let hidden = outermost_first.len() - 2 * SHOWN_AT_EACH_END;
+            outermost_first[..SHOWN_AT_EACH_END].iter().for_each(|s| path.push_str(s));
+            path.push_str(&format!("...({hidden} levels)..."));
+            outermost_first[outermost_first.len() - SHOWN_AT_EACH_END..]
+                .iter()
+                .for_each(|s| path.push_str(s));
+        } else {
+            outermost_first.iter().for_each(|s| path.push_str(s));
         }
         let message = match self.reason {
             Reason::Unsupported { type_name } => format!(
