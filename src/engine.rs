@@ -18,6 +18,9 @@ pub enum Request {
     SaveState {
         run_id: String,
         record: Box<StateRecord>,
+        /// Opt-in lost-update protection: write only if the stored row's `updated_at` is still
+        /// this instant (stored-text form), else fail with `Error::Conflict`.
+        expected_updated_at: Option<String>,
     },
     LoadState {
         run_id: String,

@@ -43,6 +43,18 @@ pub enum Error {
         supported: i64,
     },
 
+    /// A conditional save found the run changed (or gone) since the caller read it.
+    #[error(
+        "run {run_id:?} was changed by another writer: its stored updated_at is {found}, not \
+         {expected} as this save expected. Reload it with load_state, reapply your change and \
+         save again"
+    )]
+    Conflict {
+        run_id: String,
+        expected: String,
+        found: String,
+    },
+
     /// `close()` was called; the engine accepts no more work.
     #[error("this SQLiteBackend is closed; create a new one to keep working with {path}")]
     Closed { path: PathBuf },

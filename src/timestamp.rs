@@ -10,6 +10,39 @@
 
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 
+/// Whether two stored timestamp texts denote the same moment: identical text, or the same
+/// instant once parsed (so Flujo's `T`-separated, offset-carrying text matches our UTC form).
+/// An aware and a naive timestamp never match.
+pub fn same_instant(a: &str, b: &str) -> bool {
+    if a == b {
+        return true;
+    }
+    match (parse(a), parse(b)) {
+        (Some(Parsed::Aware(x)), Some(Parsed::Aware(y))) => x == y,
+        (Some(Parsed::Naive(x)), Some(Parsed::Naive(y))) => x == y,
+        _ => false,
+    }
+}
+
+enum Parsed {
+    Aware(DateTime<Utc>),
+    Naive(chrono::NaiveDateTime),
+}
+
+fn parse(text: &str) -> Option<Parsed> {
+    let normalized = text.trim().replacen(' ', "T", 1);
+    if let Ok(aware) = DateTime::parse_from_rfc3339(&normalized) {
+        return Some(Parsed::Aware(aware.with_timezone(&Utc)));
+    }
+    if let Ok(naive) = chrono::NaiveDateTime::parse_from_str(&normalized, "%Y-%m-%dT%H:%M:%S%.f") {
+        return Some(Parsed::Naive(naive));
+    }
+    NaiveDate::parse_from_str(&normalized, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(Parsed::Naive)
+}
+
 /// The current instant as stored text (aware, UTC).
 pub fn now_text() -> String {
     Utc::now().format("%Y-%m-%d %H:%M:%S%.6f+00:00").to_string()
@@ -81,6 +114,29 @@ mod tests {
         assert_eq!(w.cutoff, "2026-11-26 04:28:10.000000");
         assert_eq!(w.text_low, "2026-11-25");
         assert_eq!(w.text_high, "2026-11-28");
+    }
+
+    #[test]
+    fn same_instant_matches_across_flujos_and_our_spelling() {
+        assert!(same_instant(
+            "2026-11-27 04:28:10+00:00",
+            "2026-11-27T04:28:10+00:00"
+        ));
+        assert!(same_instant(
+            "2026-11-27 04:28:10.5+00:00",
+            "2026-11-27T09:58:10.500+05:30"
+        ));
+        assert!(same_instant("2026-11-27 04:28:10", "2026-11-27T04:28:10"));
+        assert!(same_instant("2024-01-01", "2024-01-01 00:00:00"));
+        assert!(!same_instant(
+            "2026-11-27 04:28:10+00:00",
+            "2026-11-27 04:28:10"
+        ));
+        assert!(!same_instant(
+            "2026-11-27 04:28:10+00:00",
+            "2026-11-27 04:28:11+00:00"
+        ));
+        assert!(!same_instant("yesterday", "today"));
     }
 
     #[test]

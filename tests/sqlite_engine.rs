@@ -46,6 +46,7 @@ fn save(engine: &SqliteEngine, run_id: &str, record: StateRecord) {
         Request::SaveState {
             run_id: run_id.into(),
             record: Box::new(record),
+            expected_updated_at: None,
         },
     )
     .unwrap();
@@ -234,6 +235,7 @@ fn queued_writes_commit_together_and_a_failing_one_fails_alone() {
             Request::SaveState {
                 run_id: format!("r{i}"),
                 record: Box::new(record("p", status, &created)),
+                expected_updated_at: None,
             },
             Box::new(move |outcome| tx.send((i, outcome.is_ok())).unwrap()),
         );
@@ -363,6 +365,7 @@ fn cleanup_deletes_in_batches_and_counts_every_row() {
         let request = Request::SaveState {
             run_id: format!("r{i}"),
             record: Box::new(record("p", "completed", &utc_text(age))),
+            expected_updated_at: None,
         };
         let tx = tx.clone();
         e.submit(
@@ -486,6 +489,7 @@ fn a_lock_held_too_long_gives_a_locked_error() {
         Request::SaveState {
             run_id: "r2".into(),
             record: Box::new(record("p", "running", &utc_text(chrono::Duration::zero()))),
+            expected_updated_at: None,
         },
     )
     .unwrap_err();
@@ -512,5 +516,53 @@ fn a_closed_engine_refuses_work_and_close_is_idempotent() {
     assert!(matches!(
         call(&e, Request::WorkflowStats),
         Err(Error::Closed { .. })
+    ));
+}
+
+#[test]
+fn a_conditional_save_fails_when_another_writer_got_there_first() {
+    let db = temp_db();
+    let e = engine(&db.path);
+    let first = utc_text(chrono::Duration::hours(1));
+    save(&e, "r1", record("p", "running", &first));
+    let conditional = |expected: &str, status: &str| {
+        call(
+            &e,
+            Request::SaveState {
+                run_id: "r1".into(),
+                record: Box::new(record("p", status, &utc_text(chrono::Duration::zero()))),
+                expected_updated_at: Some(expected.into()),
+            },
+        )
+    };
+    // The first worker saw `first` and wins; the second, holding the same stale view, loses.
+    conditional(&first, "paused").unwrap();
+    let lost = conditional(&first, "failed").unwrap_err();
+    assert!(matches!(lost, Error::Conflict { .. }), "{lost:?}");
+    let Response::State(Some(state)) = call(
+        &e,
+        Request::LoadState {
+            run_id: "r1".into(),
+        },
+    )
+    .unwrap() else {
+        panic!("missing")
+    };
+    assert_eq!(state.status, Cell::Text("paused".into()));
+    // Flujo's spelling of the same instant is the same version.
+    let Cell::Text(stored) = state.updated_at else {
+        panic!()
+    };
+    conditional(&stored.replacen(' ', "T", 1), "completed").unwrap();
+    call(
+        &e,
+        Request::DeleteState {
+            run_id: "r1".into(),
+        },
+    )
+    .unwrap();
+    assert!(matches!(
+        conditional(&stored, "failed"),
+        Err(Error::Conflict { .. })
     ));
 }

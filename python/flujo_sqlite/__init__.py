@@ -12,6 +12,7 @@ from .config import load_backend_from_config
 from .errors import (
     BackendClosedError,
     ConfigurationError,
+    ConflictError,
     CorruptDatabaseError,
     DatabaseError,
     DatabaseLockedError,
@@ -34,4 +35,5 @@ __all__ = [
     "CorruptDatabaseError",
     "BackendClosedError",
     "ConfigurationError",
+    "ConflictError",
 ]

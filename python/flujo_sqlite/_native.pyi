@@ -1,6 +1,7 @@
 """The compiled core of flujo-sqlite. Private: use the ``flujo_sqlite`` package instead."""
 
 from asyncio import Future
+from datetime import datetime
 from os import PathLike
 from typing import Any, Callable, final
 
@@ -27,7 +28,11 @@ class NativeBackend:
     @property
     def path(self) -> str: ...
     def save_state(
-        self, port: CompletionPort, run_id: str, state: dict[str, Any]
+        self,
+        port: CompletionPort,
+        run_id: str,
+        state: dict[str, Any],
+        expected_updated_at: datetime | str | None = None,
     ) -> Future[None]: ...
     def load_state(self, port: CompletionPort, run_id: str) -> Future[dict[str, Any] | None]: ...
     def delete_state(self, port: CompletionPort, run_id: str) -> Future[None]: ...

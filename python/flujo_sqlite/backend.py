@@ -13,6 +13,7 @@ import atexit
 import importlib.metadata
 import os
 import weakref
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -101,8 +102,20 @@ class SQLiteBackend(_Base):
 
     # Workflow state (the user guide's API).
 
-    async def save_state(self, run_id: str, state: dict[str, Any]) -> None:
-        await self._native.save_state(_port(), run_id, state)
+    async def save_state(
+        self,
+        run_id: str,
+        state: dict[str, Any],
+        *,
+        expected_updated_at: datetime | str | None = None,
+    ) -> None:
+        """Insert or replace the whole state of ``run_id``.
+
+        With ``expected_updated_at`` (the ``updated_at`` you loaded), the save happens only if
+        nobody changed the run since: otherwise ``ConflictError`` is raised and nothing is
+        written, so two workers resuming the same run cannot both advance it.
+        """
+        await self._native.save_state(_port(), run_id, state, expected_updated_at)
 
     async def load_state(self, run_id: str) -> dict[str, Any] | None:
         return await self._native.load_state(_port(), run_id)

@@ -19,6 +19,7 @@ __all__ = [
     "CorruptDatabaseError",
     "BackendClosedError",
     "ConfigurationError",
+    "ConflictError",
 ]
 
 
@@ -60,3 +61,9 @@ class BackendClosedError(FlujoSQLiteError, RuntimeError):
 class ConfigurationError(FlujoSQLiteError, ValueError):
     """The configured state URI or ``flujo.toml`` cannot be used. The message says where the
     value came from and what to write instead."""
+
+
+class ConflictError(FlujoSQLiteError):
+    """A conditional ``save_state(..., expected_updated_at=...)`` found that another writer
+    changed (or deleted) the run since you loaded it. Nothing was written: reload the state,
+    reapply your change and save again."""

@@ -93,16 +93,22 @@ impl NativeBackend {
         self.path.clone()
     }
 
+    #[pyo3(signature = (port, run_id, state, expected_updated_at = None))]
     fn save_state<'py>(
         &self,
         py: Python<'py>,
         port: PyRef<'py, CompletionPort>,
         run_id: &Bound<'py, PyAny>,
         state: &Bound<'py, PyAny>,
+        expected_updated_at: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let request = Request::SaveState {
             run_id: arguments::run_id(run_id)?,
             record: Box::new(arguments::state_record(state)?),
+            expected_updated_at: expected_updated_at
+                .filter(|v| !v.is_none())
+                .map(|v| arguments::timestamp_text(v, "expected_updated_at"))
+                .transpose()?,
         };
         self.submit(py, &port, request)
     }

@@ -34,6 +34,7 @@ exception_class!(database_error, "DatabaseError");
 exception_class!(database_locked, "DatabaseLockedError");
 exception_class!(corrupt_database, "CorruptDatabaseError");
 exception_class!(backend_closed, "BackendClosedError");
+exception_class!(conflict, "ConflictError");
 
 pub(crate) fn to_py_err(py: Python<'_>, error: &Error) -> PyErr {
     let message = error.to_string();
@@ -42,6 +43,7 @@ pub(crate) fn to_py_err(py: Python<'_>, error: &Error) -> PyErr {
         Error::Locked { .. } => database_locked(py, message),
         Error::Corrupt { .. } => corrupt_database(py, message),
         Error::Closed { .. } => backend_closed(py, message),
+        Error::Conflict { .. } => conflict(py, message),
         Error::CannotOpen { .. } | Error::SchemaTooNew { .. } | Error::Storage { .. } => {
             database_error(py, message)
         }

@@ -151,7 +151,9 @@ impl Failure {
         let mut path = root.to_owned();
         if outermost_first.len() > 2 * SHOWN_AT_EACH_END {
             let hidden = outermost_first.len() - 2 * SHOWN_AT_EACH_END;
-            outermost_first[..SHOWN_AT_EACH_END].iter().for_each(|s| path.push_str(s));
+            outermost_first[..SHOWN_AT_EACH_END]
+                .iter()
+                .for_each(|s| path.push_str(s));
             path.push_str(&format!("...({hidden} levels)..."));
             outermost_first[outermost_first.len() - SHOWN_AT_EACH_END..]
                 .iter()

@@ -70,6 +70,21 @@ pub(crate) fn save_state(conn: &Connection, run_id: &str, r: &StateRecord) -> ru
     Ok(())
 }
 
+/// The stored `updated_at` text of a run, or `None` when the run does not exist.
+pub(crate) fn stored_updated_at(
+    conn: &Connection,
+    run_id: &str,
+) -> rusqlite::Result<Option<String>> {
+    conn.prepare_cached("SELECT updated_at FROM workflow_state WHERE run_id = ?1")?
+        .query_row([run_id], |row| {
+            Ok(match row.get_ref(0)? {
+                ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+                other => format!("{other:?}"),
+            })
+        })
+        .optional()
+}
+
 pub(crate) fn delete_state(conn: &Connection, run_id: &str) -> rusqlite::Result<()> {
     conn.prepare_cached("DELETE FROM workflow_state WHERE run_id = ?1")?
         .execute([run_id])?;

@@ -20,7 +20,7 @@ use super::schema::Layout;
 use super::{queries, run_history, system, traces, Job, Shared};
 use crate::engine::{Request, Response};
 use crate::error::{Error, Result};
-use crate::timestamp::{age_from, TimeWindow};
+use crate::timestamp::{age_from, same_instant, TimeWindow};
 
 /// Writes committed in one transaction at most; bounds the latency a batch adds to its first caller.
 const MAX_BATCH: usize = 256;
@@ -212,7 +212,22 @@ fn execute_write(
 ) -> Result<Response> {
     let fail = |e| classify(path, e);
     match request {
-        Request::SaveState { run_id, record } => {
+        Request::SaveState {
+            run_id,
+            record,
+            expected_updated_at,
+        } => {
+            if let Some(expected) = expected_updated_at {
+                // Checked inside the write transaction, so no other writer can slip in between.
+                let found = queries::stored_updated_at(conn, run_id).map_err(fail)?;
+                if !found.as_deref().is_some_and(|f| same_instant(f, expected)) {
+                    return Err(Error::Conflict {
+                        run_id: run_id.clone(),
+                        expected: expected.clone(),
+                        found: found.unwrap_or_else(|| "absent (the run was deleted)".into()),
+                    });
+                }
+            }
             queries::save_state(conn, run_id, record).map_err(fail)?;
         }
         Request::DeleteState { run_id } => queries::delete_state(conn, run_id).map_err(fail)?,
