@@ -60,9 +60,9 @@ test-python: install $(TEST_DEPS_STAMP) flujo06 ## pytest suite (tests_py) again
 
 install: $(INSTALL_STAMP) ## Build the release wheel into target/wheels and install it into .venv
 
-bench: install $(TEST_DEPS_STAMP) ## Benchmarks against Flujo's own backend (benchmarks/bench.py)
+bench: install $(TEST_DEPS_STAMP) ## Benchmark against Flujo's own backend (BENCH_ARGS=--quick: 1 min)
 	@if [ ! -f benchmarks/bench.py ]; then echo "error: benchmarks/bench.py does not exist yet" >&2; exit 1; fi
-	$(VENV_PYTHON) benchmarks/bench.py
+	$(VENV_PYTHON) benchmarks/bench.py $(BENCH_ARGS)
 
 lint: $(LINT_DEPS_STAMP) stubtest ## cargo fmt --check, clippy -D warnings, ruff, stub check
 	cargo fmt --all --check

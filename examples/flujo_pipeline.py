@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 
 from flujo import Flujo, Pipeline, Step
-
 from flujo_sqlite import SQLiteBackend
 
 

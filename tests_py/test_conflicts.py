@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-
 from flujo_sqlite import ConflictError, SQLiteBackend
 
 

@@ -19,6 +19,7 @@ def run_example(python: str, script: str, db_path: Path) -> str:
     done = subprocess.run(
         [python, str(EXAMPLES / script), str(db_path)],
         capture_output=True,
+        check=False,
         text=True,
         timeout=300,
         env=env,

@@ -23,17 +23,17 @@ from .errors import (
 )
 
 __all__ = [
-    "SQLiteBackend",
-    "load_backend_from_config",
-    "register_serializer",
-    "FlujoSQLiteError",
-    "InvalidStateError",
-    "InvalidTypeError",
-    "SerializationError",
-    "DatabaseError",
-    "DatabaseLockedError",
-    "CorruptDatabaseError",
     "BackendClosedError",
     "ConfigurationError",
     "ConflictError",
+    "CorruptDatabaseError",
+    "DatabaseError",
+    "DatabaseLockedError",
+    "FlujoSQLiteError",
+    "InvalidStateError",
+    "InvalidTypeError",
+    "SQLiteBackend",
+    "SerializationError",
+    "load_backend_from_config",
+    "register_serializer",
 ]

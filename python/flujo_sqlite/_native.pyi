@@ -1,9 +1,10 @@
 """The compiled core of flujo-sqlite. Private: use the ``flujo_sqlite`` package instead."""
 
 from asyncio import Future
+from collections.abc import Callable
 from datetime import datetime
 from os import PathLike
-from typing import Any, Callable, final
+from typing import Any, final
 
 @final
 class CompletionPort:

@@ -15,7 +15,7 @@ import os
 import weakref
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 from ._native import CompletionPort, NativeBackend
 from .errors import InvalidStateError
@@ -218,9 +218,7 @@ class SQLiteBackend(_Base):
         step_name: str | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        await self._native.persist_evaluation(
-            _port(), run_id, score, feedback, step_name, metadata
-        )
+        await self._native.persist_evaluation(_port(), run_id, score, feedback, step_name, metadata)
 
     async def list_evaluations(
         self, limit: int = 20, run_id: str | None = None
@@ -258,7 +256,7 @@ class SQLiteBackend(_Base):
         """Flujo's name for :meth:`close`."""
         await self.close()
 
-    async def __aenter__(self) -> SQLiteBackend:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -10,16 +10,16 @@ from __future__ import annotations
 import sqlite3
 
 __all__ = [
+    "BackendClosedError",
+    "ConfigurationError",
+    "ConflictError",
+    "CorruptDatabaseError",
+    "DatabaseError",
+    "DatabaseLockedError",
     "FlujoSQLiteError",
     "InvalidStateError",
     "InvalidTypeError",
     "SerializationError",
-    "DatabaseError",
-    "DatabaseLockedError",
-    "CorruptDatabaseError",
-    "BackendClosedError",
-    "ConfigurationError",
-    "ConflictError",
 ]
 
 

@@ -1,0 +1,1233 @@
+"""The public coroutines of ``SQLiteBackend``: return shapes, ordering, filters, paging, time
+windows, lifecycle, concurrency and input validation.
+
+Return shapes follow Flujo 0.6.11 (the user guide's release), a superset of 0.4.35's (spec 3.1,
+3.2): 0.4.35's keys plus the five background-task keys. Where we deliberately differ from Flujo (exact time
+windows, offset without limit, input validation, never touching a file that is not a database),
+the tests assert our behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import enum
+import math
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import pytest
+from conftest import (
+    BACKGROUND_DEFAULTS,
+    EMPTY_WORKFLOW_STATS,
+    LOAD_STATE_KEYS,
+    LOAD_STATE_KEYS_0435,
+    REQUIRED_KEYS,
+    STATUSES,
+    UTC,
+    WORKFLOW_ITEM_KEYS,
+    WORKFLOW_STATS_KEYS,
+    build_state,
+    raw_rows,
+    sql_in_another_process,
+    utc_now,
+)
+from flujo_sqlite import SQLiteBackend
+from flujo_sqlite.errors import (
+    BackendClosedError,
+    CorruptDatabaseError,
+    DatabaseError,
+    DatabaseLockedError,
+    FlujoSQLiteError,
+    InvalidStateError,
+    InvalidTypeError,
+    SerializationError,
+)
+
+HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
+
+
+async def save_many(backend: SQLiteBackend, specs: list[tuple[str, dict[str, Any]]]) -> None:
+    for run_id, overrides in specs:
+        await backend.save_state(run_id, build_state(**overrides))
+
+
+def run_ids(items: list[dict[str, Any]]) -> list[str]:
+    return [item["run_id"] for item in items]
+
+
+async def stored_row(backend: SQLiteBackend, run_id: str) -> sqlite3.Row:
+    """The raw stored row, read with the stdlib sqlite3 module. Closes ``backend`` first: a
+    second copy of SQLite must not open the file in this process while ours has it open."""
+    await backend.close()
+    (row,) = raw_rows(backend.db_path, "SELECT * FROM workflow_state WHERE run_id = ?", (run_id,))
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_error_classes_subclass_the_stdlib_exceptions_they_replace() -> None:
+    assert issubclass(InvalidStateError, ValueError)
+    assert issubclass(SerializationError, TypeError)
+    assert issubclass(DatabaseError, sqlite3.DatabaseError)
+    assert issubclass(DatabaseLockedError, sqlite3.OperationalError)
+    assert issubclass(DatabaseLockedError, DatabaseError)
+    assert issubclass(CorruptDatabaseError, DatabaseError)
+    assert issubclass(BackendClosedError, RuntimeError)
+    for cls in (
+        InvalidStateError,
+        SerializationError,
+        DatabaseError,
+        DatabaseLockedError,
+        CorruptDatabaseError,
+        BackendClosedError,
+    ):
+        assert issubclass(cls, FlujoSQLiteError)
+
+
+# --------------------------------------------------------------------------------------------
+# save_state / load_state
+
+
+async def test_load_state_returns_the_twenty_keys_as_saved(backend: SQLiteBackend) -> None:
+    state = build_state()
+    await backend.save_state("run-1", state)
+
+    loaded = await backend.load_state("run-1")
+
+    assert loaded is not None
+    assert set(loaded) == LOAD_STATE_KEYS
+    assert loaded["run_id"] == "run-1"
+    for key in LOAD_STATE_KEYS_0435 - {"run_id"}:
+        assert loaded[key] == state[key], key
+    # Saved without background-task keys: 0.6.11's defaults.
+    assert {key: loaded[key] for key in BACKGROUND_DEFAULTS} == BACKGROUND_DEFAULTS
+    assert type(loaded["is_background_task"]) is bool
+    for key in ("created_at", "updated_at"):
+        assert isinstance(loaded[key], datetime)
+        assert loaded[key].utcoffset() == timedelta(0)
+    assert type(loaded["current_step_index"]) is int
+    assert type(loaded["total_steps"]) is int
+    assert type(loaded["execution_time_ms"]) is int
+    assert type(loaded["memory_usage_mb"]) is float
+
+
+async def test_background_task_keys_round_trip(backend: SQLiteBackend) -> None:
+    """Flujo 0.6.11's five background-task keys: saved, loaded, listed and counted."""
+    background = {
+        "metadata": {"origin": "scheduler", "attempt": 2},
+        "is_background_task": True,
+        "parent_run_id": "parent-1",
+        "task_id": "task-7",
+        "background_error": "worker lost",
+    }
+    await backend.save_state("bg", build_state(status="failed", **background))
+    await backend.save_state("fg", build_state())
+
+    loaded = await backend.load_state("bg")
+    items = {item["run_id"]: item for item in await backend.list_workflows()}
+    (task,) = await backend.list_background_tasks()
+    (failed,) = await backend.get_failed_workflows()
+    stats = await backend.get_workflow_stats()
+
+    assert loaded is not None and set(loaded) == LOAD_STATE_KEYS
+    assert {key: loaded[key] for key in background} == background
+    assert type(loaded["is_background_task"]) is bool
+    for item in (items["bg"], task, failed):
+        assert set(item) == WORKFLOW_ITEM_KEYS
+        assert item["run_id"] == "bg"
+        assert {key: item[key] for key in background} == background
+    assert {key: items["fg"][key] for key in BACKGROUND_DEFAULTS} == BACKGROUND_DEFAULTS
+    assert stats["status_counts"] == {"failed": 1, "running": 1}
+    assert stats["background_status_counts"] == {"failed": 1}
+
+
+async def test_load_state_of_missing_run_is_none(backend: SQLiteBackend) -> None:
+    assert await backend.load_state("never-saved") is None
+    await backend.save_state("other", build_state())
+    assert await backend.load_state("never-saved") is None
+
+
+async def test_optional_keys_default_like_flujo(backend: SQLiteBackend) -> None:
+    state = build_state()
+    for key in (
+        "last_step_output",
+        "step_history",
+        "total_steps",
+        "error_message",
+        "execution_time_ms",
+        "memory_usage_mb",
+    ):
+        del state[key]
+    await backend.save_state("minimal", state)
+    await backend.save_state("explicit-none", build_state(step_history=None, total_steps=None))
+
+    minimal = await backend.load_state("minimal")
+    explicit = await backend.load_state("explicit-none")
+
+    assert minimal is not None and explicit is not None
+    assert minimal["last_step_output"] is None
+    assert minimal["step_history"] == []
+    assert minimal["total_steps"] == 0
+    assert minimal["error_message"] is None
+    assert minimal["execution_time_ms"] is None
+    assert minimal["memory_usage_mb"] is None
+    assert explicit["step_history"] == []
+    assert explicit["total_steps"] == 0
+    row = await stored_row(backend, "minimal")
+    assert row["last_step_output"] is None and row["step_history"] is None
+
+
+@pytest.mark.parametrize("falsy", [0, "", False, [], {}])
+async def test_falsy_outputs_are_kept_not_nulled(backend: SQLiteBackend, falsy: Any) -> None:
+    await backend.save_state("r", build_state(last_step_output=falsy, pipeline_context={}))
+
+    loaded = await backend.load_state("r")
+
+    assert loaded is not None
+    assert loaded["last_step_output"] == falsy
+    assert type(loaded["last_step_output"]) is type(falsy)
+    assert loaded["pipeline_context"] == {}
+
+
+async def test_save_replaces_the_whole_row(backend: SQLiteBackend) -> None:
+    await backend.save_state("r", build_state(error_message="boom", status="failed"))
+    second = build_state(status="completed", current_step_index=5, pipeline_context={"v": 2})
+    del second["error_message"]
+    del second["last_step_output"]
+
+    await backend.save_state("r", second)
+
+    loaded = await backend.load_state("r")
+    assert loaded is not None
+    assert loaded["status"] == "completed"
+    assert loaded["current_step_index"] == 5
+    assert loaded["pipeline_context"] == {"v": 2}
+    assert loaded["error_message"] is None
+    assert loaded["last_step_output"] is None
+    assert len(await backend.list_workflows()) == 1
+
+
+async def test_data_survives_reopening(db_path: Path) -> None:
+    first = SQLiteBackend(db_path)
+    state = build_state()
+    await first.save_state("durable", state)
+    await first.close()
+
+    second = SQLiteBackend(db_path)
+    try:
+        loaded = await second.load_state("durable")
+    finally:
+        await second.close()
+    assert loaded is not None
+    assert loaded["pipeline_context"] == state["pipeline_context"]
+    assert loaded["created_at"] == state["created_at"]
+
+
+async def test_aware_timestamps_are_stored_in_utc_and_load_as_the_same_instant(
+    backend: SQLiteBackend,
+) -> None:
+    plus_two = timezone(timedelta(hours=2))
+    created = datetime(2026, 3, 4, 1, 30, 15, 250000, tzinfo=plus_two)
+    updated = datetime(2026, 3, 4, 9, 0, 0, tzinfo=timezone(timedelta(hours=-7)))
+    await backend.save_state("aware", build_state(created_at=created, updated_at=updated))
+
+    loaded = await backend.load_state("aware")
+    row = await stored_row(backend, "aware")
+
+    assert row["created_at"] == "2026-03-03 23:30:15.250000+00:00"
+    assert row["updated_at"] == "2026-03-04 16:00:00+00:00"
+    assert loaded is not None
+    assert loaded["created_at"] == created
+    assert loaded["created_at"].utcoffset() == timedelta(0)
+    assert loaded["updated_at"] == updated
+    assert loaded["updated_at"].utcoffset() == timedelta(0)
+
+
+async def test_naive_timestamps_stay_naive(backend: SQLiteBackend) -> None:
+    created = datetime(2024, 1, 2, 3, 4, 5, 678901)
+    updated = datetime(2024, 1, 2, 3, 5, 0)
+    await backend.save_state("naive", build_state(created_at=created, updated_at=updated))
+
+    loaded = await backend.load_state("naive")
+    row = await stored_row(backend, "naive")
+
+    assert row["created_at"] == "2024-01-02 03:04:05.678901"
+    assert row["updated_at"] == "2024-01-02 03:05:00"
+    assert loaded is not None
+    assert loaded["created_at"] == created and loaded["created_at"].tzinfo is None
+    assert loaded["updated_at"] == updated and loaded["updated_at"].tzinfo is None
+
+
+async def test_date_timestamps_load_as_midnight(backend: SQLiteBackend) -> None:
+    await backend.save_state(
+        "dated", build_state(created_at=date(2024, 1, 2), updated_at=date(2024, 1, 3))
+    )
+
+    loaded = await backend.load_state("dated")
+
+    assert loaded is not None
+    assert loaded["created_at"] == datetime(2024, 1, 2)
+    assert loaded["updated_at"] == datetime(2024, 1, 3)
+
+
+class Color(enum.Enum):
+    RED = "red"
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+class Model(pydantic.BaseModel):
+    name: str
+    when: datetime
+
+
+async def test_loaded_json_fields_are_plain_json_data(backend: SQLiteBackend) -> None:
+    # Shape only (the serialization rules are covered in depth in test_serialization.py).
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    ident = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    context = {
+        "when": when,
+        "nan": math.nan,
+        "raw": b"\x00\xffabc",
+        "tags": {"b", "a", "c"},
+        "color": Color.RED,
+        "point": Point(1, 2),
+        "model": Model(name="m", when=when),
+        "id": ident,
+        "price": Decimal("1.10"),
+        "nested": [{"t": (1, 2)}],
+    }
+    await backend.save_state("json", build_state(pipeline_context=context))
+
+    loaded = await backend.load_state("json")
+
+    assert loaded is not None
+    assert loaded["pipeline_context"] == {
+        "when": when.isoformat(),
+        "nan": "nan",
+        "raw": base64.b64encode(b"\x00\xffabc").decode(),
+        "tags": ["a", "b", "c"],
+        "color": "red",
+        "point": {"x": 1, "y": 2},
+        "model": {"name": "m", "when": when.isoformat()},
+        "id": str(ident),
+        "price": "1.10",
+        "nested": [{"t": [1, 2]}],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# delete_state
+
+
+async def test_delete_state_removes_only_that_run(backend: SQLiteBackend) -> None:
+    await save_many(backend, [("a", {}), ("b", {}), ("c", {})])
+
+    await backend.delete_state("b")
+    await backend.delete_state("b")  # already gone: no error
+    await backend.delete_state("never-existed")
+
+    assert await backend.load_state("b") is None
+    assert await backend.load_state("a") is not None
+    assert await backend.load_state("c") is not None
+    assert sorted(run_ids(await backend.list_workflows())) == ["a", "c"]
+
+
+# --------------------------------------------------------------------------------------------
+# list_states
+
+
+async def test_list_states_shape_order_and_filter(backend: SQLiteBackend) -> None:
+    now = utc_now()
+    await save_many(
+        backend,
+        [
+            ("old", {"created_at": now - 3 * HOUR, "status": "completed"}),
+            ("new", {"created_at": now - HOUR, "status": "running"}),
+            ("mid", {"created_at": now - 2 * HOUR, "status": "running"}),
+        ],
+    )
+
+    everything = await backend.list_states()
+    running = await backend.list_states(status="running")
+
+    assert run_ids(everything) == ["new", "mid", "old"]
+    assert run_ids(await backend.list_states(status="")) == ["new", "mid", "old"]
+    assert run_ids(running) == ["new", "mid"]
+    assert await backend.list_states(status="paused") == []
+    for item in everything:
+        assert set(item) == {"run_id", "status", "created_at", "updated_at"}
+        assert isinstance(item["created_at"], str) and isinstance(item["updated_at"], str)
+    assert datetime.fromisoformat(everything[0]["created_at"]) == now - HOUR
+
+
+# --------------------------------------------------------------------------------------------
+# list_workflows
+
+
+async def test_list_workflows_items_have_seventeen_keys_and_string_timestamps(
+    backend: SQLiteBackend,
+) -> None:
+    state = build_state(total_steps=None, error_message="e", memory_usage_mb=None)
+    await backend.save_state("r", state)
+
+    (item,) = await backend.list_workflows()
+    row = await stored_row(backend, "r")
+
+    assert set(item) == WORKFLOW_ITEM_KEYS
+    assert item == {
+        "run_id": "r",
+        "pipeline_id": state["pipeline_id"],
+        "pipeline_name": state["pipeline_name"],
+        "pipeline_version": state["pipeline_version"],
+        "current_step_index": state["current_step_index"],
+        "status": state["status"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+        "total_steps": 0,
+        "error_message": "e",
+        "execution_time_ms": state["execution_time_ms"],
+        "memory_usage_mb": None,
+        **BACKGROUND_DEFAULTS,
+    }
+    assert datetime.fromisoformat(item["created_at"]) == state["created_at"]
+    assert datetime.fromisoformat(item["updated_at"]) == state["updated_at"]
+
+
+async def test_list_workflows_filters(backend: SQLiteBackend) -> None:
+    now = utc_now()
+    specs = []
+    for i in range(12):
+        specs.append(
+            (
+                f"r{i:02d}",
+                {
+                    "pipeline_id": ("alpha", "beta", "gamma")[i % 3],
+                    "status": STATUSES[i % 5],
+                    "created_at": now - i * HOUR,
+                },
+            )
+        )
+    await save_many(backend, specs)
+    newest_first = [run_id for run_id, _ in specs]
+
+    def expect(status: str | None = None, pipeline: str | None = None) -> list[str]:
+        return [
+            run_id
+            for run_id, o in specs
+            if (not status or o["status"] == status)
+            and (not pipeline or o["pipeline_id"] == pipeline)
+        ]
+
+    assert run_ids(await backend.list_workflows()) == newest_first
+    assert run_ids(await backend.list_workflows(status="", pipeline_id="")) == newest_first
+    assert run_ids(await backend.list_workflows(status=None, pipeline_id=None)) == newest_first
+    for status in STATUSES:
+        assert run_ids(await backend.list_workflows(status=status)) == expect(status=status)
+    for pipeline in ("alpha", "beta", "gamma"):
+        assert run_ids(await backend.list_workflows(pipeline_id=pipeline)) == expect(
+            pipeline=pipeline
+        )
+    both = await backend.list_workflows(status="running", pipeline_id="alpha")
+    assert run_ids(both) == expect("running", "alpha") == ["r00"]
+    assert await backend.list_workflows(pipeline_id="delta") == []
+
+
+async def test_list_workflows_limit_and_offset(backend: SQLiteBackend) -> None:
+    now = utc_now()
+    await save_many(backend, [(f"r{i}", {"created_at": now - i * HOUR}) for i in range(6)])
+    order = [f"r{i}" for i in range(6)]
+
+    assert await backend.list_workflows(limit=0) == []
+    assert run_ids(await backend.list_workflows(limit=2)) == order[:2]
+    assert run_ids(await backend.list_workflows(limit=2, offset=2)) == order[2:4]
+    assert run_ids(await backend.list_workflows(limit=100, offset=4)) == order[4:]
+    # Fixed versus Flujo, where an offset without a limit is a syntax error.
+    assert run_ids(await backend.list_workflows(offset=3)) == order[3:]
+    assert await backend.list_workflows(offset=6) == []
+    assert await backend.list_workflows(limit=5, offset=60) == []
+
+
+@pytest.mark.parametrize("kwargs", [{"limit": -1}, {"limit": -5}, {"offset": -1}])
+async def test_list_workflows_rejects_negative_paging(
+    backend: SQLiteBackend, kwargs: dict[str, int]
+) -> None:
+    await backend.save_state("r", build_state())
+    with pytest.raises(InvalidStateError):
+        await backend.list_workflows(**kwargs)
+
+
+@pytest.mark.parametrize("status", [None, "failed"])
+async def test_paging_over_200_rows_sees_each_row_once(
+    backend: SQLiteBackend, status: str | None
+) -> None:
+    # Only 8 distinct creation instants: paging relies on the tie-breaker.
+    base = utc_now() - DAY
+    for i in range(200):
+        await backend.save_state(
+            f"run-{i:03d}",
+            build_state(
+                created_at=base + (i % 8) * timedelta(minutes=7),
+                status=("failed", "completed", "running", "failed", "paused")[i % 5],
+            ),
+        )
+    everything = await backend.list_workflows(status=status)
+
+    pages: list[dict[str, Any]] = []
+    offset = 0
+    while True:
+        page = await backend.list_workflows(status=status, limit=25, offset=offset)
+        if not page:
+            break
+        assert len(page) <= 25
+        pages.extend(page)
+        offset += 25
+
+    expected_count = 200 if status is None else 80
+    assert len(everything) == expected_count
+    assert run_ids(pages) == run_ids(everything)
+    assert len(set(run_ids(pages))) == expected_count
+    created = [datetime.fromisoformat(item["created_at"]) for item in pages]
+    assert created == sorted(created, reverse=True)
+    # Repeating the walk gives the same order.
+    assert run_ids(await backend.list_workflows(status=status)) == run_ids(everything)
+    assert (
+        run_ids(await backend.list_workflows(status=status, offset=40)) == run_ids(everything)[40:]
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# get_workflow_stats
+
+
+async def test_stats_on_empty_database(backend: SQLiteBackend) -> None:
+    stats = await backend.get_workflow_stats()
+
+    assert stats == EMPTY_WORKFLOW_STATS
+    assert type(stats["average_execution_time_ms"]) is int
+    assert await backend.list_workflows() == []
+    assert await backend.list_states() == []
+    assert await backend.get_failed_workflows() == []
+    assert await backend.cleanup_old_workflows() == 0
+
+
+async def test_stats_counts_and_exact_24_hour_window(backend: SQLiteBackend) -> None:
+    now = utc_now()
+    await save_many(
+        backend,
+        [
+            ("fresh", {"created_at": now - HOUR, "status": "running", "execution_time_ms": 100}),
+            (
+                "inside",
+                {"created_at": now - 23 * HOUR, "status": "failed", "execution_time_ms": 250},
+            ),
+            # 25 hours old: Flujo counts it as recent (text comparison); we do not.
+            (
+                "outside",
+                {"created_at": now - 25 * HOUR, "status": "failed", "execution_time_ms": None},
+            ),
+            (
+                "old",
+                {"created_at": now - 10 * DAY, "status": "completed", "execution_time_ms": 1000},
+            ),
+        ],
+    )
+
+    stats = await backend.get_workflow_stats()
+
+    assert set(stats) == WORKFLOW_STATS_KEYS
+    assert stats["total_workflows"] == 4
+    assert stats["status_counts"] == {"running": 1, "failed": 2, "completed": 1}
+    assert stats["background_status_counts"] == {}
+    assert stats["recent_workflows_24h"] == 2
+    assert type(stats["average_execution_time_ms"]) is float
+    assert stats["average_execution_time_ms"] == pytest.approx(1350 / 3)
+
+
+async def test_stats_average_is_int_zero_when_no_execution_times(backend: SQLiteBackend) -> None:
+    await backend.save_state("r", build_state(execution_time_ms=None))
+
+    stats = await backend.get_workflow_stats()
+
+    assert stats["average_execution_time_ms"] == 0
+    assert type(stats["average_execution_time_ms"]) is int
+    assert stats["recent_workflows_24h"] == 1
+
+
+# --------------------------------------------------------------------------------------------
+# get_failed_workflows
+
+
+async def test_failed_workflows_window_is_exact_on_updated_at(backend: SQLiteBackend) -> None:
+    now = utc_now()
+    await save_many(
+        backend,
+        [
+            ("f-20min", {"status": "failed", "updated_at": now - timedelta(minutes=20)}),
+            ("f-40min", {"status": "failed", "updated_at": now - timedelta(minutes=40)}),
+            ("f-23h", {"status": "failed", "updated_at": now - 23 * HOUR}),
+            ("f-25h", {"status": "failed", "updated_at": now - 25 * HOUR}),
+            ("f-10d", {"status": "failed", "updated_at": now - 10 * DAY}),
+            ("c-1min", {"status": "completed", "updated_at": now - timedelta(minutes=1)}),
+            # Created long ago, failed recently: the window looks at updated_at.
+            (
+                "f-old-created",
+                {
+                    "status": "failed",
+                    "created_at": now - 30 * DAY,
+                    "updated_at": now - timedelta(minutes=10),
+                },
+            ),
+        ],
+    )
+
+    default = await backend.get_failed_workflows()
+    day = await backend.get_failed_workflows(hours_back=24)
+    half_hour = await backend.get_failed_workflows(hours_back=0.5)
+    week_and_a_half = await backend.get_failed_workflows(hours_back=24 * 11)
+
+    assert run_ids(default) == ["f-old-created", "f-20min", "f-40min", "f-23h"]
+    assert run_ids(day) == run_ids(default)
+    assert run_ids(half_hour) == ["f-old-created", "f-20min"]
+    assert run_ids(week_and_a_half) == [
+        "f-old-created",
+        "f-20min",
+        "f-40min",
+        "f-23h",
+        "f-25h",
+        "f-10d",
+    ]
+    # Flujo returns all of today's rows for 0; an exact window holds nothing in the past.
+    assert await backend.get_failed_workflows(hours_back=0) == []
+    for item in default:
+        assert set(item) == WORKFLOW_ITEM_KEYS
+        assert item["status"] == "failed"
+        assert isinstance(item["updated_at"], str)
+
+
+@pytest.mark.parametrize("hours_back", [-1, -0.5, math.nan, math.inf, -math.inf])
+async def test_failed_workflows_rejects_bad_windows(
+    backend: SQLiteBackend, hours_back: float
+) -> None:
+    await backend.save_state("r", build_state(status="failed"))
+    with pytest.raises(InvalidStateError):
+        await backend.get_failed_workflows(hours_back=hours_back)
+
+
+@pytest.mark.parametrize("hours_back", ["24", "abc", None, [24]])
+async def test_failed_workflows_rejects_non_numbers(
+    backend: SQLiteBackend, hours_back: Any
+) -> None:
+    await backend.save_state("r", build_state(status="failed"))
+    with pytest.raises((TypeError, ValueError)):
+        await backend.get_failed_workflows(hours_back=hours_back)
+    assert run_ids(await backend.get_failed_workflows()) == ["r"]
+
+
+# --------------------------------------------------------------------------------------------
+# cleanup_old_workflows
+
+
+async def test_cleanup_with_float_days_cuts_exactly(backend: SQLiteBackend) -> None:
+    now = utc_now()
+    cutoff = now - 1.5 * DAY
+    await save_many(
+        backend,
+        [
+            ("just-newer", {"created_at": cutoff + timedelta(minutes=2)}),
+            ("just-older", {"created_at": cutoff - timedelta(minutes=2)}),
+            # Updated recently but created long ago: the age is the creation time.
+            ("old-but-updated", {"created_at": now - 3 * DAY, "updated_at": now}),
+            ("new", {"created_at": now - HOUR}),
+        ],
+    )
+
+    deleted = await backend.cleanup_old_workflows(days_old=1.5)
+
+    assert deleted == 2
+    assert sorted(run_ids(await backend.list_workflows())) == ["just-newer", "new"]
+    assert await backend.cleanup_old_workflows(days_old=1.5) == 0
+
+
+async def test_cleanup_keeps_recent_rows_and_zero_days_removes_the_past(
+    backend: SQLiteBackend,
+) -> None:
+    now = utc_now()
+    await save_many(backend, [(f"r{i}", {"created_at": now - DAY - i * HOUR}) for i in range(5)])
+
+    assert await backend.cleanup_old_workflows(days_old=30) == 0
+    assert await backend.cleanup_old_workflows() == 0
+    assert await backend.cleanup_old_workflows(days_old=2) == 0
+    assert await backend.cleanup_old_workflows(days_old=1) == 5
+    assert await backend.list_workflows() == []
+
+    await backend.save_state("a-minute-ago", build_state(created_at=now - timedelta(minutes=1)))
+    assert await backend.cleanup_old_workflows(days_old=0) == 1
+    assert await backend.get_workflow_stats() == EMPTY_WORKFLOW_STATS
+
+
+@pytest.mark.parametrize("days_old", [-1, -0.01, math.nan, math.inf, -math.inf])
+async def test_cleanup_rejects_bad_ages_and_deletes_nothing(
+    backend: SQLiteBackend, days_old: float
+) -> None:
+    await backend.save_state("old", build_state(created_at=utc_now() - 100 * DAY))
+    with pytest.raises(InvalidStateError):
+        await backend.cleanup_old_workflows(days_old=days_old)
+    assert run_ids(await backend.list_workflows()) == ["old"]
+
+
+@pytest.mark.parametrize("days_old", ["30", "1; DELETE FROM workflow_state", None])
+async def test_cleanup_rejects_non_numbers_and_deletes_nothing(
+    backend: SQLiteBackend, days_old: Any
+) -> None:
+    await backend.save_state("old", build_state(created_at=utc_now() - 100 * DAY))
+    with pytest.raises((TypeError, ValueError)):
+        await backend.cleanup_old_workflows(days_old=days_old)
+    assert run_ids(await backend.list_workflows()) == ["old"]
+
+
+# --------------------------------------------------------------------------------------------
+# Lifecycle
+
+
+async def test_constructor_creates_parent_folders_but_not_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "er" / "wf.db"
+
+    backend = SQLiteBackend(path)
+
+    assert backend.db_path == path
+    assert isinstance(backend.db_path, Path)
+    assert path.parent.is_dir()
+    assert not path.exists()
+    await backend.save_state("r", build_state())
+    assert path.is_file()
+    await backend.close()
+
+
+async def test_constructor_accepts_str_paths(tmp_path: Path) -> None:
+    backend = SQLiteBackend(str(tmp_path / "as_str.db"))
+    assert backend.db_path == tmp_path / "as_str.db"
+    await backend.save_state("r", build_state())
+    assert (await backend.load_state("r")) is not None
+    await backend.close()
+
+
+async def test_async_with_closes_on_exit(db_path: Path) -> None:
+    async with SQLiteBackend(db_path) as backend:
+        assert isinstance(backend, SQLiteBackend)
+        await backend.save_state("r", build_state())
+
+    with pytest.raises(BackendClosedError):
+        await backend.load_state("r")
+    async with SQLiteBackend(db_path) as reopened:
+        assert (await reopened.load_state("r")) is not None
+
+
+async def test_async_with_lets_the_body_exception_through_and_closes(db_path: Path) -> None:
+    with pytest.raises(KeyError, match="from the body"):
+        async with SQLiteBackend(db_path) as backend:
+            await backend.save_state("r", build_state())
+            raise KeyError("from the body")
+    with pytest.raises(BackendClosedError):
+        await backend.list_workflows()
+
+
+async def test_close_is_idempotent_and_shutdown_is_an_alias(db_path: Path) -> None:
+    backend = SQLiteBackend(db_path)
+    await backend.save_state("r", build_state())
+    await backend.close()
+    await backend.close()
+    await backend.shutdown()
+
+    other = SQLiteBackend(db_path)
+    await other.load_state("r")
+    await other.shutdown()
+    with pytest.raises(BackendClosedError):
+        await other.load_state("r")
+    await other.close()
+
+
+async def test_close_before_any_use(db_path: Path) -> None:
+    backend = SQLiteBackend(db_path)
+    await backend.close()
+    with pytest.raises(BackendClosedError):
+        await backend.save_state("r", build_state())
+    assert not db_path.exists()
+
+
+CALLS_AFTER_CLOSE = {
+    "save_state": lambda b: b.save_state("r", build_state()),
+    "load_state": lambda b: b.load_state("r"),
+    "delete_state": lambda b: b.delete_state("r"),
+    "list_states": lambda b: b.list_states(),
+    "list_workflows": lambda b: b.list_workflows(),
+    "get_workflow_stats": lambda b: b.get_workflow_stats(),
+    "get_failed_workflows": lambda b: b.get_failed_workflows(),
+    "cleanup_old_workflows": lambda b: b.cleanup_old_workflows(),
+}
+
+
+@pytest.mark.parametrize("call", CALLS_AFTER_CLOSE.values(), ids=CALLS_AFTER_CLOSE.keys())
+async def test_every_call_after_close_raises(db_path: Path, call: Any) -> None:
+    backend = SQLiteBackend(db_path)
+    await backend.save_state("r", build_state(created_at=utc_now() - 90 * DAY))
+    await backend.close()
+
+    with pytest.raises(BackendClosedError):
+        await call(backend)
+
+    # Nothing happened to the data.
+    async with SQLiteBackend(db_path) as check:
+        assert run_ids(await check.list_workflows()) == ["r"]
+
+
+async def test_two_backends_on_one_file_see_each_other(db_path: Path) -> None:
+    first = SQLiteBackend(db_path)
+    second = SQLiteBackend(db_path)
+    try:
+        await first.save_state("one", build_state())
+        await second.save_state("two", build_state(status="paused"))
+        assert (await first.load_state("two"))["status"] == "paused"
+        await first.delete_state("two")
+        assert await second.load_state("two") is None
+        await first.close()
+        assert (await second.load_state("one")) is not None
+    finally:
+        await first.close()
+        await second.close()
+
+
+def test_same_backend_from_two_threads_each_running_asyncio_run(db_path: Path) -> None:
+    backend = SQLiteBackend(db_path)
+
+    def worker(tag: str) -> int:
+        async def session(round_: int) -> int:
+            for i in range(25):
+                run_id = f"{tag}-{round_}-{i}"
+                await backend.save_state(run_id, build_state(pipeline_id=tag))
+                loaded = await backend.load_state(run_id)
+                assert loaded is not None and loaded["pipeline_id"] == tag
+            return len(await backend.list_workflows(pipeline_id=tag))
+
+        # Two successive event loops in the same thread, too.
+        return asyncio.run(session(0)) + asyncio.run(session(1))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(worker, tag) for tag in ("left", "right")]
+        counts = [f.result(timeout=120) for f in futures]
+
+    async def verify() -> list[dict[str, Any]]:
+        try:
+            return await backend.list_workflows()
+        finally:
+            await backend.close()
+
+    everything = asyncio.run(verify())
+    assert len(everything) == 100
+    # Each thread saw at least its own 25 rows after the first round and 50 after the second.
+    assert all(count >= 75 for count in counts)
+
+
+async def test_200_concurrent_save_and_load_tasks(backend: SQLiteBackend) -> None:
+    async def save_then_load(i: int) -> dict[str, Any] | None:
+        await backend.save_state(f"c{i:03d}", build_state(pipeline_context={"i": i}))
+        return await backend.load_state(f"c{i:03d}")
+
+    results = await asyncio.gather(*(save_then_load(i) for i in range(200)))
+
+    for i, loaded in enumerate(results):
+        assert loaded is not None
+        assert loaded["run_id"] == f"c{i:03d}"
+        assert loaded["pipeline_context"] == {"i": i}
+    assert len(await backend.list_workflows()) == 200
+
+
+async def test_five_workers_save_load_delete_load(backend: SQLiteBackend) -> None:
+    async def worker(i: int) -> tuple[Any, Any]:
+        run_id = f"worker-{i}"
+        await backend.save_state(run_id, build_state(current_step_index=i))
+        loaded = await backend.load_state(run_id)
+        await backend.delete_state(run_id)
+        return loaded, await backend.load_state(run_id)
+
+    results = await asyncio.gather(*(worker(i) for i in range(5)))
+
+    for i, (loaded, after_delete) in enumerate(results):
+        assert loaded is not None and loaded["current_step_index"] == i
+        assert after_delete is None
+    assert await backend.list_workflows() == []
+
+
+async def test_1000_concurrent_writers_with_20_reader_loops(backend: SQLiteBackend) -> None:
+    writers_done = asyncio.Event()
+    contexts = {f"w{i:04d}": {"writer": i, "payload": "x" * (i % 50)} for i in range(1000)}
+
+    async def writers() -> None:
+        try:
+            await asyncio.gather(
+                *(
+                    backend.save_state(run_id, build_state(pipeline_context=context))
+                    for run_id, context in contexts.items()
+                )
+            )
+        finally:
+            writers_done.set()
+
+    async def reader(k: int) -> int:
+        seen = 0
+        loops = 0
+        probe = f"w{k * 50:04d}"
+        while not writers_done.is_set():
+            count = len(await backend.list_workflows())
+            assert count >= seen, "a committed row disappeared"
+            seen = count
+            loaded = await backend.load_state(probe)
+            assert loaded is None or loaded["pipeline_context"] == contexts[probe]
+            loops += 1
+        return loops
+
+    _, *loops = await asyncio.gather(writers(), *(reader(k) for k in range(20)))
+
+    assert all(n >= 1 for n in loops)
+    rows = await backend.list_workflows()
+    assert sorted(run_ids(rows)) == sorted(contexts)
+    for run_id in ("w0000", "w0499", "w0999"):
+        loaded = await backend.load_state(run_id)
+        assert loaded is not None and loaded["pipeline_context"] == contexts[run_id]
+
+
+async def test_cancelled_save_either_committed_or_not(backend: SQLiteBackend) -> None:
+    await backend.save_state("keep", build_state(current_step_index=1))
+    for i in range(20):
+        run_id = f"cancel-{i}"
+        task = asyncio.ensure_future(
+            backend.save_state(run_id, build_state(current_step_index=7, pipeline_context={"i": i}))
+        )
+        for _ in range(i % 4):
+            await asyncio.sleep(0)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        loaded = await backend.load_state(run_id)
+        if loaded is not None:
+            assert loaded["current_step_index"] == 7
+            assert loaded["pipeline_context"] == {"i": i}
+
+    # The backend is still fully usable afterwards.
+    await backend.save_state("after", build_state())
+    assert (await backend.load_state("after")) is not None
+    assert (await backend.load_state("keep"))["current_step_index"] == 1
+
+
+def test_unclosed_backend_does_not_hang_interpreter_exit(tmp_path: Path) -> None:
+    db = tmp_path / "exit.db"
+    script = textwrap.dedent(
+        f"""
+        import asyncio
+        from datetime import datetime, timezone
+        from flujo_sqlite import SQLiteBackend
+
+        now = datetime.now(timezone.utc)
+        state = dict(pipeline_id="p", pipeline_name="P", pipeline_version="1",
+                     current_step_index=0, pipeline_context={{}}, status="running",
+                     created_at=now, updated_at=now)
+
+        async def main():
+            backend = SQLiteBackend({str(db)!r})  # never closed
+            await backend.save_state("left-open", state)
+
+        asyncio.run(main())
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert [r["run_id"] for r in raw_rows(db, "SELECT run_id FROM workflow_state")] == ["left-open"]
+
+
+async def test_direct_sql_from_another_process_does_not_break_an_open_backend(
+    backend: SQLiteBackend, db_path: Path
+) -> None:
+    """The guide's direct SQL, run the supported way while our backend is open: from another
+    process (the sqlite3 shell, or here the stdlib sqlite3 module in a child). Each of its
+    connections opens and closes while ours stays open; that must not pull the WAL out from
+    under us, and each side sees the other's committed rows. (The same from this process is a
+    documented limitation: two copies of SQLite in one process.)"""
+    await backend.save_state("before", build_state())
+
+    count = await asyncio.to_thread(
+        sql_in_another_process, db_path, "SELECT COUNT(*) FROM workflow_state"
+    )
+    assert count == [[1]]
+
+    await backend.save_state("after", build_state(status="completed"))
+    assert (await backend.load_state("after"))["status"] == "completed"
+    assert (await backend.load_state("before")) is not None
+    seen = await asyncio.to_thread(
+        sql_in_another_process, db_path, "SELECT run_id FROM workflow_state ORDER BY run_id"
+    )
+    assert seen == [["after"], ["before"]]
+
+    await asyncio.to_thread(
+        sql_in_another_process,
+        db_path,
+        "UPDATE workflow_state SET status = 'paused' WHERE run_id = ?",
+        ("before",),
+    )
+    assert (await backend.load_state("before"))["status"] == "paused"
+    await backend.save_state("last", build_state())
+    assert sorted(run_ids(await backend.list_workflows())) == ["after", "before", "last"]
+
+    await backend.close()
+    assert sorted(r[0] for r in raw_rows(db_path, "SELECT run_id FROM workflow_state")) == [
+        "after",
+        "before",
+        "last",
+    ]
+    assert raw_rows(db_path, "PRAGMA integrity_check")[0][0] == "ok"
+
+
+def test_another_process_reading_and_writing_while_backend_is_open(db_path: Path) -> None:
+    async def scenario() -> dict[str, Any] | None:
+        async with SQLiteBackend(db_path) as backend:
+            await backend.save_state("a", build_state())
+            script = (
+                "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+                "n = c.execute('SELECT COUNT(*) FROM workflow_state').fetchone()[0]; "
+                "c.execute(\"UPDATE workflow_state SET status = 'paused'\"); c.commit(); "
+                "c.close(); print(n)"
+            )
+            result = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-c", script, str(db_path)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.strip() == "1"
+            await backend.save_state("b", build_state())
+            assert await backend.load_state("b") is not None
+            return await backend.load_state("a")
+
+    loaded = asyncio.run(scenario())
+    assert loaded is not None and loaded["status"] == "paused"
+
+
+# --------------------------------------------------------------------------------------------
+# Input validation
+
+
+@pytest.mark.parametrize("run_id", [None, 5, 1.5, b"bytes", ["r"]])
+async def test_run_id_must_be_a_str(backend: SQLiteBackend, run_id: Any) -> None:
+    with pytest.raises(TypeError):
+        await backend.save_state(run_id, build_state())
+    with pytest.raises(TypeError):
+        await backend.load_state(run_id)
+    with pytest.raises(TypeError):
+        await backend.delete_state(run_id)
+    assert await backend.list_workflows() == []
+
+
+HOSTILE_RUN_IDS = {
+    "empty": "",
+    "nul": "\x00",
+    "embedded-nul": "a\x00b\x00",
+    "long": "x" * 10_000,
+    "unicode": "😀 café ☃ \u2028\u2029\u200b \U0010ffff",
+    "sql-injection": "'; DROP TABLE workflow_state; --",
+    "sql-tautology": "x' OR '1'='1",
+    "like-wildcards": "%_\\",
+    "whitespace": " \t\n ",
+}
+
+
+@pytest.mark.parametrize("run_id", HOSTILE_RUN_IDS.values(), ids=HOSTILE_RUN_IDS.keys())
+async def test_any_str_run_id_round_trips_exactly(backend: SQLiteBackend, run_id: str) -> None:
+    await backend.save_state("bystander", build_state())
+    await backend.save_state(run_id, build_state(status="paused"))
+
+    loaded = await backend.load_state(run_id)
+
+    assert loaded is not None
+    assert loaded["run_id"] == run_id
+    assert loaded["status"] == "paused"
+    assert sorted(run_ids(await backend.list_workflows())) == sorted(["bystander", run_id])
+    assert run_ids(await backend.list_workflows(status="paused")) == [run_id]
+    await backend.close()
+    # Stored as the very same text, for other tools reading the file.
+    stored = raw_rows(backend.db_path, "SELECT run_id FROM workflow_state WHERE status = 'paused'")
+    assert [r["run_id"] for r in stored] == [run_id]
+
+    async with SQLiteBackend(backend.db_path) as reopened:
+        await reopened.delete_state(run_id)
+        assert await reopened.load_state(run_id) is None
+        assert run_ids(await reopened.list_workflows()) == ["bystander"]
+
+
+@pytest.mark.parametrize("status", ["done", "RUNNING", "", None, "running; --"])
+async def test_unknown_status_is_rejected_and_nothing_written(
+    backend: SQLiteBackend, status: Any
+) -> None:
+    await backend.save_state("r", build_state(status="paused"))
+
+    with pytest.raises(InvalidStateError):
+        await backend.save_state("r", build_state(status=status))
+    with pytest.raises(InvalidStateError):
+        await backend.save_state("new", build_state(status=status))
+
+    assert (await backend.load_state("r"))["status"] == "paused"
+    assert await backend.load_state("new") is None
+
+
+@pytest.mark.parametrize("key", REQUIRED_KEYS)
+async def test_missing_required_key_is_named_and_nothing_written(
+    backend: SQLiteBackend, key: str
+) -> None:
+    state = build_state()
+    del state[key]
+
+    with pytest.raises(InvalidStateError) as excinfo:
+        await backend.save_state("r", state)
+
+    assert key in str(excinfo.value)
+    assert await backend.load_state("r") is None
+
+
+@pytest.mark.parametrize("field", ["created_at", "updated_at"])
+@pytest.mark.parametrize(
+    "value", ["yesterday", "", "2024-13-45T00:00:00", 1_700_000_000, None, 1.5]
+)
+async def test_timestamps_must_be_datetime_or_date_or_iso_text(
+    backend: SQLiteBackend, field: str, value: Any
+) -> None:
+    # Non-ISO text: InvalidStateError; ints, floats, None: InvalidTypeError (a subclass of it).
+    with pytest.raises(InvalidStateError) as excinfo:
+        await backend.save_state("r", build_state(**{field: value}))
+
+    if not isinstance(value, str):
+        assert isinstance(excinfo.value, InvalidTypeError)
+    assert field in str(excinfo.value)
+    assert await backend.load_state("r") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2024-01-01T00:00:00", datetime(2024, 1, 1)),
+        ("2024-01-01 05:00:00.5+02:00", datetime(2024, 1, 1, 3, 0, 0, 500000, tzinfo=UTC)),
+        ("2024-01-01", datetime(2024, 1, 1)),
+    ],
+)
+async def test_iso_text_timestamps_are_accepted_like_datetimes(
+    backend: SQLiteBackend, text: str, expected: datetime
+) -> None:
+    # Flujo 0.6.11's runner sends ISO text; it is stored exactly as the equivalent datetime.
+    await backend.save_state("r", build_state(created_at=text, updated_at=text))
+
+    loaded = await backend.load_state("r")
+
+    assert loaded is not None
+    assert loaded["created_at"] == expected
+    assert (loaded["created_at"].tzinfo is None) == (expected.tzinfo is None)
+    await backend.save_state("same", build_state(created_at=expected, updated_at=expected))
+    await backend.close()
+    stored = raw_rows(backend.db_path, "SELECT run_id, created_at, updated_at FROM workflow_state")
+    assert len(stored) == 2
+    assert len({r["created_at"] for r in stored} | {r["updated_at"] for r in stored}) == 1
+
+
+class Opaque:
+    """Has no registered serializer and is not a dataclass, model, enum or container."""
+
+    def __init__(self) -> None:
+        self.secret = 1
+
+
+async def test_unserializable_value_names_its_path_and_keeps_the_old_state(
+    backend: SQLiteBackend,
+) -> None:
+    before = build_state(pipeline_context={"model": "fine"}, current_step_index=1)
+    await backend.save_state("r", before)
+
+    with pytest.raises(SerializationError) as excinfo:
+        await backend.save_state(
+            "r", build_state(pipeline_context={"model": Opaque()}, current_step_index=2)
+        )
+
+    assert "pipeline_context['model']" in str(excinfo.value)
+    loaded = await backend.load_state("r")
+    assert loaded is not None
+    assert loaded["pipeline_context"] == {"model": "fine"}
+    assert loaded["current_step_index"] == 1
+
+
+async def test_unserializable_value_deep_in_output_is_located(backend: SQLiteBackend) -> None:
+    with pytest.raises(SerializationError) as excinfo:
+        await backend.save_state(
+            "r", build_state(last_step_output={"items": [1, {"obj": Opaque()}]})
+        )
+
+    message = str(excinfo.value)
+    assert "last_step_output" in message
+    assert "Opaque" in message
+    assert await backend.load_state("r") is None
+
+
+# --------------------------------------------------------------------------------------------
+# Files that are not databases
+
+
+async def test_text_file_at_path_is_reported_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    original = b"Shopping list\n- milk\n- eggs\n" * 100
+    path.write_bytes(original)
+    stat_before = path.stat()
+
+    opened: list[SQLiteBackend] = []
+    # The error may come from the constructor or from the first use; either is fine.
+    with pytest.raises(CorruptDatabaseError):
+        opened.append(SQLiteBackend(path))
+        await opened[-1].load_state("r")
+    with pytest.raises(CorruptDatabaseError):
+        opened.append(SQLiteBackend(path))
+        await opened[-1].save_state("r", build_state())
+    for backend in opened:
+        await backend.close()
+
+    assert path.read_bytes() == original
+    assert path.stat().st_ino == stat_before.st_ino
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.db"]
+
+
+async def test_corrupt_database_error_is_a_sqlite_database_error(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.db"
+    path.write_bytes(os.urandom(8192))
+    backend = SQLiteBackend(path)
+    with pytest.raises(sqlite3.DatabaseError):
+        await backend.list_workflows()
+    await backend.close()
