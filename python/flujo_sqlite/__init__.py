@@ -21,6 +21,7 @@ from .errors import (
     InvalidTypeError,
     SerializationError,
 )
+from .recovery import RecoveryReport, recover
 
 __all__ = [
     "BackendClosedError",
@@ -32,8 +33,10 @@ __all__ = [
     "FlujoSQLiteError",
     "InvalidStateError",
     "InvalidTypeError",
+    "RecoveryReport",
     "SQLiteBackend",
     "SerializationError",
     "load_backend_from_config",
+    "recover",
     "register_serializer",
 ]

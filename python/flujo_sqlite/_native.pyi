@@ -64,3 +64,12 @@ def encode_json(value: Any, path: str = "value") -> str:
 
 def decode_json(text: str) -> Any:
     """Python objects for stored JSON text, as ``load_state`` returns them."""
+
+def recover(
+    path: str | PathLike[str],
+    *,
+    backup_path: str | PathLike[str] | None = None,
+    fresh_layout: str = "flujo-0.6",
+) -> dict[str, Any]:
+    """Blocking ``flujo_sqlite.recover`` (the GIL is released while it works): back up ``path``,
+    rebuild it from every readable row, and return the report."""

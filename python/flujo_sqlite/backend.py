@@ -21,6 +21,8 @@ from ._native import CompletionPort, NativeBackend
 from .errors import InvalidStateError
 
 if TYPE_CHECKING:
+    from .recovery import RecoveryReport
+
     _Base = object
 else:
     try:  # Subclass Flujo's interface when Flujo is installed, so isinstance checks hold.
@@ -261,3 +263,15 @@ class SQLiteBackend(_Base):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+    # Recovery of a damaged file (an explicit request; nothing else here moves a file).
+
+    @staticmethod
+    async def recover(
+        db_path: str | os.PathLike[str], *, backup_path: str | os.PathLike[str] | None = None
+    ) -> RecoveryReport:
+        """:func:`flujo_sqlite.recover`: back up a damaged file and rebuild it from every
+        readable row. No backend may have the file open."""
+        from .recovery import recover  # recovery imports this module
+
+        return await recover(db_path, backup_path=backup_path)

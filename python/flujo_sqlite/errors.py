@@ -51,7 +51,8 @@ class DatabaseLockedError(DatabaseError, sqlite3.OperationalError):
 
 
 class CorruptDatabaseError(DatabaseError):
-    """The file is not a readable SQLite database. flujo-sqlite never moves or replaces it."""
+    """The file is not a readable SQLite database. flujo-sqlite never moves or replaces it on
+    its own; :func:`flujo_sqlite.recover` backs it up and rescues what it holds."""
 
 
 class BackendClosedError(FlujoSQLiteError, RuntimeError):

@@ -8,6 +8,7 @@ use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString, PyType};
 use super::errors::{invalid_state, invalid_type};
 use super::from_python::encode_json;
 use crate::model::{BackgroundFields, StateRecord, WorkflowQuery, WORKFLOW_STATUSES};
+use crate::sqlite::FreshLayout;
 
 pub(crate) fn type_name(value: &Bound<'_, PyAny>) -> String {
     value
@@ -194,6 +195,18 @@ fn count(value: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
             format!("{what} must be >= 0 (or None), got {n}"),
         )
     })
+}
+
+/// The layout a brand-new file gets, named as the shim names it.
+pub(crate) fn fresh_layout(py: Python<'_>, name: &str) -> PyResult<FreshLayout> {
+    match name {
+        "flujo-0.4" => Ok(FreshLayout::Flujo04),
+        "flujo-0.6" => Ok(FreshLayout::Flujo06),
+        other => Err(invalid_state(
+            py,
+            format!("fresh_layout must be \"flujo-0.4\" or \"flujo-0.6\", got {other:?}"),
+        )),
+    }
 }
 
 pub(crate) fn text(value: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {

@@ -15,7 +15,7 @@ use super::results::response_to_python;
 use super::run_arguments;
 use crate::engine::{Request, Response, StateEngine};
 use crate::model::{BackgroundTaskQuery, RunQuery};
-use crate::sqlite::{Durability, FreshLayout, SqliteEngine, SqliteOptions};
+use crate::sqlite::{Durability, SqliteEngine, SqliteOptions};
 
 #[pyclass(frozen, module = "flujo_sqlite._native")]
 pub(crate) struct NativeBackend {
@@ -65,16 +65,7 @@ impl NativeBackend {
                 format!("lock_timeout must be a number of seconds >= 0, got {lock_timeout}"),
             ));
         }
-        let fresh_layout = match fresh_layout {
-            "flujo-0.4" => FreshLayout::Flujo04,
-            "flujo-0.6" => FreshLayout::Flujo06,
-            other => {
-                return Err(invalid_state(
-                    py,
-                    format!("fresh_layout must be \"flujo-0.4\" or \"flujo-0.6\", got {other:?}"),
-                ))
-            }
-        };
+        let fresh_layout = arguments::fresh_layout(py, fresh_layout)?;
         let mut options = SqliteOptions::new(path.clone());
         options.durability = durability;
         options.lock_wait = Duration::from_secs_f64(lock_timeout);

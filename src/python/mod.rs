@@ -7,6 +7,7 @@ mod backend;
 mod completion;
 mod errors;
 mod from_python;
+mod recovery;
 mod results;
 mod run_arguments;
 mod run_results;
@@ -29,5 +30,6 @@ pub(crate) fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(from_python::encode_json_py, module)?)?;
 
     module.add_function(wrap_pyfunction!(to_python::decode_json_py, module)?)?;
+    module.add_function(wrap_pyfunction!(recovery::recover_py, module)?)?;
     Ok(())
 }

@@ -6,6 +6,7 @@ mod connection;
 mod options;
 mod queries;
 mod readers;
+mod recovery;
 mod run_history;
 mod schema;
 mod system;
@@ -19,6 +20,7 @@ use crossbeam_channel::Sender;
 use rusqlite::Connection;
 
 pub use options::{Durability, FreshLayout, SqliteOptions};
+pub use recovery::{recover, RecoveryReport, TableRecovery};
 
 use crate::engine::{Completion, Request, Response, StateEngine};
 use crate::error::{Error, Result};

@@ -1,0 +1,210 @@
+"""``flujo_sqlite.recover`` / ``SQLiteBackend.recover``: the explicit way out of a corrupt file."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import random
+import sqlite3
+import struct
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flujo_sqlite import (
+    CorruptDatabaseError,
+    InvalidStateError,
+    SQLiteBackend,
+    recover,
+)
+
+ROWS = 150
+
+
+def state(index: int) -> dict[str, Any]:
+    moment = datetime(2024, 6, 1, 12, 0, tzinfo=UTC) + timedelta(seconds=index)
+    return {
+        "pipeline_id": f"pipeline-{index % 5}",
+        "pipeline_name": "Recovery pipeline",
+        "pipeline_version": "1.0",
+        "current_step_index": index % 4,
+        # Large enough that workflow_state spans many pages, without overflow pages.
+        "pipeline_context": {"index": index, "padding": "x" * 600},
+        "last_step_output": {"ok": True},
+        "status": "completed" if index % 2 else "running",
+        "created_at": moment,
+        "updated_at": moment,
+    }
+
+
+async def write_states(path: Path) -> None:
+    async with SQLiteBackend(path) as backend:
+        for index in range(ROWS):
+            await backend.save_state(f"run-{index:04}", state(index))
+
+
+def leaf_pages(path: Path, table: str) -> tuple[int, list[tuple[int, int]]]:
+    """The leaf pages of a rowid table in rowid order, each with its number of rows."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+        (root,) = conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)
+        ).fetchone()
+    finally:
+        conn.close()
+    data = path.read_bytes()
+    leaves: list[tuple[int, int]] = []
+
+    def walk(page: int) -> None:
+        start = (page - 1) * page_size
+        header = start + (100 if page == 1 else 0)
+        (cells,) = struct.unpack_from(">H", data, header + 3)
+        if data[header] == 0x0D:
+            leaves.append((page, cells))
+            return
+        assert data[header] == 0x05, f"page {page} is not a table b-tree page"
+        for cell in range(cells):
+            (offset,) = struct.unpack_from(">H", data, header + 12 + 2 * cell)
+            walk(struct.unpack_from(">I", data, start + offset)[0])
+        walk(struct.unpack_from(">I", data, header + 8)[0])
+
+    walk(root)
+    return page_size, leaves
+
+
+def smash_page(path: Path, page_size: int, page: int) -> None:
+    with path.open("r+b") as file:
+        file.seek((page - 1) * page_size)
+        file.write(random.Random(page).randbytes(page_size))
+
+
+def names(folder: Path) -> set[str]:
+    return {entry.name for entry in folder.iterdir()}
+
+
+def test_recover_is_a_coroutine_function_on_the_module_and_the_class() -> None:
+    assert inspect.iscoroutinefunction(recover)
+    assert inspect.iscoroutinefunction(SQLiteBackend.recover)
+
+
+async def test_a_corrupted_page_costs_only_its_rows_and_the_rest_loads_again(
+    tmp_path: Path,
+) -> None:
+    db_path = tmp_path / "wf.db"
+    await write_states(db_path)
+    assert names(tmp_path) == {"wf.db"}, "the backend checkpoints and removes its WAL on close"
+    page_size, leaves = leaf_pages(db_path, "workflow_state")
+    damaged_page, lost = leaves[len(leaves) // 2]
+    smash_page(db_path, page_size, damaged_page)
+    damaged = db_path.read_bytes()
+
+    async with SQLiteBackend(db_path) as backend:
+        with pytest.raises(CorruptDatabaseError, match="recover"):
+            await backend.list_states()
+
+    report = await recover(db_path)
+
+    backup = Path(report["backup_path"])
+    assert backup.parent == tmp_path and backup.name.startswith("wf.db.corrupt-")
+    assert backup.read_bytes() == damaged
+    assert report["schema_recovered"] is True
+    assert report["tables"]["workflow_state"] == {"rescued": ROWS - lost, "skipped": lost}
+    assert report["rows_rescued"] == ROWS - lost
+    assert report["rows_skipped"] == lost
+    assert names(tmp_path) == {"wf.db", backup.name}, "no temporary file is left behind"
+
+    async with SQLiteBackend(db_path) as backend:
+        listed = await backend.list_states()
+        assert len(listed) == ROWS - lost
+        first = await backend.load_state("run-0000")
+        last = await backend.load_state(f"run-{ROWS - 1:04}")
+        assert first is not None and first["pipeline_context"]["index"] == 0
+        assert last is not None and last["pipeline_context"]["index"] == ROWS - 1
+        assert last["created_at"] == state(ROWS - 1)["created_at"]
+        # The recovered file takes new writes as usual.
+        await backend.save_state("after", state(0))
+        assert await backend.load_state("after") is not None
+
+
+async def test_the_class_alias_recovers_a_healthy_file_whole(tmp_path: Path) -> None:
+    db_path = tmp_path / "wf.db"
+    await write_states(db_path)
+    original = db_path.read_bytes()
+    wanted = tmp_path / "kept" / "copy.db"
+    wanted.parent.mkdir()
+
+    report = await SQLiteBackend.recover(db_path, backup_path=wanted)
+
+    assert report["backup_path"] == str(wanted)
+    assert wanted.read_bytes() == original
+    assert report["tables"]["workflow_state"] == {"rescued": ROWS, "skipped": 0}
+    assert report["rows_skipped"] == 0
+    async with SQLiteBackend(db_path) as backend:
+        assert len(await backend.list_workflows()) == ROWS
+
+
+async def test_random_bytes_become_a_fresh_database_and_stay_in_the_backup(
+    tmp_path: Path,
+) -> None:
+    db_path = tmp_path / "wf.db"
+    garbage = random.Random(1).randbytes(16384)
+    db_path.write_bytes(garbage)
+    async with SQLiteBackend(db_path) as backend:
+        with pytest.raises(CorruptDatabaseError):
+            await backend.load_state("anything")
+
+    report = await recover(os.fspath(db_path))
+
+    assert Path(report["backup_path"]).read_bytes() == garbage
+    assert report["schema_recovered"] is False
+    assert report["tables"] == {}
+    assert (report["rows_rescued"], report["rows_skipped"]) == (0, 0)
+    async with SQLiteBackend(db_path) as backend:
+        await backend.save_state("fresh", state(1))
+        loaded = await backend.load_state("fresh")
+        assert loaded is not None and loaded["pipeline_context"]["index"] == 1
+
+
+async def test_a_directory_is_refused_and_left_alone(tmp_path: Path) -> None:
+    folder = tmp_path / "wf.db"
+    folder.mkdir()
+    (folder / "inside.txt").write_text("keep me")
+
+    with pytest.raises(InvalidStateError, match="is a directory"):
+        await recover(folder)
+
+    assert names(tmp_path) == {"wf.db"}
+    assert names(folder) == {"inside.txt"}
+    assert (folder / "inside.txt").read_text() == "keep me"
+
+
+async def test_a_file_open_in_a_backend_is_refused_until_it_is_closed(tmp_path: Path) -> None:
+    db_path = tmp_path / "wf.db"
+    backend = SQLiteBackend(db_path)
+    try:
+        await backend.save_state("run", state(3))
+        before = names(tmp_path)
+        # The same file under another spelling of its path is recognised too.
+        other_spelling = tmp_path / "." / "wf.db"
+        with pytest.raises(InvalidStateError, match="close it first"):
+            await recover(other_spelling)
+        with pytest.raises(InvalidStateError, match="close it first"):
+            await SQLiteBackend.recover(db_path)
+        assert names(tmp_path) == before, "nothing was backed up or replaced"
+        assert await backend.load_state("run") is not None
+    finally:
+        await backend.close()
+
+    report = await recover(db_path)
+    assert report["tables"]["workflow_state"] == {"rescued": 1, "skipped": 0}
+
+
+async def test_a_missing_file_becomes_a_fresh_database_without_a_backup(tmp_path: Path) -> None:
+    db_path = tmp_path / "new.db"
+    report = await recover(db_path)
+    assert report["backup_path"] is None
+    assert report["schema_recovered"] is False
+    async with SQLiteBackend(db_path) as backend:
+        assert await backend.list_states() == []
