@@ -6,6 +6,15 @@ from datetime import datetime
 from os import PathLike
 from typing import Any, final
 
+__all__ = [
+    "CompletionPort",
+    "NativeBackend",
+    "decode_json",
+    "encode_json",
+    "recover",
+    "register_serializer",
+]
+
 @final
 class CompletionPort:
     """Resolves the futures of one event loop; the shim creates one per loop and registers
@@ -53,6 +62,76 @@ class NativeBackend:
         self, port: CompletionPort, hours_back: float
     ) -> Future[list[dict[str, Any]]]: ...
     def cleanup_old_workflows(self, port: CompletionPort, days_old: float) -> Future[int]: ...
+    def get_workflow_stats_blocking(self) -> dict[str, Any]: ...
+    def save_run_start(self, port: CompletionPort, run_data: dict[str, Any]) -> Future[None]: ...
+    def save_step_result(self, port: CompletionPort, step_data: dict[str, Any]) -> Future[None]: ...
+    def save_run_end(
+        self, port: CompletionPort, run_id: str, end_data: dict[str, Any]
+    ) -> Future[None]: ...
+    def get_run_details(
+        self, port: CompletionPort, run_id: str
+    ) -> Future[dict[str, Any] | None]: ...
+    def list_run_steps(self, port: CompletionPort, run_id: str) -> Future[list[dict[str, Any]]]: ...
+    def list_runs(
+        self,
+        port: CompletionPort,
+        status: str | None = None,
+        pipeline_name: str | None = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        metadata_filter: dict[str, Any] | None = None,
+    ) -> Future[list[dict[str, Any]]]: ...
+    def delete_run(self, port: CompletionPort, run_id: str) -> Future[None]: ...
+    def save_trace(
+        self, port: CompletionPort, run_id: str, trace: dict[str, Any]
+    ) -> Future[None]: ...
+    def save_spans(
+        self, port: CompletionPort, run_id: str, spans: list[dict[str, Any]]
+    ) -> Future[None]: ...
+    def get_trace(self, port: CompletionPort, run_id: str) -> Future[dict[str, Any] | None]: ...
+    def get_spans(
+        self,
+        port: CompletionPort,
+        run_id: str,
+        status: str | None = None,
+        name: str | None = None,
+    ) -> Future[list[dict[str, Any]]]: ...
+    def get_span_statistics(
+        self,
+        port: CompletionPort,
+        pipeline_name: str | None = None,
+        time_range: tuple[float, float] | None = None,
+    ) -> Future[dict[str, Any]]: ...
+    def set_system_state(
+        self, port: CompletionPort, key: str, value: dict[str, Any]
+    ) -> Future[None]: ...
+    def get_system_state(self, port: CompletionPort, key: str) -> Future[dict[str, Any] | None]: ...
+    def persist_evaluation(
+        self,
+        port: CompletionPort,
+        run_id: str,
+        score: float,
+        feedback: str | None = None,
+        step_name: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Future[None]: ...
+    def list_evaluations(
+        self, port: CompletionPort, limit: int | None = None, run_id: str | None = None
+    ) -> Future[list[dict[str, Any]]]: ...
+    def list_background_tasks(
+        self,
+        port: CompletionPort,
+        parent_run_id: str | None = None,
+        status: str | None = None,
+        limit: int | None = None,
+        offset: int | None = None,
+    ) -> Future[list[dict[str, Any]]]: ...
+    def get_failed_background_tasks(
+        self, port: CompletionPort, parent_run_id: str | None, hours_back: float
+    ) -> Future[list[dict[str, Any]]]: ...
+    def cleanup_stale_background_tasks(
+        self, port: CompletionPort, stale_hours: float
+    ) -> Future[int]: ...
     def close(self, port: CompletionPort) -> Future[None]: ...
     def close_blocking(self) -> None: ...
 
