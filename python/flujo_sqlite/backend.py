@@ -120,11 +120,15 @@ class SQLiteBackend(_Base):
         await self._native.save_state(_port(), run_id, state, expected_updated_at)
 
     async def load_state(self, run_id: str) -> dict[str, Any] | None:
-        """The saved state of ``run_id``, or ``None``. ``created_at``/``updated_at`` are datetimes (aware exactly when saved aware); the rest is plain JSON data."""
+        """The saved state of ``run_id``, or ``None``. ``created_at``/``updated_at`` are datetimes
+        (aware exactly when saved aware); the rest is plain JSON data.
+        """
         return await self._native.load_state(_port(), run_id)
 
     async def delete_state(self, run_id: str) -> None:
-        """Delete the state of ``run_id`` (its run history is kept; see ``delete_run``). An unknown id is a no-op."""
+        """Delete the state of ``run_id`` (its run history is kept; see ``delete_run``). An unknown
+        id is a no-op.
+        """
         await self._native.delete_state(_port(), run_id)
 
     async def list_states(self, status: str | None = None) -> list[dict[str, Any]]:
@@ -138,7 +142,9 @@ class SQLiteBackend(_Base):
         limit: int | None = None,
         offset: int = 0,
     ) -> list[dict[str, Any]]:
-        """Run summaries without payloads, newest first; ``""`` filters mean no filter. ``limit`` and ``offset`` must be ``None``/``>= 0``."""
+        """Run summaries without payloads, newest first; ``""`` filters mean no filter. ``limit``
+        and ``offset`` must be ``None``/``>= 0``.
+        """
         return await self._native.list_workflows(_port(), status, pipeline_id, limit, offset)
 
     async def get_workflow_stats(self) -> dict[str, Any]:
@@ -150,17 +156,23 @@ class SQLiteBackend(_Base):
         return self._native.get_workflow_stats_blocking()
 
     async def get_failed_workflows(self, hours_back: float = 24) -> list[dict[str, Any]]:
-        """Failed runs updated in the last ``hours_back`` hours (an exact instant comparison), newest first."""
+        """Failed runs updated in the last ``hours_back`` hours (an exact instant comparison),
+        newest first.
+        """
         return await self._native.get_failed_workflows(_port(), hours_back)
 
     async def cleanup_old_workflows(self, days_old: float = 30) -> int:
-        """Delete states created more than ``days_old`` days ago (fractions allowed); returns how many. Runs in short batches so other calls are never held up for long."""
+        """Delete states created more than ``days_old`` days ago (fractions allowed); returns how
+        many. Runs in short batches so other calls are never held up for long.
+        """
         return await self._native.cleanup_old_workflows(_port(), days_old)
 
     # Run history, written by Flujo's runner and read by `flujo lens`.
 
     async def save_run_start(self, run_data: dict[str, Any]) -> None:
-        """Record that a run started (Flujo's runner calls this). A second call updates the run in place and keeps its steps and spans."""
+        """Record that a run started (Flujo's runner calls this). A second call updates the run in
+        place and keeps its steps and spans.
+        """
         await self._native.save_run_start(_port(), run_data)
 
     async def save_step_result(self, step_data: dict[str, Any]) -> None:
@@ -187,7 +199,9 @@ class SQLiteBackend(_Base):
         offset: int = 0,
         metadata_filter: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
-        """Run records newest first; ``metadata_filter`` keeps runs whose state metadata contains it (matched in SQL, before paging)."""
+        """Run records newest first; ``metadata_filter`` keeps runs whose state metadata contains it
+        (matched in SQL, before paging).
+        """
         return await self._native.list_runs(
             _port(), status, pipeline_name, limit, offset, metadata_filter
         )
@@ -270,7 +284,9 @@ class SQLiteBackend(_Base):
         return await self._native.get_failed_background_tasks(_port(), parent_run_id, hours_back)
 
     async def cleanup_stale_background_tasks(self, stale_hours: float = 24) -> int:
-        """Mark running background tasks not updated for ``stale_hours`` as failed; returns how many."""
+        """Mark running background tasks not updated for ``stale_hours`` as failed; returns how
+        many.
+        """
         return await self._native.cleanup_stale_background_tasks(_port(), stale_hours)
 
     # Lifecycle.
