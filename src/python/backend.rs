@@ -27,11 +27,15 @@ impl NativeBackend {
     fn submit<'py>(
         &self,
         py: Python<'py>,
-        port: &CompletionPort,
+        port: &Bound<'py, CompletionPort>,
         request: Request,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let (future, done) = port.track(py)?;
+        let is_read = !request.is_write();
+        let (future, done) = port.get().track(py)?;
         self.engine.submit(request, done);
+        if is_read {
+            port.get().await_lone_read(py, port)?;
+        }
         Ok(future)
     }
 }
@@ -88,7 +92,7 @@ impl NativeBackend {
     fn save_state<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         run_id: &Bound<'py, PyAny>,
         state: &Bound<'py, PyAny>,
         expected_updated_at: Option<&Bound<'py, PyAny>>,
@@ -101,116 +105,116 @@ impl NativeBackend {
                 .map(|v| arguments::timestamp_text(v, "expected_updated_at"))
                 .transpose()?,
         };
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     fn load_state<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         run_id: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let request = Request::LoadState {
             run_id: arguments::run_id(run_id)?,
         };
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     fn delete_state<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         run_id: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let request = Request::DeleteState {
             run_id: arguments::run_id(run_id)?,
         };
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     #[pyo3(signature = (port, status = None))]
     fn list_states<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         status: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let request = Request::ListStates {
             status: arguments::optional_filter(status, "status")?,
         };
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     #[pyo3(signature = (port, status = None, pipeline_id = None, limit = None, offset = None))]
     fn list_workflows<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         status: Option<&Bound<'py, PyAny>>,
         pipeline_id: Option<&Bound<'py, PyAny>>,
         limit: Option<&Bound<'py, PyAny>>,
         offset: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let query = arguments::workflow_query(status, pipeline_id, limit, offset)?;
-        self.submit(py, &port, Request::ListWorkflows(query))
+        self.submit(py, port, Request::ListWorkflows(query))
     }
 
     fn get_workflow_stats<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        self.submit(py, &port, Request::WorkflowStats)
+        self.submit(py, port, Request::WorkflowStats)
     }
 
     fn get_failed_workflows<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         hours_back: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let request = Request::FailedWorkflows {
             hours_back: arguments::amount(hours_back, "hours_back")?,
         };
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     fn cleanup_old_workflows<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         days_old: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let request = Request::CleanupOldWorkflows {
             days_old: arguments::amount(days_old, "days_old")?,
         };
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     fn save_run_start<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         run_data: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let request = Request::SaveRunStart(Box::new(run_arguments::run_start(run_data)?));
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     fn save_step_result<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         step_data: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let request = Request::SaveStepResult(Box::new(run_arguments::step_record(step_data)?));
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     fn save_run_end<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         run_id: &Bound<'py, PyAny>,
         end_data: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
@@ -218,31 +222,31 @@ impl NativeBackend {
             run_id: arguments::run_id(run_id)?,
             end: Box::new(run_arguments::run_end(end_data)?),
         };
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     fn get_run_details<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         run_id: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let request = Request::GetRunDetails {
             run_id: arguments::run_id(run_id)?,
         };
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     fn list_run_steps<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         run_id: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let request = Request::ListRunSteps {
             run_id: arguments::run_id(run_id)?,
         };
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     #[pyo3(signature = (port, status = None, pipeline_name = None, limit = None, offset = None, metadata_filter = None))]
@@ -250,7 +254,7 @@ impl NativeBackend {
     fn list_runs<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         status: Option<&Bound<'py, PyAny>>,
         pipeline_name: Option<&Bound<'py, PyAny>>,
         limit: Option<&Bound<'py, PyAny>>,
@@ -265,25 +269,25 @@ impl NativeBackend {
             offset: paging.offset,
             metadata: run_arguments::metadata_conditions(metadata_filter)?,
         });
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     fn delete_run<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         run_id: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let request = Request::DeleteRun {
             run_id: arguments::run_id(run_id)?,
         };
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     fn save_trace<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         run_id: &Bound<'py, PyAny>,
         trace: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
@@ -294,13 +298,13 @@ impl NativeBackend {
             pipeline_name: None,
             pipeline_version: None,
         };
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     fn save_spans<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         run_id: &Bound<'py, PyAny>,
         spans: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
@@ -314,26 +318,26 @@ impl NativeBackend {
             pipeline_name,
             pipeline_version,
         };
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     fn get_trace<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         run_id: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let request = Request::GetTrace {
             run_id: arguments::run_id(run_id)?,
         };
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     #[pyo3(signature = (port, run_id, status = None, name = None))]
     fn get_spans<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         run_id: &Bound<'py, PyAny>,
         status: Option<&Bound<'py, PyAny>>,
         name: Option<&Bound<'py, PyAny>>,
@@ -343,14 +347,14 @@ impl NativeBackend {
             status: arguments::optional_filter(status, "status")?,
             name: arguments::optional_filter(name, "name")?,
         };
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     #[pyo3(signature = (port, pipeline_name = None, time_range = None))]
     fn get_span_statistics<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         pipeline_name: Option<&Bound<'py, PyAny>>,
         time_range: Option<(f64, f64)>,
     ) -> PyResult<Bound<'py, PyAny>> {
@@ -358,13 +362,13 @@ impl NativeBackend {
             pipeline_name: arguments::optional_filter(pipeline_name, "pipeline_name")?,
             time_range,
         };
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     fn set_system_state<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         key: &Bound<'py, PyAny>,
         value: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
@@ -372,19 +376,19 @@ impl NativeBackend {
             key: arguments::text(key, "key")?,
             value: encode_json(value, "value")?,
         };
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     fn get_system_state<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         key: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let request = Request::GetSystemState {
             key: arguments::text(key, "key")?,
         };
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     #[pyo3(signature = (port, run_id, score, feedback = None, step_name = None, metadata = None))]
@@ -392,7 +396,7 @@ impl NativeBackend {
     fn persist_evaluation<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         run_id: &Bound<'py, PyAny>,
         score: &Bound<'py, PyAny>,
         feedback: Option<&Bound<'py, PyAny>>,
@@ -400,14 +404,14 @@ impl NativeBackend {
         metadata: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let evaluation = run_arguments::evaluation(run_id, score, feedback, step_name, metadata)?;
-        self.submit(py, &port, Request::PersistEvaluation(Box::new(evaluation)))
+        self.submit(py, port, Request::PersistEvaluation(Box::new(evaluation)))
     }
 
     #[pyo3(signature = (port, limit = None, run_id = None))]
     fn list_evaluations<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         limit: Option<&Bound<'py, PyAny>>,
         run_id: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
@@ -418,14 +422,14 @@ impl NativeBackend {
                 .map(arguments::run_id)
                 .transpose()?,
         };
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     #[pyo3(signature = (port, parent_run_id = None, status = None, limit = None, offset = None))]
     fn list_background_tasks<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         parent_run_id: Option<&Bound<'py, PyAny>>,
         status: Option<&Bound<'py, PyAny>>,
         limit: Option<&Bound<'py, PyAny>>,
@@ -438,13 +442,13 @@ impl NativeBackend {
             limit: paging.limit,
             offset: paging.offset,
         });
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     fn get_failed_background_tasks<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         parent_run_id: Option<&Bound<'py, PyAny>>,
         hours_back: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
@@ -452,19 +456,19 @@ impl NativeBackend {
             parent_run_id: arguments::optional_filter(parent_run_id, "parent_run_id")?,
             hours_back: arguments::amount(hours_back, "hours_back")?,
         };
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     fn cleanup_stale_background_tasks<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
         stale_hours: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let request = Request::CleanupStaleBackgroundTasks {
             stale_hours: arguments::amount(stale_hours, "stale_hours")?,
         };
-        self.submit(py, &port, request)
+        self.submit(py, port, request)
     }
 
     /// `get_workflow_stats` for synchronous callers: waits for a reader without the GIL.
@@ -488,9 +492,9 @@ impl NativeBackend {
     fn close<'py>(
         &self,
         py: Python<'py>,
-        port: PyRef<'py, CompletionPort>,
+        port: &Bound<'py, CompletionPort>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let (future, done) = port.track(py)?;
+        let (future, done) = port.get().track(py)?;
         let engine = Arc::clone(&self.engine);
         std::thread::Builder::new()
             .name("flujo-sqlite-close".into())
