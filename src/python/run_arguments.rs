@@ -34,6 +34,15 @@ fn get<'py>(dict: &Bound<'py, PyDict>, keys: &[&str]) -> PyResult<Option<Bound<'
     Ok(None)
 }
 
+/// The value under the first of `keys` found, converted; `None` when absent or None.
+fn optional<T>(
+    dict: &Bound<'_, PyDict>,
+    keys: &[&str],
+    convert: impl Fn(&Bound<'_, PyAny>, &str) -> PyResult<T>,
+) -> PyResult<Option<T>> {
+    get(dict, keys)?.map(|v| convert(&v, keys[0])).transpose()
+}
+
 fn text_or(dict: &Bound<'_, PyDict>, key: &str, default: &str) -> PyResult<String> {
     get(dict, &[key])?.map_or(Ok(default.to_owned()), |v| loose_text(&v, key))
 }
@@ -73,19 +82,10 @@ pub(crate) fn run_start(run_data: &Bound<'_, PyAny>) -> PyResult<RunStart> {
             None => started_at.clone(),
         },
         started_at,
-        execution_time_ms: get(data, &["execution_time_ms"])?
-            .map(|v| integer(&v, "execution_time_ms"))
-            .transpose()?,
-        memory_usage_mb: get(data, &["memory_usage_mb"])?
-            .map(|v| real(&v, "memory_usage_mb"))
-            .transpose()?,
-        total_steps: get(data, &["total_steps"])?
-            .map(|v| integer(&v, "total_steps"))
-            .transpose()?
-            .unwrap_or(0),
-        error_message: get(data, &["error_message"])?
-            .map(|v| loose_text(&v, "error_message"))
-            .transpose()?,
+        execution_time_ms: optional(data, &["execution_time_ms"], integer)?,
+        memory_usage_mb: optional(data, &["memory_usage_mb"], real)?,
+        total_steps: optional(data, &["total_steps"], integer)?.unwrap_or(0),
+        error_message: optional(data, &["error_message"], loose_text)?,
     })
 }
 
@@ -94,24 +94,12 @@ pub(crate) fn run_end(end_data: &Bound<'_, PyAny>) -> PyResult<RunEnd> {
     Ok(RunEnd {
         status: text_or(data, "status", "completed")?,
         ended_at: time_or_now(data, &["end_time", "updated_at"])?,
-        total_cost: get(data, &["total_cost"])?
-            .map(|v| real(&v, "total_cost"))
-            .transpose()?,
-        final_context: get(data, &["final_context"])?
-            .map(|v| encode_json(&v, "final_context"))
-            .transpose()?,
-        execution_time_ms: get(data, &["execution_time_ms"])?
-            .map(|v| integer(&v, "execution_time_ms"))
-            .transpose()?,
-        memory_usage_mb: get(data, &["memory_usage_mb"])?
-            .map(|v| real(&v, "memory_usage_mb"))
-            .transpose()?,
-        total_steps: get(data, &["total_steps"])?
-            .map(|v| integer(&v, "total_steps"))
-            .transpose()?,
-        error_message: get(data, &["error_message"])?
-            .map(|v| loose_text(&v, "error_message"))
-            .transpose()?,
+        total_cost: optional(data, &["total_cost"], real)?,
+        final_context: optional(data, &["final_context"], encode_json)?,
+        execution_time_ms: optional(data, &["execution_time_ms"], integer)?,
+        memory_usage_mb: optional(data, &["memory_usage_mb"], real)?,
+        total_steps: optional(data, &["total_steps"], integer)?,
+        error_message: optional(data, &["error_message"], loose_text)?,
     })
 }
 
@@ -119,11 +107,7 @@ pub(crate) fn step_record(step_data: &Bound<'_, PyAny>) -> PyResult<StepRecord> 
     let data = as_dict(step_data, "step_data")?;
     let run = run_id(&required(data, "run_id", "step_data")?)?;
     let step_index = integer(&required(data, "step_index", "step_data")?, "step_index")?;
-    let json = |keys: &[&str]| -> PyResult<Option<String>> {
-        get(data, keys)?
-            .map(|v| encode_json(&v, keys[0]))
-            .transpose()
-    };
+    let json = |key: &str| optional(data, &[key], encode_json);
     Ok(StepRecord {
         step_run_id: match get(data, &["step_run_id"])? {
             Some(value) => loose_text(&value, "step_run_id")?,
@@ -134,23 +118,15 @@ pub(crate) fn step_record(step_data: &Bound<'_, PyAny>) -> PyResult<StepRecord> 
         step_index,
         status: text_or(data, "status", "completed")?,
         started_at: time_or_now(data, &["start_time", "created_at"])?,
-        ended_at: get(data, &["end_time"])?
-            .map(|v| timestamp_text(&v, "end_time"))
-            .transpose()?,
-        duration_ms: get(data, &["duration_ms", "execution_time_ms"])?
-            .map(|v| integer(&v, "duration_ms"))
-            .transpose()?,
-        cost: get(data, &["cost", "cost_usd"])?
-            .map(|v| real(&v, "cost"))
-            .transpose()?,
-        tokens: get(data, &["tokens", "token_counts"])?
-            .map(|v| integer(&v, "tokens"))
-            .transpose()?,
+        ended_at: optional(data, &["end_time"], timestamp_text)?,
+        duration_ms: optional(data, &["duration_ms", "execution_time_ms"], integer)?,
+        cost: optional(data, &["cost", "cost_usd"], real)?,
+        tokens: optional(data, &["tokens", "token_counts"], integer)?,
         // Flujo always stores input and output as JSON, `null` when absent.
-        input: json(&["input"])?.unwrap_or_else(|| "null".to_owned()),
-        output: json(&["output"])?.unwrap_or_else(|| "null".to_owned()),
-        error: json(&["error"])?,
-        raw_response: json(&["raw_response"])?,
+        input: json("input")?.unwrap_or_else(|| "null".to_owned()),
+        output: json("output")?.unwrap_or_else(|| "null".to_owned()),
+        error: json("error")?,
+        raw_response: json("raw_response")?,
     })
 }
 
@@ -164,7 +140,10 @@ fn span(node: &Bound<'_, PyDict>, parent_span_id: Option<String>) -> PyResult<Sp
                 v.extract::<f64>().map_err(|_| {
                     invalid_state(
                         py,
-                        format!("span {span_id:?}: {key} must be a number of seconds, got {v}"),
+                        format!(
+                            "span {span_id:?}: {key} must be a number of seconds, got a {}",
+                            type_name(&v)
+                        ),
                     )
                 })
             })
@@ -258,9 +237,7 @@ pub(crate) fn span_list(
                 }
             }
         }
-        let parent = get(item, &["parent_span_id"])?
-            .map(|v| loose_text(&v, "parent_span_id"))
-            .transpose()?;
+        let parent = optional(item, &["parent_span_id"], loose_text)?;
         match span(item, parent) {
             Ok(record) => records.push(record),
             Err(error) => log::warn!("span skipped: {error}"),

@@ -190,13 +190,11 @@ pub(crate) fn list_workflows(
 }
 
 pub(crate) fn workflow_stats(conn: &Connection) -> rusqlite::Result<WorkflowStats> {
-    let total: i64 = conn
-        .prepare_cached("SELECT count(*) FROM workflow_state")?
-        .query_row([], |r| r.get(0))?;
-    let status_counts = counts_by_status(
+    // One pass over the status index gives both the counts and the total (rows whose status
+    // is NULL, which only another program could write, count in the total alone).
+    let (status_counts, total) = counts_by_status(
         conn,
-        "SELECT status, count(*) FROM workflow_state \
-         WHERE status IS NOT NULL GROUP BY status",
+        "SELECT status, count(*) FROM workflow_state GROUP BY status",
     )?;
     let day = TimeWindow::before(Utc::now(), chrono::Duration::hours(24));
     let recent: i64 = conn
@@ -208,13 +206,13 @@ pub(crate) fn workflow_stats(conn: &Connection) -> rusqlite::Result<WorkflowStat
     let average: Option<f64> = conn
         .prepare_cached("SELECT avg(execution_time_ms) FROM workflow_state")?
         .query_row([], |r| r.get(0))?;
-    let background_status_counts = counts_by_status(
+    let (background_status_counts, _) = counts_by_status(
         conn,
         "SELECT status, count(*) FROM workflow_state \
-         WHERE is_background_task = 1 AND status IS NOT NULL GROUP BY status",
+         WHERE is_background_task = 1 GROUP BY status",
     )?;
     Ok(WorkflowStats {
-        total_workflows: total.max(0) as u64,
+        total_workflows: total,
         status_counts,
         recent_workflows_24h: recent.max(0) as u64,
         average_execution_time_ms: average,
@@ -222,20 +220,26 @@ pub(crate) fn workflow_stats(conn: &Connection) -> rusqlite::Result<WorkflowStat
     })
 }
 
+/// Counts per non-NULL status, and the total of all rows counted.
 fn counts_by_status(
     conn: &Connection,
     sql: &str,
-) -> rusqlite::Result<std::collections::BTreeMap<String, u64>> {
+) -> rusqlite::Result<(std::collections::BTreeMap<String, u64>, u64)> {
     let mut stmt = conn.prepare_cached(sql)?;
-    let rows = stmt.query_map([], |r| {
+    let mut rows = stmt.query([])?;
+    let (mut counts, mut total) = (std::collections::BTreeMap::new(), 0);
+    while let Some(row) = rows.next()? {
+        let count = row.get::<_, i64>(1)?.max(0) as u64;
+        total += count;
         // A status stored as a number by some other writer still counts under its text.
-        let status = match r.get_ref(0)? {
+        let status = match row.get_ref(0)? {
+            ValueRef::Null => continue,
             ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
             other => format!("{other:?}"),
         };
-        Ok((status, r.get::<_, i64>(1)?.max(0) as u64))
-    })?;
-    rows.collect()
+        counts.insert(status, count);
+    }
+    Ok((counts, total))
 }
 
 /// Failed runs updated at or after the window's cutoff, most recently updated first.
