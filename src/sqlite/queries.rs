@@ -189,13 +189,28 @@ pub(crate) fn list_workflows(
     Ok(out)
 }
 
-pub(crate) fn workflow_stats(conn: &Connection) -> rusqlite::Result<WorkflowStats> {
-    // One pass over the status index gives both the counts and the total (rows whose status
-    // is NULL, which only another program could write, count in the total alone).
-    let (status_counts, total) = counts_by_status(
-        conn,
-        "SELECT status, count(*) FROM workflow_state GROUP BY status",
-    )?;
+/// `spare` is a second connection: the two scans over whole indexes (status counts, average
+/// execution time; ~2.5 ms each at 100k runs) run on both at once.
+pub(crate) fn workflow_stats(
+    conn: &Connection,
+    spare: &mut Connection,
+) -> rusqlite::Result<WorkflowStats> {
+    let (average, counts) = std::thread::scope(|scope| {
+        let average = scope.spawn(move || {
+            spare
+                .prepare_cached("SELECT avg(execution_time_ms) FROM workflow_state")?
+                .query_row([], |r| r.get::<_, Option<f64>>(0))
+        });
+        // One pass over the status index gives both the counts and the total (rows whose
+        // status is NULL, which only another program could write, count in the total alone).
+        let counts = counts_by_status(
+            conn,
+            "SELECT status, count(*) FROM workflow_state GROUP BY status",
+        );
+        (average.join(), counts)
+    });
+    let average = average.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+    let (status_counts, total) = counts?;
     let day = TimeWindow::before(Utc::now(), chrono::Duration::hours(24));
     let recent: i64 = conn
         .prepare_cached(
@@ -203,9 +218,6 @@ pub(crate) fn workflow_stats(conn: &Connection) -> rusqlite::Result<WorkflowStat
              AND julianday(created_at) >= julianday(?2)",
         )?
         .query_row(params![day.text_low, day.cutoff], |r| r.get(0))?;
-    let average: Option<f64> = conn
-        .prepare_cached("SELECT avg(execution_time_ms) FROM workflow_state")?
-        .query_row([], |r| r.get(0))?;
     let (background_status_counts, _) = counts_by_status(
         conn,
         "SELECT status, count(*) FROM workflow_state \

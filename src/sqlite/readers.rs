@@ -64,6 +64,7 @@ fn next_job(jobs: &Receiver<Job>) -> Option<Job> {
 
 fn serve(shared: &Shared, jobs: &Receiver<Job>) {
     let mut conn: Option<Connection> = None;
+    let mut spare: Option<Connection> = None;
     while let Some(job) = next_job(jobs) {
         let outcome = shared.layout().and_then(|layout| {
             let conn = match &mut conn {
@@ -71,7 +72,7 @@ fn serve(shared: &Shared, jobs: &Receiver<Job>) {
                 slot => slot.insert(connection::open(&shared.options, Role::Reader)?),
             };
             connection::retry_while_locked(&shared.options, || {
-                execute_read(conn, &layout, shared, &job.request)
+                execute_read(conn, &mut spare, &layout, shared, &job.request)
             })
         });
         (job.done)(outcome);
