@@ -386,6 +386,75 @@ fn cleanup_deletes_in_batches_and_counts_every_row() {
 }
 
 #[test]
+fn saves_queued_behind_a_long_cleanup_are_served_between_its_batches() {
+    let db = temp_db();
+    let e = engine(&db.path);
+    let (saved_tx, saved_rx) = mpsc::channel();
+    let old = utc_text(chrono::Duration::days(40));
+    for i in 0..20_000 {
+        let tx = saved_tx.clone();
+        e.submit(
+            Request::SaveState {
+                run_id: format!("old{i}"),
+                record: Box::new(record("p", "completed", &old)),
+                expected_updated_at: None,
+            },
+            Box::new(move |outcome| tx.send(outcome.is_ok()).unwrap()),
+        );
+    }
+    drop(saved_tx);
+    assert!(saved_rx.iter().all(|ok| ok));
+
+    // Completions are numbered in the order the engine reports them.
+    let (order_tx, order_rx) = mpsc::channel();
+    let cleanup_tx = order_tx.clone();
+    e.submit(
+        Request::CleanupOldWorkflows { days_old: 30.0 },
+        Box::new(move |outcome| cleanup_tx.send(("cleanup", outcome.unwrap())).unwrap()),
+    );
+    let now = utc_text(chrono::Duration::zero());
+    for i in 0..10 {
+        let tx = order_tx.clone();
+        e.submit(
+            Request::SaveState {
+                run_id: format!("new{i}"),
+                record: Box::new(record("p", "running", &now)),
+                expected_updated_at: None,
+            },
+            Box::new(move |outcome| tx.send(("save", outcome.unwrap())).unwrap()),
+        );
+    }
+    drop(order_tx);
+    let order: Vec<_> = order_rx.iter().collect();
+    assert_eq!(order.len(), 11);
+    let cleanup_position = order
+        .iter()
+        .position(|(what, _)| *what == "cleanup")
+        .unwrap();
+    assert_eq!(order[cleanup_position].1, Response::Count(20_000));
+    assert!(
+        cleanup_position > 0,
+        "the saves waited for the whole cleanup instead of going between its batches"
+    );
+    let Response::Stats(stats) = call(&e, Request::WorkflowStats).unwrap() else {
+        panic!()
+    };
+    assert_eq!(stats.total_workflows, 10);
+    e.close();
+    // The checkpoint started after the cleanup has finished by the time close returns, and
+    // the file is whole.
+    let conn = Connection::open(&db.path).unwrap();
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+    let rows: i64 = conn
+        .query_row("SELECT COUNT(*) FROM workflow_state", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 10);
+}
+
+#[test]
 fn a_legacy_table_is_migrated_in_place_with_its_rows() {
     let db = temp_db();
     {

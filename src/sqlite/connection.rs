@@ -16,6 +16,9 @@ pub(crate) enum Role {
     Reader,
 }
 
+/// What the WAL file is cut back to when SQLite starts it over after a checkpoint.
+const WAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
+
 /// Paths are plain file names, never URIs: a file called `file:x?mode=ro` means that file.
 pub(crate) fn open(options: &SqliteOptions, role: Role) -> Result<Connection, Error> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -36,8 +39,11 @@ fn configure(conn: &Connection, options: &SqliteOptions, role: Role) -> rusqlite
     };
     conn.pragma_update(None, "synchronous", synchronous)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    if role == Role::Reader {
-        conn.pragma_update(None, "query_only", "ON")?;
+    match role {
+        Role::Reader => conn.pragma_update(None, "query_only", "ON")?,
+        // A cleanup can grow the WAL to hundreds of MB; without a limit the file would keep
+        // that size on disk after its pages have been copied back.
+        Role::Writer => conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES)?,
     }
     Ok(())
 }

@@ -15,9 +15,6 @@ use crate::model::{
 };
 use crate::timestamp::TimeWindow;
 
-/// Rows deleted per transaction by `cleanup_old_workflows`, so the writer lock is held briefly.
-pub(crate) const CLEANUP_BATCH_ROWS: i64 = 2000;
-
 const SUMMARY_COLUMNS: &str = "run_id, pipeline_id, pipeline_name, pipeline_version, \
      current_step_index, status, created_at, updated_at, total_steps, error_message, \
      execution_time_ms, memory_usage_mb, metadata, is_background_task, parent_run_id, task_id, \
@@ -269,14 +266,18 @@ pub(crate) fn failed_workflows(
     rows.collect()
 }
 
-/// Deletes at most `CLEANUP_BATCH_ROWS` rows created before the window's cutoff; the writer
-/// calls it repeatedly, one short transaction each, until it returns fewer.
-pub(crate) fn cleanup_batch(conn: &Connection, window: &TimeWindow) -> rusqlite::Result<usize> {
+/// Deletes at most `limit` rows created before the window's cutoff; the writer calls it
+/// repeatedly, one transaction each, until it returns fewer.
+pub(crate) fn cleanup_batch(
+    conn: &Connection,
+    window: &TimeWindow,
+    limit: usize,
+) -> rusqlite::Result<usize> {
     conn.prepare_cached(
         "DELETE FROM workflow_state WHERE rowid IN (SELECT rowid FROM workflow_state \
          WHERE created_at < ?1 AND julianday(created_at) < julianday(?2) LIMIT ?3)",
     )?
-    .execute(params![window.text_high, window.cutoff, CLEANUP_BATCH_ROWS])
+    .execute(params![window.text_high, window.cutoff, limit as i64])
 }
 
 fn summary(row: &Row) -> rusqlite::Result<WorkflowSummary> {

@@ -4,13 +4,14 @@
 //! one fsync for many saves. Each write runs inside its own savepoint, so one that fails is
 //! rolled back alone and only its caller sees the error. Callers are told of success only after
 //! COMMIT has returned, i.e. once the write is durable at the configured `Durability`.
-//! Cleanup deletes in short transactions and serves queued writes between them, so a large
-//! cleanup never holds the write lock for long.
+//! Cleanup deletes in batches and serves queued writes between them, so a large cleanup never
+//! holds the write lock for long while someone is waiting for it.
 
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use rusqlite::Connection;
@@ -25,6 +26,19 @@ use crate::timestamp::{age_from, same_instant, TimeWindow};
 /// Writes committed in one transaction at most; bounds the latency a batch adds to its first caller.
 const MAX_BATCH: usize = 256;
 
+/// Cleanup batch sizes, in rows. Each commit rewrites every index page its deletions touched,
+/// and run ids are random, so small batches rewrite most of the run-id index every time;
+/// batches therefore grow while nobody waits, and shrink to a few milliseconds of work as soon
+/// as a save is waiting.
+const CLEANUP_ROWS_FIRST: usize = 1000;
+const CLEANUP_ROWS_MIN: usize = 250;
+const CLEANUP_ROWS_MAX: usize = 16_000;
+/// A cleanup batch only grows while it takes less than half of this.
+const CLEANUP_BATCH_BUDGET: Duration = Duration::from_millis(100);
+
+/// SQLite's own default for `wal_autocheckpoint`, restored after a cleanup.
+const DEFAULT_AUTOCHECKPOINT_PAGES: i64 = 1000;
+
 pub(super) fn spawn(shared: Arc<Shared>, jobs: Receiver<Job>) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("flujo-sqlite-writer".into())
@@ -33,6 +47,7 @@ pub(super) fn spawn(shared: Arc<Shared>, jobs: Receiver<Job>) -> Result<JoinHand
                 shared: &shared,
                 conn: None,
                 cleanups: VecDeque::new(),
+                checkpoint: None,
             }
             .serve(&jobs)
         })
@@ -47,6 +62,8 @@ struct Writer<'a> {
     conn: Option<Connection>,
     /// Cleanups that arrived while another was running; served after it, in order.
     cleanups: VecDeque<Job>,
+    /// The checkpoint started after the last cleanup, joined before the writer exits.
+    checkpoint: Option<JoinHandle<()>>,
 }
 
 impl Writer<'_> {
@@ -56,7 +73,8 @@ impl Writer<'_> {
                 Some(job) => job,
                 None => match jobs.recv() {
                     Ok(job) => job,
-                    Err(_) => return, // the engine closed and everything queued is done
+                    // The engine closed and everything queued is done.
+                    Err(_) => return self.finish_checkpoint(),
                 },
             };
             if matches!(first.request, Request::CleanupOldWorkflows { .. }) {
@@ -141,47 +159,110 @@ impl Writer<'_> {
             Ok(age) => TimeWindow::before(chrono::Utc::now(), age),
             Err(message) => return (job.done)(Err(Error::InvalidInput(message))),
         };
-        let mut deleted: u64 = 0;
-        loop {
-            let batch = self.delete_batch(&window);
-            match batch {
-                Ok(count) => {
-                    deleted += count as u64;
-                    if count < queries::CLEANUP_BATCH_ROWS as usize {
-                        break;
-                    }
-                    log::debug!("cleanup: {deleted} rows deleted so far");
+        // Checkpointing after every batch would copy the same index pages back into the file
+        // again and again; one checkpoint at the end, off this thread, copies each page once.
+        let outcome = self.set_autocheckpoint(0).and_then(|()| {
+            let deleted = self.delete_old(&window, jobs);
+            self.set_autocheckpoint(DEFAULT_AUTOCHECKPOINT_PAGES)?;
+            deleted
+        });
+        match outcome {
+            Ok(deleted) => {
+                if deleted > 0 {
+                    log::info!("cleanup_old_workflows deleted {deleted} workflow states");
+                    self.checkpoint_in_background();
                 }
-                Err(error) => return (job.done)(Err(error)),
+                (job.done)(Ok(Response::Count(deleted)));
             }
-            // Let writes that queued up meanwhile go ahead before the next batch.
+            Err(error) => (job.done)(Err(error)),
+        }
+    }
+
+    /// Deletes in batches that grow while no other write is waiting and shrink as soon as one
+    /// is, serving waiting writes between batches.
+    fn delete_old(&mut self, window: &TimeWindow, jobs: &Receiver<Job>) -> Result<u64> {
+        let mut deleted: u64 = 0;
+        let mut rows = CLEANUP_ROWS_FIRST;
+        loop {
+            let started = Instant::now();
+            let count = self.delete_batch(window, rows)?;
+            deleted += count as u64;
+            if count < rows {
+                return Ok(deleted);
+            }
+            log::debug!(
+                "cleanup: {deleted} rows deleted so far ({rows} in {:?})",
+                started.elapsed()
+            );
             if let Ok(first) = jobs.try_recv() {
+                rows = (rows / 4).max(CLEANUP_ROWS_MIN);
                 if matches!(first.request, Request::CleanupOldWorkflows { .. }) {
                     self.cleanups.push_back(first);
                 } else {
                     let waiting = self.gather(first, jobs);
                     self.commit(waiting);
                 }
+            } else if started.elapsed() < CLEANUP_BATCH_BUDGET / 2 {
+                rows = (rows * 2).min(CLEANUP_ROWS_MAX);
             }
         }
-        if deleted > 0 {
-            log::info!("cleanup_old_workflows deleted {deleted} workflow states");
-        }
-        (job.done)(Ok(Response::Count(deleted)));
     }
 
-    fn delete_batch(&mut self, window: &TimeWindow) -> Result<usize> {
+    fn delete_batch(&mut self, window: &TimeWindow, rows: usize) -> Result<usize> {
         let options = &self.shared.options;
         let (conn, _) = self.ready()?;
         retry_while_locked(options, || {
             let tx = conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(|e| classify(&options.path, e))?;
-            let count =
-                queries::cleanup_batch(&tx, window).map_err(|e| classify(&options.path, e))?;
+            let count = queries::cleanup_batch(&tx, window, rows)
+                .map_err(|e| classify(&options.path, e))?;
             tx.commit().map_err(|e| classify(&options.path, e))?;
             Ok(count)
         })
+    }
+
+    fn set_autocheckpoint(&mut self, pages: i64) -> Result<()> {
+        let path = self.shared.options.path.clone();
+        let (conn, _) = self.ready()?;
+        conn.pragma_update(None, "wal_autocheckpoint", pages)
+            .map_err(|e| classify(&path, e))
+    }
+
+    /// Copies the WAL a cleanup left behind back into the database file, on a thread of its
+    /// own: a PASSIVE checkpoint never blocks writers or readers, so saves go on meanwhile.
+    fn checkpoint_in_background(&mut self) {
+        self.finish_checkpoint();
+        let options = self.shared.options.clone();
+        let spawned = std::thread::Builder::new()
+            .name("flujo-sqlite-checkpoint".into())
+            .spawn(move || {
+                let outcome = connection::open(&options, Role::Writer).and_then(|conn| {
+                    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+                        Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+                    })
+                    .map_err(|e| classify(&options.path, e))
+                });
+                match outcome {
+                    Ok((logged, copied)) => {
+                        log::debug!("checkpoint after cleanup: {copied} of {logged} WAL pages")
+                    }
+                    // Not the caller's problem: a later commit checkpoints again.
+                    Err(error) => log::warn!("checkpoint after cleanup failed: {error}"),
+                }
+            });
+        match spawned {
+            Ok(handle) => self.checkpoint = Some(handle),
+            Err(error) => log::warn!("cannot start a checkpoint thread: {error}"),
+        }
+    }
+
+    fn finish_checkpoint(&mut self) {
+        if let Some(handle) = self.checkpoint.take() {
+            if handle.join().is_err() {
+                log::error!("the flujo-sqlite checkpoint thread panicked");
+            }
+        }
     }
 }
 
