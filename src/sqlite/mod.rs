@@ -9,6 +9,7 @@ mod readers;
 mod recovery;
 mod run_history;
 mod schema;
+mod spin;
 mod system;
 mod traces;
 mod writer;

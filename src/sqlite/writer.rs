@@ -18,7 +18,7 @@ use rusqlite::Connection;
 
 use super::connection::{self, classify, retry_while_locked, Role};
 use super::schema::Layout;
-use super::{queries, run_history, system, traces, Job, Shared};
+use super::{queries, run_history, spin, system, traces, Job, Shared};
 use crate::engine::{Request, Response};
 use crate::error::{Error, Result};
 use crate::timestamp::{age_from, same_instant, TimeWindow};
@@ -35,9 +35,6 @@ const CLEANUP_ROWS_MIN: usize = 250;
 const CLEANUP_ROWS_MAX: usize = 16_000;
 /// A cleanup batch only grows while it takes less than half of this.
 const CLEANUP_BATCH_BUDGET: Duration = Duration::from_millis(100);
-
-/// SQLite's own default for `wal_autocheckpoint`, restored after a cleanup.
-const DEFAULT_AUTOCHECKPOINT_PAGES: i64 = 1000;
 
 pub(super) fn spawn(shared: Arc<Shared>, jobs: Receiver<Job>) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
@@ -71,10 +68,10 @@ impl Writer<'_> {
         loop {
             let first = match self.cleanups.pop_front() {
                 Some(job) => job,
-                None => match jobs.recv() {
-                    Ok(job) => job,
+                None => match spin::next(jobs) {
+                    Some(job) => job,
                     // The engine closed and everything queued is done.
-                    Err(_) => return self.finish_checkpoint(),
+                    None => return self.finish_checkpoint(),
                 },
             };
             if matches!(first.request, Request::CleanupOldWorkflows { .. }) {
@@ -163,7 +160,7 @@ impl Writer<'_> {
         // again and again; one checkpoint at the end, off this thread, copies each page once.
         let outcome = self.set_autocheckpoint(0).and_then(|()| {
             let deleted = self.delete_old(&window, jobs);
-            self.set_autocheckpoint(DEFAULT_AUTOCHECKPOINT_PAGES)?;
+            self.set_autocheckpoint(connection::AUTOCHECKPOINT_PAGES)?;
             deleted
         });
         match outcome {
