@@ -113,33 +113,36 @@ impl CompletionPort {
     }
 }
 
-/// How long a caller waits on the loop thread for a lone point read before letting the loop
-/// sleep. A read takes ~10-30 us on a reader; parking the loop and waking it through the
-/// socket costs about as much again.
-const LONE_READ_SPIN: Duration = Duration::from_micros(50);
-
 impl CompletionPort {
-    /// When the read just queued is the only request in flight on this loop, waits for it
-    /// briefly and, if it finished, schedules the resolution with `call_soon`: the caller still
+    /// When the request just queued is the only one in flight on this loop, waits up to `wait`
+    /// for it and, if it finished, schedules the resolution with `call_soon`: the caller still
     /// yields to the loop once, but the loop never sleeps in between. Under concurrency (other
     /// requests in flight) it returns at once, as the loop has other work.
-    pub(crate) fn await_lone_read(
+    pub(crate) fn await_lone_request(
         &self,
         py: Python<'_>,
         this: &Bound<'_, CompletionPort>,
+        wait: Duration,
     ) -> PyResult<()> {
         if self.waiting.lock().unwrap_or_else(|p| p.into_inner()).len() != 1 {
             return Ok(());
         }
         let seen = self.inbox.posted.load(Ordering::Acquire);
-        let started = Instant::now();
-        while self.inbox.posted.load(Ordering::Acquire) == seen {
-            if started.elapsed() >= LONE_READ_SPIN {
-                return Ok(());
+        let inbox = &self.inbox;
+        // Other Python threads may run meanwhile: the GIL is never held while SQLite works.
+        let finished = py.detach(|| {
+            let started = Instant::now();
+            while inbox.posted.load(Ordering::Acquire) == seen {
+                if started.elapsed() >= wait {
+                    return false;
+                }
+                std::hint::spin_loop();
             }
-            std::hint::spin_loop();
+            true
+        });
+        if finished {
+            running_loop(py)?.call_method1("call_soon", (this.getattr("drain")?,))?;
         }
-        running_loop(py)?.call_method1("call_soon", (this.getattr("drain")?,))?;
         Ok(())
     }
 
