@@ -504,6 +504,72 @@ fn a_legacy_table_is_migrated_in_place_with_its_rows() {
 }
 
 #[test]
+fn stats_count_every_status_another_program_wrote() {
+    let db = temp_db();
+    {
+        let conn = Connection::open(&db.path).unwrap();
+        // An unconstrained status column, as in files older than Flujo's CHECK constraint.
+        conn.execute_batch(
+            "CREATE TABLE workflow_state (run_id TEXT PRIMARY KEY, pipeline_id TEXT NOT NULL, \
+             status TEXT);
+             CREATE TABLE runs (run_id TEXT PRIMARY KEY, pipeline_name TEXT NOT NULL, \
+             pipeline_version TEXT NOT NULL, status TEXT NOT NULL, start_time TEXT NOT NULL, \
+             end_time TEXT, total_cost REAL, final_context_blob TEXT);
+             CREATE TABLE steps (step_run_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, \
+             step_name TEXT NOT NULL, step_index INTEGER NOT NULL, status TEXT NOT NULL, \
+             start_time TEXT NOT NULL, end_time TEXT, duration_ms INTEGER, cost REAL, \
+             tokens INTEGER, input_blob TEXT, output_blob TEXT, error_blob TEXT);
+             CREATE TABLE spans (span_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, \
+             parent_span_id TEXT, name TEXT NOT NULL, start_time REAL NOT NULL, end_time REAL, \
+             status TEXT DEFAULT 'running', attributes TEXT, created_at DATETIME);",
+        )
+        .unwrap();
+        let statuses: [Option<&str>; 9] = [
+            Some("completed"),
+            Some("completed"),
+            Some("failed"),
+            None,
+            None,
+            Some(""),
+            Some("Completed"),
+            Some("zzz \u{1F600}"),
+            Some("5"),
+        ];
+        for (i, status) in statuses.iter().enumerate() {
+            conn.execute(
+                "INSERT INTO workflow_state VALUES (?1, 'p', ?2)",
+                rusqlite::params![format!("r{i}"), status],
+            )
+            .unwrap();
+        }
+        conn.execute("INSERT INTO workflow_state VALUES ('r-int', 'p', 7)", [])
+            .unwrap();
+    }
+    let e = engine(&db.path);
+    let Response::Stats(stats) = call(&e, Request::WorkflowStats).unwrap() else {
+        panic!()
+    };
+    assert_eq!(stats.total_workflows, 10);
+    let counts: Vec<(&str, u64)> = stats
+        .status_counts
+        .iter()
+        .map(|(status, n)| (status.as_str(), *n))
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            ("", 1),
+            ("5", 1),
+            ("7", 1),
+            ("Completed", 1),
+            ("completed", 2),
+            ("failed", 1),
+            ("zzz \u{1F600}", 1),
+        ]
+    );
+}
+
+#[test]
 fn a_file_that_is_not_a_database_is_reported_and_left_untouched() {
     let db = temp_db();
     std::fs::write(
