@@ -10,6 +10,19 @@ use flujo_sqlite::model::{BackgroundFields, Cell, StateRecord, WorkflowQuery};
 use flujo_sqlite::sqlite::{FreshLayout, SqliteEngine, SqliteOptions};
 use rusqlite::Connection;
 
+/// The tables of a Flujo 0.4.35 file besides `workflow_state`, as Flujo creates them.
+const FLUJO_04_OTHER_TABLES: &str =
+    "CREATE TABLE runs (run_id TEXT PRIMARY KEY, pipeline_name TEXT NOT NULL, \
+     pipeline_version TEXT NOT NULL, status TEXT NOT NULL, start_time TEXT NOT NULL, \
+     end_time TEXT, total_cost REAL, final_context_blob TEXT);
+     CREATE TABLE steps (step_run_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, \
+     step_name TEXT NOT NULL, step_index INTEGER NOT NULL, status TEXT NOT NULL, \
+     start_time TEXT NOT NULL, end_time TEXT, duration_ms INTEGER, cost REAL, \
+     tokens INTEGER, input_blob TEXT, output_blob TEXT, error_blob TEXT);
+     CREATE TABLE spans (span_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, \
+     parent_span_id TEXT, name TEXT NOT NULL, start_time REAL NOT NULL, end_time REAL, \
+     status TEXT DEFAULT 'running', attributes TEXT, created_at DATETIME);";
+
 fn engine(path: &Path) -> SqliteEngine {
     SqliteEngine::start(SqliteOptions::new(path)).unwrap()
 }
@@ -464,20 +477,7 @@ fn a_legacy_table_is_migrated_in_place_with_its_rows() {
              INSERT INTO workflow_state VALUES ('old', 'legacy_pipeline');",
         )
         .unwrap();
-        // The rest of a 0.4.35 file, as Flujo creates it.
-        conn.execute_batch(
-            "CREATE TABLE runs (run_id TEXT PRIMARY KEY, pipeline_name TEXT NOT NULL, \
-             pipeline_version TEXT NOT NULL, status TEXT NOT NULL, start_time TEXT NOT NULL, \
-             end_time TEXT, total_cost REAL, final_context_blob TEXT);
-             CREATE TABLE steps (step_run_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, \
-             step_name TEXT NOT NULL, step_index INTEGER NOT NULL, status TEXT NOT NULL, \
-             start_time TEXT NOT NULL, end_time TEXT, duration_ms INTEGER, cost REAL, \
-             tokens INTEGER, input_blob TEXT, output_blob TEXT, error_blob TEXT);
-             CREATE TABLE spans (span_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, \
-             parent_span_id TEXT, name TEXT NOT NULL, start_time REAL NOT NULL, end_time REAL, \
-             status TEXT DEFAULT 'running', attributes TEXT, created_at DATETIME);",
-        )
-        .unwrap();
+        conn.execute_batch(FLUJO_04_OTHER_TABLES).unwrap();
     }
     let e = engine(&db.path);
     let Response::State(Some(state)) = call(
@@ -511,19 +511,10 @@ fn stats_count_every_status_another_program_wrote() {
         // An unconstrained status column, as in files older than Flujo's CHECK constraint.
         conn.execute_batch(
             "CREATE TABLE workflow_state (run_id TEXT PRIMARY KEY, pipeline_id TEXT NOT NULL, \
-             status TEXT);
-             CREATE TABLE runs (run_id TEXT PRIMARY KEY, pipeline_name TEXT NOT NULL, \
-             pipeline_version TEXT NOT NULL, status TEXT NOT NULL, start_time TEXT NOT NULL, \
-             end_time TEXT, total_cost REAL, final_context_blob TEXT);
-             CREATE TABLE steps (step_run_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, \
-             step_name TEXT NOT NULL, step_index INTEGER NOT NULL, status TEXT NOT NULL, \
-             start_time TEXT NOT NULL, end_time TEXT, duration_ms INTEGER, cost REAL, \
-             tokens INTEGER, input_blob TEXT, output_blob TEXT, error_blob TEXT);
-             CREATE TABLE spans (span_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, \
-             parent_span_id TEXT, name TEXT NOT NULL, start_time REAL NOT NULL, end_time REAL, \
-             status TEXT DEFAULT 'running', attributes TEXT, created_at DATETIME);",
+             status TEXT);",
         )
         .unwrap();
+        conn.execute_batch(FLUJO_04_OTHER_TABLES).unwrap();
         let statuses: [Option<&str>; 9] = [
             Some("completed"),
             Some("completed"),
