@@ -1231,3 +1231,56 @@ async def test_corrupt_database_error_is_a_sqlite_database_error(tmp_path: Path)
     with pytest.raises(sqlite3.DatabaseError):
         await backend.list_workflows()
     await backend.close()
+
+
+def test_first_open_of_a_filled_file_logs_its_index_builds(tmp_path: Path) -> None:
+    """Building our indexes is the one slow step of opening a big file Flujo filled (seconds at
+    a million runs), so each index is logged through `logging` as it is built, and only once."""
+    db = tmp_path / "filled.db"
+
+    async def fill() -> None:
+        async with SQLiteBackend(db) as backend:
+            for i in range(30):
+                await backend.save_state(f"r{i}", build_state())
+
+    asyncio.run(fill())
+    conn = sqlite3.connect(db)
+    ours = [
+        r[0]
+        for r in conn.execute("SELECT name FROM sqlite_master WHERE name LIKE 'idx_flujo_sqlite_%'")
+    ]
+    for name in ours:
+        conn.execute(f"DROP INDEX {name}")
+    conn.commit()
+    conn.close()
+    assert ours, "a new file has indexes of ours"
+    script = textwrap.dedent(
+        """
+        import asyncio, logging, sys
+        logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
+        from flujo_sqlite import SQLiteBackend
+
+        async def main():
+            async with SQLiteBackend(sys.argv[1]) as backend:
+                assert len(await backend.list_workflows()) == 30
+
+        asyncio.run(main())
+        """
+    )
+
+    def open_and_log() -> str:
+        result = subprocess.run(
+            [sys.executable, "-c", script, str(db)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stderr
+
+    first = open_and_log()
+    for name in ours:
+        assert f"flujo_sqlite.sqlite.schema building index {name} over 30 stored runs" in first
+        assert f"flujo_sqlite.sqlite.schema built index {name} in " in first
+    assert "building index" not in open_and_log()
