@@ -28,8 +28,9 @@ const MAX_BATCH: usize = 256;
 
 /// Cleanup batch sizes, in rows. Each commit rewrites every index page its deletions touched,
 /// and run ids are random, so small batches rewrite most of the run-id index every time;
-/// batches therefore grow while nobody waits, and shrink to a few milliseconds of work as soon
-/// as a save is waiting.
+/// batches therefore double while nobody waits (a save arriving then waits for at most one
+/// batch, ~100 ms), and shrink to a quarter whenever a save was waiting, down to a few
+/// milliseconds of work.
 const CLEANUP_ROWS_FIRST: usize = 1000;
 const CLEANUP_ROWS_MIN: usize = 250;
 const CLEANUP_ROWS_MAX: usize = 16_000;
@@ -45,6 +46,7 @@ pub(super) fn spawn(shared: Arc<Shared>, jobs: Receiver<Job>) -> Result<JoinHand
                 conn: None,
                 cleanups: VecDeque::new(),
                 checkpoint: None,
+                checkpoint_again: false,
             }
             .serve(&jobs)
         })
@@ -59,8 +61,11 @@ struct Writer<'a> {
     conn: Option<Connection>,
     /// Cleanups that arrived while another was running; served after it, in order.
     cleanups: VecDeque<Job>,
-    /// The checkpoint started after the last cleanup, joined before the writer exits.
+    /// The checkpoint started after a cleanup. While it runs auto-checkpoints stay off, so no
+    /// commit copies the cleanup's WAL back inline.
     checkpoint: Option<JoinHandle<()>>,
+    /// A cleanup ended while that checkpoint was running: start another when it is done.
+    checkpoint_again: bool,
 }
 
 impl Writer<'_> {
@@ -71,9 +76,10 @@ impl Writer<'_> {
                 None => match spin::next(jobs) {
                     Some(job) => job,
                     // The engine closed and everything queued is done.
-                    None => return self.finish_checkpoint(),
+                    None => return self.join_checkpoint(),
                 },
             };
+            self.tend_checkpoint();
             if matches!(first.request, Request::CleanupOldWorkflows { .. }) {
                 self.cleanup(first, jobs);
             } else {
@@ -158,21 +164,20 @@ impl Writer<'_> {
         };
         // Checkpointing after every batch would copy the same index pages back into the file
         // again and again; one checkpoint at the end, off this thread, copies each page once.
-        let outcome = self.set_autocheckpoint(0).and_then(|()| {
-            let deleted = self.delete_old(&window, jobs);
-            self.set_autocheckpoint(connection::AUTOCHECKPOINT_PAGES)?;
-            deleted
-        });
-        match outcome {
-            Ok(deleted) => {
-                if deleted > 0 {
-                    log::info!("cleanup_old_workflows deleted {deleted} workflow states");
-                    self.checkpoint_in_background();
-                }
-                (job.done)(Ok(Response::Count(deleted)));
-            }
-            Err(error) => (job.done)(Err(error)),
+        let outcome = self
+            .set_autocheckpoint(0)
+            .and_then(|()| self.delete_old(&window, jobs));
+        match &outcome {
+            Ok(0) if self.checkpoint.is_none() => self.restore_autocheckpoint(),
+            Ok(0) => {} // turned back on when the running checkpoint is done
+            // After an error too: batches may have committed before it.
+            _ if self.checkpoint.is_some() => self.checkpoint_again = true,
+            _ => self.start_checkpoint(),
         }
+        if let Ok(deleted @ 1..) = outcome {
+            log::info!("cleanup_old_workflows deleted {deleted} workflow states");
+        }
+        (job.done)(outcome.map(Response::Count));
     }
 
     /// Deletes in batches that grow while no other write is waiting and shrink as soon as one
@@ -226,10 +231,15 @@ impl Writer<'_> {
             .map_err(|e| classify(&path, e))
     }
 
+    fn restore_autocheckpoint(&mut self) {
+        if let Err(error) = self.set_autocheckpoint(connection::AUTOCHECKPOINT_PAGES) {
+            log::warn!("cannot turn automatic checkpoints back on: {error}");
+        }
+    }
+
     /// Copies the WAL a cleanup left behind back into the database file, on a thread of its
     /// own: a PASSIVE checkpoint never blocks writers or readers, so saves go on meanwhile.
-    fn checkpoint_in_background(&mut self) {
-        self.finish_checkpoint();
+    fn start_checkpoint(&mut self) {
         let options = self.shared.options.clone();
         let spawned = std::thread::Builder::new()
             .name("flujo-sqlite-checkpoint".into())
@@ -244,17 +254,38 @@ impl Writer<'_> {
                     Ok((logged, copied)) => {
                         log::debug!("checkpoint after cleanup: {copied} of {logged} WAL pages")
                     }
-                    // Not the caller's problem: a later commit checkpoints again.
+                    // Not the caller's problem: auto-checkpoints copy it later.
                     Err(error) => log::warn!("checkpoint after cleanup failed: {error}"),
                 }
             });
         match spawned {
             Ok(handle) => self.checkpoint = Some(handle),
-            Err(error) => log::warn!("cannot start a checkpoint thread: {error}"),
+            Err(error) => {
+                log::warn!("cannot start a checkpoint thread: {error}");
+                self.restore_autocheckpoint();
+            }
         }
     }
 
-    fn finish_checkpoint(&mut self) {
+    /// Once the background checkpoint is done, starts the one a later cleanup asked for or
+    /// turns auto-checkpoints back on. Never waits.
+    fn tend_checkpoint(&mut self) {
+        if !self
+            .checkpoint
+            .as_ref()
+            .is_some_and(JoinHandle::is_finished)
+        {
+            return;
+        }
+        self.join_checkpoint();
+        if std::mem::take(&mut self.checkpoint_again) {
+            self.start_checkpoint();
+        } else {
+            self.restore_autocheckpoint();
+        }
+    }
+
+    fn join_checkpoint(&mut self) {
         if let Some(handle) = self.checkpoint.take() {
             if handle.join().is_err() {
                 log::error!("the flujo-sqlite checkpoint thread panicked");
