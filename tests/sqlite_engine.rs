@@ -453,8 +453,17 @@ fn saves_queued_behind_a_long_cleanup_are_served_between_its_batches() {
         panic!()
     };
     assert_eq!(stats.total_workflows, 10);
+    // A second cleanup right after, likely while the first one's checkpoint still runs.
+    for i in 0..3000 {
+        save(&e, &format!("again{i}"), record("p", "completed", &old));
+    }
+    assert_eq!(
+        call(&e, Request::CleanupOldWorkflows { days_old: 30.0 }).unwrap(),
+        Response::Count(3000)
+    );
+    save(&e, "after", record("p", "running", &now));
     e.close();
-    // The checkpoint started after the cleanup has finished by the time close returns, and
+    // The checkpoints started after the cleanups have finished by the time close returns, and
     // the file is whole.
     let conn = Connection::open(&db.path).unwrap();
     let check: String = conn
@@ -464,7 +473,7 @@ fn saves_queued_behind_a_long_cleanup_are_served_between_its_batches() {
     let rows: i64 = conn
         .query_row("SELECT COUNT(*) FROM workflow_state", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(rows, 10);
+    assert_eq!(rows, 11);
 }
 
 #[test]
@@ -533,14 +542,18 @@ fn stats_count_every_status_another_program_wrote() {
             )
             .unwrap();
         }
-        conn.execute("INSERT INTO workflow_state VALUES ('r-int', 'p', 7)", [])
-            .unwrap();
+        conn.execute_batch(
+            "INSERT INTO workflow_state VALUES ('r-int', 'p', 7);
+             INSERT INTO workflow_state VALUES ('r-blob-failed', 'p', CAST('failed' AS BLOB));
+             INSERT INTO workflow_state VALUES ('r-blob-done', 'p', CAST('completed' AS BLOB));",
+        )
+        .unwrap();
     }
     let e = engine(&db.path);
     let Response::Stats(stats) = call(&e, Request::WorkflowStats).unwrap() else {
         panic!()
     };
-    assert_eq!(stats.total_workflows, 10);
+    assert_eq!(stats.total_workflows, 12);
     let counts: Vec<(&str, u64)> = stats
         .status_counts
         .iter()
@@ -553,8 +566,8 @@ fn stats_count_every_status_another_program_wrote() {
             ("5", 1),
             ("7", 1),
             ("Completed", 1),
-            ("completed", 2),
-            ("failed", 1),
+            ("completed", 3),
+            ("failed", 2),
             ("zzz \u{1F600}", 1),
         ]
     );

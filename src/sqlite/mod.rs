@@ -141,11 +141,8 @@ impl Drop for SqliteEngine {
 }
 
 /// Runs one read request on a reader connection.
-/// `spare` is the reader's second connection, opened on first need, for requests that split
-/// their work across two connections.
 fn execute_read(
     conn: &Connection,
-    spare: &mut Option<Connection>,
     layout: &Layout,
     shared: &Shared,
     request: &Request,
@@ -163,13 +160,7 @@ fn execute_read(
         Request::ListWorkflows(query) => {
             Response::Workflows(queries::list_workflows(conn, query).map_err(fail)?)
         }
-        Request::WorkflowStats => {
-            let spare = match spare {
-                Some(spare) => spare,
-                slot => slot.insert(connection::open(&shared.options, Role::Reader)?),
-            };
-            Response::Stats(queries::workflow_stats(conn, spare).map_err(fail)?)
-        }
+        Request::WorkflowStats => Response::Stats(queries::workflow_stats(conn).map_err(fail)?),
         Request::FailedWorkflows { hours_back } => {
             let window = window_back(*hours_back, 3600.0, "hours_back")?;
             Response::Workflows(queries::failed_workflows(conn, &window).map_err(fail)?)

@@ -186,22 +186,14 @@ pub(crate) fn list_workflows(
     Ok(out)
 }
 
-/// `spare` is a second connection: the two scans over whole indexes (status counts, average
-/// execution time; ~2.5 ms each at 100k runs) run on both at once.
-pub(crate) fn workflow_stats(
-    conn: &Connection,
-    spare: &mut Connection,
-) -> rusqlite::Result<WorkflowStats> {
-    let (average, counts) = std::thread::scope(|scope| {
-        let average = scope.spawn(move || {
-            spare
-                .prepare_cached("SELECT avg(execution_time_ms) FROM workflow_state")?
-                .query_row([], |r| r.get::<_, Option<f64>>(0))
-        });
-        (average.join(), counts_of_every_status(conn))
-    });
-    let average = average.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
-    let (status_counts, total) = counts?;
+/// Every figure from one read snapshot, so they agree with each other while saves go on.
+pub(crate) fn workflow_stats(conn: &Connection) -> rusqlite::Result<WorkflowStats> {
+    let snapshot = conn.unchecked_transaction()?;
+    let conn: &Connection = &snapshot;
+    let (status_counts, total) = counts_of_every_status(conn)?;
+    let average = conn
+        .prepare_cached("SELECT avg(execution_time_ms) FROM workflow_state")?
+        .query_row([], |r| r.get::<_, Option<f64>>(0))?;
     let day = TimeWindow::before(Utc::now(), chrono::Duration::hours(24));
     let recent: i64 = conn
         .prepare_cached(
@@ -214,6 +206,7 @@ pub(crate) fn workflow_stats(
         "SELECT status, count(*) FROM workflow_state \
          WHERE is_background_task = 1 GROUP BY status",
     )?;
+    snapshot.commit()?;
     Ok(WorkflowStats {
         total_workflows: total,
         status_counts,
@@ -230,15 +223,14 @@ pub(crate) fn workflow_stats(
 /// `GROUP BY status`, steps through every index entry (~25 ns each). So every status but the
 /// most common one is counted on its own, the statuses found by seeking from one to the next,
 /// and the most common one is what remains of the total: at 70 % completed runs this reads a
-/// third of the entries. One read transaction keeps the counts consistent while saves go on.
+/// third of the entries.
 fn counts_of_every_status(
     conn: &Connection,
 ) -> rusqlite::Result<(std::collections::BTreeMap<String, u64>, u64)> {
     /// Finished runs pile up; any status is counted right if this guess is wrong, only slower.
     const MOST_COMMON: &str = "completed";
-    let snapshot = conn.unchecked_transaction()?;
     let count_rows = |sql: &str, status: Option<&Value>| -> rusqlite::Result<u64> {
-        let mut stmt = snapshot.prepare_cached(sql)?;
+        let mut stmt = conn.prepare_cached(sql)?;
         let rows = match status {
             Some(status) => stmt.query_row([status], |r| r.get::<_, i64>(0))?,
             None => stmt.query_row([], |r| r.get::<_, i64>(0))?,
@@ -253,8 +245,8 @@ fn counts_of_every_status(
     let mut counts = std::collections::BTreeMap::new();
     let mut most_common_seen = false;
     let mut after =
-        snapshot.prepare_cached("SELECT min(status) FROM workflow_state WHERE status > ?1")?;
-    let mut status: Option<Value> = snapshot
+        conn.prepare_cached("SELECT min(status) FROM workflow_state WHERE status > ?1")?;
+    let mut status: Option<Value> = conn
         .prepare_cached("SELECT min(status) FROM workflow_state")?
         .query_row([], |r| r.get(0))?;
     while let Some(current) = status {
@@ -266,15 +258,14 @@ fn counts_of_every_status(
                 Some(&current),
             )?;
             counted += rows;
-            counts.insert(status_text(&current), rows);
+            // The same status stored as text and as bytes counts under one key.
+            *counts.entry(status_text(&current)).or_default() += rows;
         }
         status = after.query_row([&current], |r| r.get(0))?;
     }
     if most_common_seen {
-        counts.insert(MOST_COMMON.to_owned(), total.saturating_sub(counted));
+        *counts.entry(MOST_COMMON.to_owned()).or_default() += total.saturating_sub(counted);
     }
-    drop(after);
-    snapshot.commit()?;
     Ok((counts, total))
 }
 

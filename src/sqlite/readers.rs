@@ -27,7 +27,6 @@ pub(super) fn spawn(
 
 fn serve(shared: &Shared, jobs: &Receiver<Job>) {
     let mut conn: Option<Connection> = None;
-    let mut spare: Option<Connection> = None;
     while let Some(job) = spin::next(jobs) {
         let outcome = shared.layout().and_then(|layout| {
             let conn = match &mut conn {
@@ -35,7 +34,7 @@ fn serve(shared: &Shared, jobs: &Receiver<Job>) {
                 slot => slot.insert(connection::open(&shared.options, Role::Reader)?),
             };
             connection::retry_while_locked(&shared.options, || {
-                execute_read(conn, &mut spare, &layout, shared, &job.request)
+                execute_read(conn, &layout, shared, &job.request)
             })
         });
         (job.done)(outcome);
