@@ -7,6 +7,7 @@ realistic, valid Flujo workflow state (aware UTC datetimes) that tests tweak wit
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import subprocess
 import sys
@@ -220,3 +221,19 @@ def sql_in_another_process(
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def same(left: Any, right: Any) -> bool:
+    """Equality that also compares types (``True`` is not ``1``, ``1.0`` is not ``1``) and the
+    order of dict keys (JSON keeps insertion order, and so does Flujo)."""
+    if type(left) is not type(right):
+        return False
+    if isinstance(left, dict):
+        return list(left) == list(right) and all(same(left[key], right[key]) for key in left)
+    if isinstance(left, list):
+        return len(left) == len(right) and all(same(a, b) for a, b in zip(left, right))
+    if isinstance(left, float):
+        return (math.isnan(left) and math.isnan(right)) or (
+            left == right and math.copysign(1, left) == math.copysign(1, right)
+        )
+    return bool(left == right)

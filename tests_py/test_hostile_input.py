@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import REQUIRED_KEYS, same
 from flujo_sqlite import SQLiteBackend
 from flujo_sqlite.errors import FlujoSQLiteError
 
@@ -96,22 +97,6 @@ async def hostile(tmp_path: Path) -> AsyncIterator[SQLiteBackend]:
     finally:
         await backend.close()
     assert raw_row(db_path, SENTINEL) == row_before
-
-
-def same(left: Any, right: Any) -> bool:
-    """Equality that also compares types (``True`` is not ``1``, ``1.0`` is not ``1``) and the
-    order of dict keys (JSON keeps insertion order, and so does Flujo)."""
-    if type(left) is not type(right):
-        return False
-    if isinstance(left, dict):
-        return list(left) == list(right) and all(same(left[key], right[key]) for key in left)
-    if isinstance(left, list):
-        return len(left) == len(right) and all(same(a, b) for a, b in zip(left, right))
-    if isinstance(left, float):
-        return (math.isnan(left) and math.isnan(right)) or (
-            left == right and math.copysign(1, left) == math.copysign(1, right)
-        )
-    return bool(left == right)
 
 
 async def round_trip(
@@ -624,16 +609,7 @@ async def _(b: SQLiteBackend) -> None:
 
 @case("missing required keys")
 async def _(b: SQLiteBackend) -> None:
-    for key in (
-        "pipeline_id",
-        "pipeline_name",
-        "pipeline_version",
-        "current_step_index",
-        "pipeline_context",
-        "status",
-        "created_at",
-        "updated_at",
-    ):
+    for key in REQUIRED_KEYS:
         state = base_state()
         del state[key]
         error = await clear_error(lambda state=state: b.save_state("w", state), ValueError)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import same
 from flujo_sqlite import SQLiteBackend
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -64,20 +64,6 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=5) | st.dictionaries(text, children, max_size=5),
     max_leaves=25,
 )
-
-
-def same(left: Any, right: Any) -> bool:
-    """Equality that also compares types (``True`` is not ``1``, ``1.0`` is not ``1``), float
-    signs, and the order of dict keys."""
-    if type(left) is not type(right):
-        return False
-    if isinstance(left, dict):
-        return list(left) == list(right) and all(same(left[key], right[key]) for key in left)
-    if isinstance(left, list):
-        return len(left) == len(right) and all(same(a, b) for a, b in zip(left, right))
-    if isinstance(left, float):
-        return left == right and math.copysign(1, left) == math.copysign(1, right)
-    return bool(left == right)
 
 
 def make_state(
