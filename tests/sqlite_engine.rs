@@ -512,6 +512,67 @@ fn a_legacy_table_is_migrated_in_place_with_its_rows() {
     assert_eq!(stats.total_workflows, 2);
 }
 
+fn index_definitions(path: &Path) -> Vec<(String, String)> {
+    let conn = Connection::open(path).unwrap();
+    let mut stmt = conn
+        .prepare(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' \
+             AND name LIKE 'idx_flujo_sqlite_%' ORDER BY name",
+        )
+        .unwrap();
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    rows.collect::<Result<_, _>>().unwrap()
+}
+
+#[test]
+fn whole_table_indexes_of_earlier_builds_give_way_to_partial_ones() {
+    let db = temp_db();
+    let fresh = {
+        let e = engine(&db.path);
+        save(
+            &e,
+            "a",
+            record("p", "failed", &utc_text(chrono::Duration::zero())),
+        );
+        e.close();
+        index_definitions(&db.path)
+    };
+    // What a file written by an earlier build of ours looked like.
+    {
+        let conn = Connection::open(&db.path).unwrap();
+        for (name, _) in &fresh {
+            if !name.ends_with("_created") {
+                conn.execute_batch(&format!("DROP INDEX {name}")).unwrap();
+            }
+        }
+        conn.execute_batch(
+            "CREATE INDEX idx_flujo_sqlite_state_status_updated \
+                 ON workflow_state(status, updated_at);
+             CREATE INDEX idx_flujo_sqlite_state_execution_time \
+                 ON workflow_state(execution_time_ms);
+             CREATE INDEX idx_flujo_sqlite_state_background \
+                 ON workflow_state(is_background_task, updated_at);",
+        )
+        .unwrap();
+    }
+    let e = engine(&db.path);
+    let Response::Workflows(failed) =
+        call(&e, Request::FailedWorkflows { hours_back: 24.0 }).unwrap()
+    else {
+        panic!("not a list of failed runs")
+    };
+    assert_eq!(failed.len(), 1);
+    e.close();
+    assert_eq!(index_definitions(&db.path), fresh);
+    assert!(
+        fresh
+            .iter()
+            .filter(|(_, sql)| sql.contains(" WHERE "))
+            .count()
+            == 3
+    );
+}
+
 #[test]
 fn stats_count_every_status_another_program_wrote() {
     let db = temp_db();

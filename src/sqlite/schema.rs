@@ -317,7 +317,10 @@ const BACKFILLS: [(&str, &str); 4] = [
     ),
 ];
 
-/// Indexes of ours that make the admin queries cheap; see `queries`.
+/// Indexes of ours that make the admin queries cheap; see `queries`. Every index costs each
+/// save one more page written to the WAL (and later copied back), so the three that serve a
+/// minority of rows are partial: a save of a running, foreground run touches none of them. Their
+/// queries repeat the index's condition word for word, which is what lets SQLite pick them.
 const OUR_INDEXES: [(&str, &str); 5] = [
     (
         "idx_flujo_sqlite_state_status_created",
@@ -330,22 +333,30 @@ const OUR_INDEXES: [(&str, &str); 5] = [
          ON workflow_state(pipeline_id, created_at)",
     ),
     (
-        "idx_flujo_sqlite_state_status_updated",
-        "CREATE INDEX IF NOT EXISTS idx_flujo_sqlite_state_status_updated \
-         ON workflow_state(status, updated_at)",
+        "idx_flujo_sqlite_state_failed_updated",
+        "CREATE INDEX IF NOT EXISTS idx_flujo_sqlite_state_failed_updated \
+         ON workflow_state(status, updated_at) WHERE status = 'failed'",
     ),
     (
         // Lets `get_workflow_stats` average execution times from the index alone, without
         // reading every row's payload.
-        "idx_flujo_sqlite_state_execution_time",
-        "CREATE INDEX IF NOT EXISTS idx_flujo_sqlite_state_execution_time \
-         ON workflow_state(execution_time_ms)",
+        "idx_flujo_sqlite_state_execution_time_known",
+        "CREATE INDEX IF NOT EXISTS idx_flujo_sqlite_state_execution_time_known \
+         ON workflow_state(execution_time_ms) WHERE execution_time_ms IS NOT NULL",
     ),
     (
-        "idx_flujo_sqlite_state_background",
-        "CREATE INDEX IF NOT EXISTS idx_flujo_sqlite_state_background \
-         ON workflow_state(is_background_task, updated_at)",
+        "idx_flujo_sqlite_state_background_updated",
+        "CREATE INDEX IF NOT EXISTS idx_flujo_sqlite_state_background_updated \
+         ON workflow_state(is_background_task, updated_at) WHERE is_background_task = 1",
     ),
+];
+
+/// Whole-table indexes that earlier builds of flujo-sqlite created where a partial one of
+/// `OUR_INDEXES` now serves; dropped when found, so saves stop paying for them.
+const RETIRED_INDEXES: [&str; 3] = [
+    "idx_flujo_sqlite_state_status_updated",
+    "idx_flujo_sqlite_state_execution_time",
+    "idx_flujo_sqlite_state_background",
 ];
 
 /// Brings the file to a layout we can serve, writing only when something is missing (so a
@@ -408,9 +419,17 @@ pub(crate) fn prepare(conn: &mut Connection, options: &SqliteOptions) -> Result<
     Ok(layout)
 }
 
-/// Creates the indexes of ours that the file lacks. On a file Flujo has filled this is the
-/// one slow step of a first open (~0.7 s per 100,000 runs), so it is logged as it goes.
+/// Creates the indexes of ours that the file lacks and drops the ones we retired. On a file
+/// Flujo has filled this is the one slow step of a first open (~0.7 s per 100,000 runs), so it
+/// is logged as it goes.
 fn build_our_indexes(conn: &Connection) -> rusqlite::Result<()> {
+    for name in RETIRED_INDEXES {
+        if index_exists(conn, name)? {
+            // The name is one of our constants, never input.
+            conn.execute_batch(&format!("DROP INDEX \"{name}\""))?;
+            log::info!("dropped index {name}, replaced by a smaller one");
+        }
+    }
     let runs: i64 = conn.query_row("SELECT count(*) FROM workflow_state", [], |r| r.get(0))?;
     for (name, ddl) in OUR_INDEXES {
         if index_exists(conn, name)? {
@@ -450,6 +469,11 @@ fn needs_changes(conn: &Connection) -> rusqlite::Result<bool> {
     }
     for (name, _) in OUR_INDEXES {
         if !index_exists(conn, name)? {
+            return Ok(true);
+        }
+    }
+    for name in RETIRED_INDEXES {
+        if index_exists(conn, name)? {
             return Ok(true);
         }
     }
