@@ -847,6 +847,39 @@ def test_same_backend_from_two_threads_each_running_asyncio_run(db_path: Path) -
     assert all(count >= 75 for count in counts)
 
 
+@pytest.mark.parametrize("durability", ["full", "normal"])
+async def test_every_call_lets_other_tasks_run(db_path: Path, durability: str) -> None:
+    # A lone call may be answered while the loop thread waits for it, without the loop
+    # sleeping; it must still give other tasks a turn, or a task calling in a tight loop
+    # would starve the rest of the program.
+    other_task_turns = 0
+    done = False
+
+    async def other_task() -> None:
+        nonlocal other_task_turns
+        while not done:
+            other_task_turns += 1
+            await asyncio.sleep(0)
+
+    starved = []
+    async with SQLiteBackend(db_path, durability=durability) as backend:
+        await backend.save_state("r", build_state())
+        other = asyncio.create_task(other_task())
+        await asyncio.sleep(0)
+        for i in range(300):
+            turns_before = other_task_turns
+            if i % 2:
+                assert await backend.load_state("r") is not None
+            else:
+                await backend.save_state("r", build_state(current_step_index=i))
+            if other_task_turns == turns_before:
+                starved.append(i)
+        done = True
+        await other
+
+    assert starved == []
+
+
 async def test_200_concurrent_save_and_load_tasks(backend: SQLiteBackend) -> None:
     async def save_then_load(i: int) -> dict[str, Any] | None:
         await backend.save_state(f"c{i:03d}", build_state(pipeline_context={"i": i}))

@@ -47,10 +47,10 @@ impl NativeBackend {
         };
         let (future, done) = port.get().track(py)?;
         self.engine.submit(request, done);
-        if let Some(wait) = wait {
-            port.get().await_lone_request(py, port, wait)?;
+        match wait {
+            Some(wait) => port.get().await_lone_request(py, future, wait),
+            None => Ok(future),
         }
-        Ok(future)
     }
 }
 

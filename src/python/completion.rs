@@ -37,11 +37,13 @@ impl Inbox {
             finished.push((token, outcome));
             finished.len() == 1
         };
-        self.posted.fetch_add(1, Ordering::Release);
         if was_empty {
             // A full socket already holds a pending wake-up, so a failed write loses nothing.
             let _ = (&self.wake).write(&[1]);
         }
+        // Counted after the wake-up is written, so a caller that drains on seeing the count
+        // also takes the byte, and the loop is not woken again for nothing.
+        self.posted.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -114,18 +116,20 @@ impl CompletionPort {
 }
 
 impl CompletionPort {
-    /// When the request just queued is the only one in flight on this loop, waits up to `wait`
-    /// for it and, if it finished, schedules the resolution with `call_soon`: the caller still
-    /// yields to the loop once, but the loop never sleeps in between. Under concurrency (other
-    /// requests in flight) it returns at once, as the loop has other work.
-    pub(crate) fn await_lone_request(
+    /// What the caller should await for the request just queued behind `future`. When it is
+    /// the only request in flight on this loop, waits up to `wait` for it; if it finished, the
+    /// future is resolved at once and `asyncio.sleep(0, result)` is returned, so the caller
+    /// still yields to the loop once (other tasks run) but the loop neither sleeps nor takes a
+    /// second turn to deliver the result. Under concurrency (other requests in flight) it
+    /// returns `future` at once, as the loop has other work.
+    pub(crate) fn await_lone_request<'py>(
         &self,
-        py: Python<'_>,
-        this: &Bound<'_, CompletionPort>,
+        py: Python<'py>,
+        future: Bound<'py, PyAny>,
         wait: Duration,
-    ) -> PyResult<()> {
+    ) -> PyResult<Bound<'py, PyAny>> {
         if self.waiting.lock().unwrap_or_else(|p| p.into_inner()).len() != 1 {
-            return Ok(());
+            return Ok(future);
         }
         let seen = self.inbox.posted.load(Ordering::Acquire);
         let inbox = &self.inbox;
@@ -140,10 +144,17 @@ impl CompletionPort {
             }
             true
         });
-        if finished {
-            running_loop(py)?.call_method1("call_soon", (this.getattr("drain")?,))?;
+        if !finished {
+            return Ok(future);
         }
-        Ok(())
+        self.drain(py);
+        if !holds_result(&future)? {
+            // An error is raised from the future itself.
+            return Ok(future);
+        }
+        static SLEEP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        let result = future.call_method0("result")?;
+        SLEEP.import(py, "asyncio", "sleep")?.call1((0, result))
     }
 
     /// A new asyncio future on the running loop, and the completion that resolves it.
@@ -157,6 +168,13 @@ impl CompletionPort {
         let inbox = Arc::clone(&self.inbox);
         Ok((future, Box::new(move |outcome| inbox.post(token, outcome))))
     }
+}
+
+/// Whether `future` finished with a value (not an exception, not cancelled).
+fn holds_result(future: &Bound<'_, PyAny>) -> PyResult<bool> {
+    Ok(future.call_method0("done")?.is_truthy()?
+        && !future.call_method0("cancelled")?.is_truthy()?
+        && future.call_method0("exception")?.is_none())
 }
 
 fn running_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
