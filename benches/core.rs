@@ -473,7 +473,8 @@ fn owned_row(row: &rusqlite::Row<'_>, columns: usize) -> rusqlite::Result<Vec<Va
     (0..columns).map(|i| row.get::<_, Value>(i)).collect()
 }
 
-/// The same statements the engine runs for `get_workflow_stats`.
+/// The plain statements a careful hand would write for `get_workflow_stats`, on the engine's
+/// indexes (the engine counts statuses differently, see `queries::counts_of_every_status`).
 fn floor_stats(conn: &Connection) -> (i64, Vec<(String, i64)>, i64, Option<f64>, usize) {
     // The engine's 24 h window: a text range one day wide of slack, then exact instants.
     let cutoff = Utc::now() - chrono::Duration::hours(24);
@@ -510,7 +511,10 @@ fn floor_stats(conn: &Connection) -> (i64, Vec<(String, i64)>, i64, Option<f64>,
         )
         .unwrap();
     let average: Option<f64> = conn
-        .prepare_cached("SELECT avg(execution_time_ms) FROM workflow_state")
+        .prepare_cached(
+            "SELECT avg(execution_time_ms) FROM workflow_state \
+             WHERE execution_time_ms IS NOT NULL",
+        )
         .unwrap()
         .query_row([], |r| r.get(0))
         .unwrap();
