@@ -10,6 +10,7 @@ the tests assert our behaviour.
 from __future__ import annotations
 
 import asyncio
+import random
 import base64
 import dataclasses
 import enum
@@ -878,6 +879,23 @@ async def test_every_call_lets_other_tasks_run(db_path: Path, durability: str) -
         await other
 
     assert starved == []
+
+
+@pytest.mark.timeout(300)
+async def test_calls_finishing_around_the_loops_wait_are_all_delivered(db_path: Path) -> None:
+    # The loop thread waits ~50-150 us for a lone call and, while it waits, engine threads skip
+    # the socket wake-up. Rows from 1 KB to 400 KB make calls finish before, around and after
+    # that wait; a wake-up lost in the hand-over would leave one await hanging (the timeout).
+    rng = random.Random(7)
+    sizes = [rng.choice([1, 30, 60, 100, 200, 400]) * 1000 for _ in range(40)]
+    async with SQLiteBackend(db_path, durability="normal") as backend:
+        for i, size in enumerate(sizes):
+            await backend.save_state(f"r{i}", build_state(pipeline_context={"blob": "x" * size}))
+        for _ in range(50):
+            for i, size in enumerate(sizes):
+                loaded = await backend.load_state(f"r{i}")
+                assert loaded is not None and len(loaded["pipeline_context"]["blob"]) == size
+            await backend.save_state("r0", build_state(pipeline_context={"blob": "x" * sizes[0]}))
 
 
 async def test_200_concurrent_save_and_load_tasks(backend: SQLiteBackend) -> None:

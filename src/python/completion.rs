@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,9 @@ struct Inbox {
     finished: Mutex<Vec<(u64, Result<Response>)>>,
     /// How many outcomes were ever posted; lets a spinning caller notice one without locking.
     posted: AtomicU64,
+    /// Set while the loop thread waits in `await_lone_request`, which drains the inbox itself:
+    /// no wake-up needs to be written then.
+    loop_is_waiting: AtomicBool,
     wake: UnixStream,
 }
 
@@ -37,13 +40,14 @@ impl Inbox {
             finished.push((token, outcome));
             finished.len() == 1
         };
-        if was_empty {
+        // Counted before the flag is read, both SeqCst, mirroring `await_lone_request` (flag
+        // cleared, then count read): either the waiting loop thread sees this count after it
+        // stops waiting, or we see that it stopped and write. No wake-up is ever lost.
+        self.posted.fetch_add(1, Ordering::SeqCst);
+        if was_empty && !self.loop_is_waiting.load(Ordering::SeqCst) {
             // A full socket already holds a pending wake-up, so a failed write loses nothing.
             let _ = (&self.wake).write(&[1]);
         }
-        // Counted after the wake-up is written, so a caller that drains on seeing the count
-        // also takes the byte, and the loop is not woken again for nothing.
-        self.posted.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -69,6 +73,7 @@ impl CompletionPort {
             inbox: Arc::new(Inbox {
                 finished: Mutex::new(Vec::new()),
                 posted: AtomicU64::new(0),
+                loop_is_waiting: AtomicBool::new(false),
                 wake,
             }),
             woken_by,
@@ -131,20 +136,30 @@ impl CompletionPort {
         if self.waiting.lock().unwrap_or_else(|p| p.into_inner()).len() != 1 {
             return Ok(future);
         }
-        let seen = self.inbox.posted.load(Ordering::Acquire);
         let inbox = &self.inbox;
+        let seen = inbox.posted.load(Ordering::SeqCst);
+        inbox.loop_is_waiting.store(true, Ordering::SeqCst);
+        // An outcome pushed before `seen` was read is already in the inbox.
+        let arrived_early = !inbox
+            .finished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
         // Other Python threads may run meanwhile: the GIL is never held while SQLite works.
-        let finished = py.detach(|| {
-            let started = Instant::now();
-            while inbox.posted.load(Ordering::Acquire) == seen {
-                if started.elapsed() >= wait {
-                    return false;
+        let finished_in_time = arrived_early
+            || py.detach(|| {
+                let started = Instant::now();
+                while inbox.posted.load(Ordering::SeqCst) == seen {
+                    if started.elapsed() >= wait {
+                        return false;
+                    }
+                    std::hint::spin_loop();
                 }
-                std::hint::spin_loop();
-            }
-            true
-        });
-        if !finished {
+                true
+            });
+        inbox.loop_is_waiting.store(false, Ordering::SeqCst);
+        // A post between the last look and clearing the flag wrote no wake-up: take it here.
+        if !finished_in_time && inbox.posted.load(Ordering::SeqCst) == seen {
             return Ok(future);
         }
         self.drain(py);
