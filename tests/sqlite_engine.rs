@@ -574,6 +574,43 @@ fn whole_table_indexes_of_earlier_builds_give_way_to_partial_ones() {
 }
 
 #[test]
+fn text_that_is_not_utf8_loads_with_replacement_characters() {
+    let db = temp_db();
+    let e = engine(&db.path);
+    save(
+        &e,
+        "bad",
+        record("p", "failed", &utc_text(chrono::Duration::zero())),
+    );
+    {
+        // Another program storing Latin-1 bytes as TEXT.
+        let conn = Connection::open(&db.path).unwrap();
+        conn.execute_batch(
+            "UPDATE workflow_state SET pipeline_context = CAST(X'7B2261223A22E9227D' AS TEXT), \
+             error_message = CAST(X'6361E966E9' AS TEXT) WHERE run_id = 'bad'",
+        )
+        .unwrap();
+    }
+    let Response::State(Some(state)) = call(
+        &e,
+        Request::LoadState {
+            run_id: "bad".into(),
+        },
+    )
+    .unwrap() else {
+        panic!("the run was not found")
+    };
+    assert_eq!(
+        state.pipeline_context.as_deref(),
+        Some("{\"a\":\"\u{FFFD}\"}")
+    );
+    assert_eq!(
+        state.error_message,
+        Cell::Text("ca\u{FFFD}f\u{FFFD}".into())
+    );
+}
+
+#[test]
 fn stats_count_every_status_another_program_wrote() {
     let db = temp_db();
     {
