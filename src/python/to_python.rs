@@ -9,11 +9,41 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyNone, PyString};
 use pyo3::PyTypeInfo;
+use std::sync::Mutex;
 
 use super::errors;
 
 /// Deeper documents are refused rather than risk the stack; the encoder never writes them.
 const MAX_DEPTH: usize = 1000;
+
+/// Object keys repeat from one stored state to the next ("status", "step", ...). Reusing their
+/// `str` objects saves creating, hashing (a `str` caches its hash) and freeing them on every
+/// load. A fixed number of slots, each holding the last key that hashed to it, so the cache
+/// never grows; only the GIL holder touches it, so its lock is never contended.
+static KEY_CACHE: Mutex<Vec<CachedKey>> = Mutex::new(Vec::new());
+type CachedKey = Option<(Box<str>, Py<PyString>)>;
+const KEY_CACHE_SLOTS: usize = 1024;
+const MAX_CACHED_KEY_LEN: usize = 48;
+
+fn cached_key<'py>(py: Python<'py>, key: &str) -> Bound<'py, PyString> {
+    // FNV-1a: keys are short, and a collision only costs a fresh `str`.
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let slot = (hash % KEY_CACHE_SLOTS as u64) as usize;
+    let mut slots = KEY_CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if slots.is_empty() {
+        slots.resize_with(KEY_CACHE_SLOTS, || None);
+    }
+    if let Some((cached, string)) = &slots[slot] {
+        if **cached == *key {
+            return string.bind(py).clone();
+        }
+    }
+    let string = PyString::new(py, key);
+    slots[slot] = Some((key.into(), string.clone().unbind()));
+    string
+}
 
 #[pyfunction]
 #[pyo3(name = "decode_json")]
@@ -126,7 +156,7 @@ impl<'py> Parser<'_, 'py> {
             if self.peek() != Some(b'"') {
                 return Err(self.error("expected a property name in double quotes"));
             }
-            let key = self.string()?;
+            let key = self.key()?;
             self.skip_whitespace();
             if self.peek() != Some(b':') {
                 return Err(self.error("expected ':' after a property name"));
@@ -167,6 +197,22 @@ impl<'py> Parser<'_, 'py> {
                 }
                 _ => return Err(self.error("expected ',' or ']' in an array")),
             }
+        }
+    }
+
+    /// An object key: like a string, but short plain keys come from `KEY_CACHE`.
+    fn key(&mut self) -> PyResult<Bound<'py, PyString>> {
+        let start = self.position + 1;
+        let end = self.bytes[start..]
+            .iter()
+            .position(|&byte| byte == b'"' || byte == b'\\' || byte < 0x20)
+            .map(|offset| start + offset);
+        match end {
+            Some(end) if self.bytes[end] == b'"' && end - start <= MAX_CACHED_KEY_LEN => {
+                self.position = end + 1;
+                Ok(cached_key(self.py, &self.text[start..end]))
+            }
+            _ => self.string(),
         }
     }
 
