@@ -10,12 +10,12 @@ the tests assert our behaviour.
 from __future__ import annotations
 
 import asyncio
-import random
 import base64
 import dataclasses
 import enum
 import math
 import os
+import random
 import sqlite3
 import subprocess
 import sys
