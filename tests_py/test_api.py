@@ -15,7 +15,6 @@ import dataclasses
 import enum
 import math
 import os
-import random
 import sqlite3
 import subprocess
 import sys
@@ -881,21 +880,47 @@ async def test_every_call_lets_other_tasks_run(db_path: Path, durability: str) -
     assert starved == []
 
 
-@pytest.mark.timeout(300)
-async def test_calls_finishing_around_the_loops_wait_are_all_delivered(db_path: Path) -> None:
+def test_calls_finishing_around_the_loops_wait_are_all_delivered(tmp_path: Path) -> None:
     # The loop thread waits ~50-150 us for a lone call and, while it waits, engine threads skip
     # the socket wake-up. Rows from 1 KB to 400 KB make calls finish before, around and after
-    # that wait; a wake-up lost in the hand-over would leave one await hanging (the timeout).
-    rng = random.Random(7)
-    sizes = [rng.choice([1, 30, 60, 100, 200, 400]) * 1000 for _ in range(40)]
-    async with SQLiteBackend(db_path, durability="normal") as backend:
-        for i, size in enumerate(sizes):
-            await backend.save_state(f"r{i}", build_state(pipeline_context={"blob": "x" * size}))
-        for _ in range(50):
-            for i, size in enumerate(sizes):
-                loaded = await backend.load_state(f"r{i}")
-                assert loaded is not None and len(loaded["pipeline_context"]["blob"]) == size
-            await backend.save_state("r0", build_state(pipeline_context={"blob": "x" * sizes[0]}))
+    # that wait. A wake-up lost in the hand-over leaves an await hanging for good (closing
+    # included), so the calls run in a child process that a timeout can kill.
+    script = textwrap.dedent(
+        f"""
+        import asyncio, random
+        from datetime import datetime, timezone
+        from flujo_sqlite import SQLiteBackend
+
+        def state(size):
+            now = datetime.now(timezone.utc)
+            return dict(pipeline_id="p", pipeline_name="P", pipeline_version="1",
+                        current_step_index=0, pipeline_context={{"blob": "x" * size}},
+                        status="running", created_at=now, updated_at=now)
+
+        async def main():
+            rng = random.Random(7)
+            sizes = [rng.choice([1, 30, 60, 100, 200, 400]) * 1000 for _ in range(40)]
+            async with SQLiteBackend({str(tmp_path / "wait.db")!r}, durability="normal") as b:
+                for i, size in enumerate(sizes):
+                    await b.save_state(f"r{{i}}", state(size))
+                for _ in range(50):
+                    for i, size in enumerate(sizes):
+                        loaded = await b.load_state(f"r{{i}}")
+                        assert len(loaded["pipeline_context"]["blob"]) == size
+                    await b.save_state("r0", state(sizes[0]))
+            print("delivered")
+
+        asyncio.run(main())
+        """
+    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("a call was never delivered: the child hung for 60 s")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "delivered"
 
 
 async def test_200_concurrent_save_and_load_tasks(backend: SQLiteBackend) -> None:
