@@ -880,6 +880,29 @@ async def test_every_call_lets_other_tasks_run(db_path: Path, durability: str) -
     assert starved == []
 
 
+async def test_an_error_ready_at_once_still_lets_other_tasks_run(db_path: Path) -> None:
+    # A call on a closed backend fails before the loop thread even starts waiting, so it always
+    # takes the path that answers at once; the error must still cost one turn of the loop.
+    backend = SQLiteBackend(db_path)
+    await backend.close()
+    other_task_turns = 0
+
+    async def other_task() -> None:
+        nonlocal other_task_turns
+        while True:
+            other_task_turns += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(other_task())
+    await asyncio.sleep(0)
+    for _ in range(20):
+        turns_before = other_task_turns
+        with pytest.raises(BackendClosedError):
+            await backend.load_state("r")
+        assert other_task_turns > turns_before
+    other.cancel()
+
+
 def test_calls_finishing_around_the_loops_wait_are_all_delivered(tmp_path: Path) -> None:
     # The loop thread waits ~50-150 us for a lone call and, while it waits, engine threads skip
     # the socket wake-up. Rows from 1 KB to 400 KB make calls finish before, around and after

@@ -183,12 +183,16 @@ def test_reused_keys_never_mix_up_many_distinct_keys() -> None:
     # Short object keys are reused across documents from a fixed-size cache; far more distinct
     # keys than its slots, colliding, escaped, long and non-ASCII ones, must all decode exactly.
     keys = [f"k{i}" for i in range(5000)] + ["caf\u00e9", 'a"b', "tab\there", "x" * 200, ""]
-    for _ in range(2):
+    for ensure_ascii in (True, False, True):
         document = {key: index for index, key in enumerate(keys)}
-        decoded = decode_json(json.dumps(document))
+        decoded = decode_json(json.dumps(document, ensure_ascii=ensure_ascii))
         assert decoded == document
         assert list(decoded) == keys
     assert decode_json(json.dumps([{"k1": 1}, {"k1": 2}])) == [{"k1": 1}, {"k1": 2}]
+    # A raw control character is refused in a key as in any string, cached or not.
+    for text in ('{"k\x01": 1}', '{"k1": 1, "k\x01": 2}'):
+        with pytest.raises(InvalidStateError, match="invalid control character"):
+            decode_json(text)
 
 
 def test_bool_is_not_an_int() -> None:

@@ -125,8 +125,8 @@ impl CompletionPort {
     /// the only request in flight on this loop, waits up to `wait` for it; if it finished, the
     /// future is resolved at once and `asyncio.sleep(0, result)` is returned, so the caller
     /// still yields to the loop once (other tasks run) but the loop neither sleeps nor takes a
-    /// second turn to deliver the result. Under concurrency (other requests in flight) it
-    /// returns `future` at once, as the loop has other work.
+    /// second turn to deliver the result (an error still takes that turn). Under concurrency
+    /// (other requests in flight) it returns `future` at once, as the loop has other work.
     pub(crate) fn await_lone_request<'py>(
         &self,
         py: Python<'py>,
@@ -163,13 +163,22 @@ impl CompletionPort {
             return Ok(future);
         }
         self.drain(py);
-        if !holds_result(&future)? {
-            // An error is raised from the future itself.
+        if !future.call_method0("done")?.is_truthy()? {
+            // Resolving it failed and was reported to the loop's handler; nothing to hand over.
             return Ok(future);
         }
-        static SLEEP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-        let result = future.call_method0("result")?;
-        SLEEP.import(py, "asyncio", "sleep")?.call1((0, result))
+        if holds_result(&future)? {
+            static SLEEP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+            let result = future.call_method0("result")?;
+            return SLEEP.import(py, "asyncio", "sleep")?.call1((0, result));
+        }
+        // A finished future would raise without yielding: hand the error over one loop turn
+        // later through a fresh one, so a caller retrying in a loop does not starve the rest.
+        let exception = future.call_method0("exception")?;
+        let event_loop = running_loop(py)?;
+        let later = event_loop.call_method0("create_future")?;
+        event_loop.call_method1("call_soon", (later.getattr("set_exception")?, exception))?;
+        Ok(later)
     }
 
     /// A new asyncio future on the running loop, and the completion that resolves it.
@@ -185,11 +194,10 @@ impl CompletionPort {
     }
 }
 
-/// Whether `future` finished with a value (not an exception, not cancelled).
+/// Whether the finished `future` holds a value rather than an exception. It cannot have been
+/// cancelled: nobody else has seen it yet.
 fn holds_result(future: &Bound<'_, PyAny>) -> PyResult<bool> {
-    Ok(future.call_method0("done")?.is_truthy()?
-        && !future.call_method0("cancelled")?.is_truthy()?
-        && future.call_method0("exception")?.is_none())
+    Ok(future.call_method0("exception")?.is_none())
 }
 
 fn running_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {

@@ -16,14 +16,20 @@ pub(crate) enum Role {
     Reader,
 }
 
-/// WAL size, in pages, at which a commit copies the WAL back into the file. With
-/// `durability="normal"` that checkpoint is where the cost of every save is paid: it fsyncs the
-/// whole WAL, then copies and fsyncs each page it holds. The larger the WAL, the more of the
-/// pages that several saves touch are copied once rather than once each. Measured on sequential
-/// `normal` saves: SQLite's default 1000 -> 4000 took p99 from 4.7 to 0.35 ms; 4000 -> 8000 took
-/// throughput ~9,500 -> ~10,000/s (16000 gave ~10,300/s but 50-65 ms checkpoints instead of
-/// ~30 ms). The WAL peaks near 32 MB.
-pub(crate) const AUTOCHECKPOINT_PAGES: i64 = 8000;
+/// WAL size at which a commit copies the WAL back into the file. With `durability="normal"`
+/// that checkpoint is where the cost of every save is paid: it fsyncs the whole WAL, then copies
+/// and fsyncs each page it holds. The larger the WAL, the more of the pages that several saves
+/// touch are copied once rather than once each. Measured on sequential `normal` saves with 4 KB
+/// pages: SQLite's default 1,000 pages -> 4,000 took p99 from 4.7 to 0.35 ms; 4,000 -> 8,000
+/// took throughput ~9,500 -> ~10,000/s (16,000 gave ~10,300/s but 50-65 ms checkpoints instead
+/// of ~30 ms). Set in bytes, so a file with larger pages does not get a larger WAL.
+const AUTOCHECKPOINT_BYTES: i64 = 32 * 1024 * 1024;
+
+/// `AUTOCHECKPOINT_BYTES` in pages of this file.
+pub(crate) fn autocheckpoint_pages(conn: &Connection) -> rusqlite::Result<i64> {
+    let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    Ok((AUTOCHECKPOINT_BYTES / page_size.max(512)).max(1))
+}
 
 /// What the WAL file is cut back to when SQLite starts it over after a checkpoint.
 const WAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
@@ -54,7 +60,7 @@ fn configure(conn: &Connection, options: &SqliteOptions, role: Role) -> rusqlite
         // that size on disk after its pages have been copied back.
         Role::Writer => {
             conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES)?;
-            conn.pragma_update(None, "wal_autocheckpoint", AUTOCHECKPOINT_PAGES)?;
+            conn.pragma_update(None, "wal_autocheckpoint", autocheckpoint_pages(conn)?)?;
         }
     }
     Ok(())
@@ -127,6 +133,21 @@ pub(crate) fn retry_while_locked<T>(
                 pause = (pause * 2).min(Duration::from_millis(250));
             }
             other => return other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_checkpoint_interval_is_the_same_size_whatever_the_page_size() {
+        for (page_size, pages) in [(4096, 8192), (65536, 512), (512, 65536)] {
+            let conn = Connection::open_in_memory().unwrap();
+            conn.pragma_update(None, "page_size", page_size).unwrap();
+            conn.execute_batch("CREATE TABLE t (x)").unwrap();
+            assert_eq!(autocheckpoint_pages(&conn).unwrap(), pages, "page size {page_size}");
         }
     }
 }

@@ -165,7 +165,7 @@ impl Writer<'_> {
         // Checkpointing after every batch would copy the same index pages back into the file
         // again and again; one checkpoint at the end, off this thread, copies each page once.
         let outcome = self
-            .set_autocheckpoint(0)
+            .pause_autocheckpoint()
             .and_then(|()| self.delete_old(&window, jobs));
         match &outcome {
             Ok(0) if self.checkpoint.is_none() => self.restore_autocheckpoint(),
@@ -224,15 +224,21 @@ impl Writer<'_> {
         })
     }
 
-    fn set_autocheckpoint(&mut self, pages: i64) -> Result<()> {
+    fn pause_autocheckpoint(&mut self) -> Result<()> {
         let path = self.shared.options.path.clone();
         let (conn, _) = self.ready()?;
-        conn.pragma_update(None, "wal_autocheckpoint", pages)
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(|e| classify(&path, e))
     }
 
     fn restore_autocheckpoint(&mut self) {
-        if let Err(error) = self.set_autocheckpoint(connection::AUTOCHECKPOINT_PAGES) {
+        let path = self.shared.options.path.clone();
+        let restored = self.ready().and_then(|(conn, _)| {
+            connection::autocheckpoint_pages(conn)
+                .and_then(|pages| conn.pragma_update(None, "wal_autocheckpoint", pages))
+                .map_err(|e| classify(&path, e))
+        });
+        if let Err(error) = restored {
             log::warn!("cannot turn automatic checkpoints back on: {error}");
         }
     }
