@@ -147,7 +147,11 @@ mod tests {
             let conn = Connection::open_in_memory().unwrap();
             conn.pragma_update(None, "page_size", page_size).unwrap();
             conn.execute_batch("CREATE TABLE t (x)").unwrap();
-            assert_eq!(autocheckpoint_pages(&conn).unwrap(), pages, "page size {page_size}");
+            assert_eq!(
+                autocheckpoint_pages(&conn).unwrap(),
+                pages,
+                "page size {page_size}"
+            );
         }
     }
 }
