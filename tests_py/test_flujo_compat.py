@@ -203,8 +203,16 @@ def sibling_names(path: Path) -> set[str]:
 
 def realistic_rows(now: datetime) -> dict[str, dict[str, Any]]:
     """Rows whose ages keep well away from every cutoff the admin queries use, so that Flujo's
-    text comparisons give the true answer and the two backends must agree exactly."""
-    ages_hours = [0.25, 1, 3, 7.5, 12, 20, 72, 100, 200, 300, 500, 800, 1000, 1500]
+    text comparisons give the true answer and the two backends must agree exactly.
+
+    A row older than a cutoff must be older by more than a day: Flujo compares its stored
+    ``...T...`` text with a cutoff spelled ``... ...``, so on the cutoff's calendar day every row
+    counts as newer (``T`` sorts after a space). Rows inside a window may be close to it. Windows:
+    1, 24, 168 and 8,760 h for failed runs (on ``updated_at``, 10 minutes after ``created_at``),
+    24 h for the stats, 7, 30 and 60 days for cleanup (on ``created_at``)."""
+    # run-04 (failed) is 50 h old, not 12 h: 12 h put it on the 1 h cutoff's calendar day from
+    # 11:50 UTC on, and Flujo then listed it as failed within the last hour.
+    ages_hours = [0.25, 1, 3, 7.5, 50, 20, 72, 100, 200, 300, 500, 800, 1000, 1500]
     statuses = ("running", "failed", "completed", "paused", "failed", "cancelled", "completed")
     pipelines = (("etl", "ETL"), ("train", "Model Training"), ("report", "Reports"))
     rows: dict[str, dict[str, Any]] = {}
