@@ -205,20 +205,30 @@ print(json.dumps([list(r) for r in rows]))
 """
 
 
+def run_python(
+    code: str, *args: str, stdin: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Runs ``python -c code *args`` with this interpreter in a child process and returns what it
+    did (text output captured; a non-zero exit is for the caller to check). A child that outlives
+    ``timeout`` seconds is killed and ``subprocess.TimeoutExpired`` raised. Blocks: from a
+    coroutine, call it through ``asyncio.to_thread``."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def sql_in_another_process(
     path: Path | str, sql: str, params: tuple[Any, ...] = ()
 ) -> list[list[Any]]:
     """Runs one statement (and commits) with the stdlib sqlite3 module in a child process, as
     the sqlite3 shell would, and returns the rows as lists. Safe while our backend is open.
     Blocks: from a coroutine, call it through ``asyncio.to_thread``."""
-    result = subprocess.run(
-        [sys.executable, "-c", _SQL_IN_CHILD, str(path)],
-        input=json.dumps([sql, list(params)]),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_python(_SQL_IN_CHILD, str(path), stdin=json.dumps([sql, list(params)]))
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 

@@ -17,7 +17,6 @@ import math
 import os
 import sqlite3
 import subprocess
-import sys
 import textwrap
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +39,7 @@ from conftest import (
     WORKFLOW_STATS_KEYS,
     build_state,
     raw_rows,
+    run_python,
     sql_in_another_process,
     utc_now,
 )
@@ -937,9 +937,7 @@ def test_calls_finishing_around_the_loops_wait_are_all_delivered(tmp_path: Path)
         """
     )
     try:
-        result = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
-        )
+        result = run_python(script, timeout=60)
     except subprocess.TimeoutExpired:
         pytest.fail("a call was never delivered: the child hung for 60 s")
     assert result.returncode == 0, result.stderr
@@ -1059,9 +1057,7 @@ def test_unclosed_backend_does_not_hang_interpreter_exit(tmp_path: Path) -> None
         asyncio.run(main())
         """
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
-    )
+    result = run_python(script)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert [r["run_id"] for r in raw_rows(db, "SELECT run_id FROM workflow_state")] == ["left-open"]
@@ -1119,14 +1115,7 @@ def test_another_process_reading_and_writing_while_backend_is_open(db_path: Path
                 "c.execute(\"UPDATE workflow_state SET status = 'paused'\"); c.commit(); "
                 "c.close(); print(n)"
             )
-            result = await asyncio.to_thread(
-                subprocess.run,
-                [sys.executable, "-c", script, str(db_path)],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
+            result = await asyncio.to_thread(run_python, script, str(db_path))
             assert result.returncode == 0, result.stderr
             assert result.stdout.strip() == "1"
             await backend.save_state("b", build_state())
@@ -1368,13 +1357,7 @@ def test_first_open_of_a_filled_file_logs_its_index_builds(tmp_path: Path) -> No
     )
 
     def open_and_log() -> str:
-        result = subprocess.run(
-            [sys.executable, "-c", script, str(db)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        result = run_python(script, str(db))
         assert result.returncode == 0, result.stderr
         return result.stderr
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
@@ -36,6 +34,7 @@ from conftest import (
     WORKFLOW_ITEM_KEYS,
     build_state,
     raw_rows,
+    run_python,
     utc_now,
 )
 from flujo_sqlite import InvalidStateError, SQLiteBackend
@@ -199,13 +198,7 @@ print(time.monotonic() - began)
 def write_from_another_process(path: Path, key: str, busy_timeout: float = 2.0) -> float:
     """Writes one row with the stdlib sqlite3 module in a child process that waits at most
     ``busy_timeout`` seconds for the lock; returns how long the write took."""
-    result = subprocess.run(
-        [sys.executable, "-c", _CHILD_WRITE, str(path), key, str(busy_timeout)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_python(_CHILD_WRITE, str(path), key, str(busy_timeout), timeout=60)
     assert result.returncode == 0, f"the other process could not write: {result.stderr}"
     return float(result.stdout)
 
