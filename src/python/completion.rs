@@ -167,14 +167,15 @@ impl CompletionPort {
             // Resolving it failed and was reported to the loop's handler; nothing to hand over.
             return Ok(future);
         }
-        if holds_result(&future)? {
+        // Never cancelled: nobody else has seen it yet.
+        let exception = future.call_method0("exception")?;
+        if exception.is_none() {
             static SLEEP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
             let result = future.call_method0("result")?;
             return SLEEP.import(py, "asyncio", "sleep")?.call1((0, result));
         }
         // A finished future would raise without yielding: hand the error over one loop turn
         // later through a fresh one, so a caller retrying in a loop does not starve the rest.
-        let exception = future.call_method0("exception")?;
         let event_loop = running_loop(py)?;
         let later = event_loop.call_method0("create_future")?;
         event_loop.call_method1("call_soon", (later.getattr("set_exception")?, exception))?;
@@ -192,12 +193,6 @@ impl CompletionPort {
         let inbox = Arc::clone(&self.inbox);
         Ok((future, Box::new(move |outcome| inbox.post(token, outcome))))
     }
-}
-
-/// Whether the finished `future` holds a value rather than an exception. It cannot have been
-/// cancelled: nobody else has seen it yet.
-fn holds_result(future: &Bound<'_, PyAny>) -> PyResult<bool> {
-    Ok(future.call_method0("exception")?.is_none())
 }
 
 fn running_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
