@@ -803,3 +803,71 @@ fn a_conditional_save_fails_when_another_writer_got_there_first() {
         Err(Error::Conflict { .. })
     ));
 }
+
+/// The stats' counts and their average duration run as two parts on two readers; with a single
+/// reader both run on it one after the other, and either way the figures are the same.
+#[test]
+fn stats_add_up_with_one_reader_or_two() {
+    for readers in [1, 2] {
+        let db = temp_db();
+        let mut options = SqliteOptions::new(&db.path);
+        options.readers = readers;
+        let e = SqliteEngine::start(options).unwrap();
+        let now = utc_text(chrono::Duration::zero());
+        for (i, (status, time)) in [
+            ("completed", Some(1000)),
+            ("completed", Some(3000)),
+            ("failed", None),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut run = record("p", status, &now);
+            run.execution_time_ms = time;
+            save(&e, &format!("r{i}"), run);
+        }
+        let Response::Stats(stats) = call(&e, Request::WorkflowStats).unwrap() else {
+            panic!()
+        };
+        assert_eq!(stats.total_workflows, 3, "{readers} readers");
+        assert_eq!(stats.status_counts.get("completed"), Some(&2));
+        assert_eq!(stats.status_counts.get("failed"), Some(&1));
+        assert_eq!(stats.recent_workflows_24h, 3);
+        assert_eq!(stats.average_execution_time_ms, Some(2000.0));
+    }
+}
+
+/// While saves keep landing, each answer's counts still come from one snapshot: the statuses
+/// add up to the total, and the average is one of the durations' possible means.
+#[test]
+fn stats_taken_during_saves_agree_with_themselves() {
+    let db = temp_db();
+    let e = std::sync::Arc::new(engine(&db.path));
+    let now = utc_text(chrono::Duration::zero());
+    let saver = {
+        let e = std::sync::Arc::clone(&e);
+        let now = now.clone();
+        std::thread::spawn(move || {
+            for i in 0..2_000 {
+                let status = ["running", "completed", "failed"][i % 3];
+                let mut run = record("p", status, &now);
+                run.execution_time_ms = Some(if i % 2 == 0 { 1000 } else { 3000 });
+                save(&e, &format!("r{i}"), run);
+            }
+        })
+    };
+    let mut answers = 0;
+    while !saver.is_finished() || answers == 0 {
+        let Response::Stats(stats) = call(&e, Request::WorkflowStats).unwrap() else {
+            panic!()
+        };
+        let counted: u64 = stats.status_counts.values().sum();
+        assert_eq!(counted, stats.total_workflows, "{stats:?}");
+        if let Some(average) = stats.average_execution_time_ms {
+            assert!((1000.0..=3000.0).contains(&average), "{stats:?}");
+        }
+        answers += 1;
+    }
+    saver.join().unwrap();
+    assert!(answers > 1, "stats never overlapped the saves");
+}

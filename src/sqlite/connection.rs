@@ -154,7 +154,8 @@ mod tests {
     use super::*;
 
     fn cache_size(conn: &Connection) -> i64 {
-        conn.query_row("PRAGMA cache_size", [], |r| r.get(0)).unwrap()
+        conn.query_row("PRAGMA cache_size", [], |r| r.get(0))
+            .unwrap()
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod recovery;
 mod run_history;
 mod schema;
 mod spin;
+mod stats;
 mod system;
 mod traces;
 mod writer;
@@ -27,6 +28,7 @@ use crate::engine::{Completion, Request, Response, StateEngine};
 use crate::error::{Error, Result};
 use crate::timestamp::{age_from, TimeWindow};
 use connection::{classify, Role};
+use readers::ReadJob;
 use schema::Layout;
 
 pub(crate) struct Job {
@@ -60,7 +62,7 @@ impl Shared {
 
 struct Queues {
     writes: Sender<Job>,
-    reads: Sender<Job>,
+    reads: Sender<ReadJob>,
 }
 
 pub struct SqliteEngine {
@@ -107,15 +109,19 @@ impl StateEngine for SqliteEngine {
                 path: self.path.clone(),
             }));
         };
-        let queue = if request.is_write() {
-            &queues.writes
-        } else {
-            &queues.reads
+        let closed = || Error::Closed {
+            path: self.path.clone(),
         };
-        if let Err(refused) = queue.send(Job { request, done }) {
-            (refused.0.done)(Err(Error::Closed {
-                path: self.path.clone(),
-            }));
+        if matches!(request, Request::WorkflowStats) {
+            stats::submit(&queues.reads, done, &self.path);
+        } else if request.is_write() {
+            if let Err(refused) = queues.writes.send(Job { request, done }) {
+                (refused.0.done)(Err(closed()));
+            }
+        } else if let Err(refused) = queues.reads.send(ReadJob::Request(Job { request, done })) {
+            if let ReadJob::Request(job) = refused.0 {
+                (job.done)(Err(closed()));
+            }
         }
     }
 
@@ -160,7 +166,6 @@ fn execute_read(
         Request::ListWorkflows(query) => {
             Response::Workflows(queries::list_workflows(conn, query).map_err(fail)?)
         }
-        Request::WorkflowStats => Response::Stats(queries::workflow_stats(conn).map_err(fail)?),
         Request::FailedWorkflows { hours_back } => {
             let window = window_back(*hours_back, 3600.0, "hours_back")?;
             Response::Workflows(queries::failed_workflows(conn, &window).map_err(fail)?)
@@ -212,7 +217,7 @@ fn execute_read(
                     .map_err(fail)?,
             )
         }
-        write => unreachable!("writes go to the writer, not a reader: {write:?}"),
+        other => unreachable!("writes go to the writer, stats to `stats`, not here: {other:?}"),
     };
     Ok(response)
 }

@@ -236,14 +236,13 @@ pub(crate) fn list_workflows(
     Ok(out)
 }
 
-/// Every figure from one read snapshot, so they agree with each other while saves go on.
-pub(crate) fn workflow_stats(conn: &Connection) -> rusqlite::Result<WorkflowStats> {
+/// The counts of `get_workflow_stats`, all from one read snapshot so they agree with each other
+/// while saves go on. The average duration is left out: `stats` runs it on another connection
+/// at the same time.
+pub(crate) fn workflow_counts(conn: &Connection) -> rusqlite::Result<WorkflowCounts> {
     let snapshot = conn.unchecked_transaction()?;
     let conn: &Connection = &snapshot;
     let (status_counts, total) = counts_of_every_status(conn)?;
-    let average = conn
-        .prepare_cached(AVERAGE_EXECUTION_TIME)?
-        .query_row([], |r| r.get::<_, Option<f64>>(0))?;
     let day = TimeWindow::before(Utc::now(), chrono::Duration::hours(24));
     let recent: i64 = conn
         .prepare_cached(
@@ -253,13 +252,39 @@ pub(crate) fn workflow_stats(conn: &Connection) -> rusqlite::Result<WorkflowStat
         .query_row(params![day.text_low, day.cutoff], |r| r.get(0))?;
     let (background_status_counts, _) = counts_by_status(conn, BACKGROUND_STATUS_COUNTS)?;
     snapshot.commit()?;
-    Ok(WorkflowStats {
+    Ok(WorkflowCounts {
         total_workflows: total,
         status_counts,
         recent_workflows_24h: recent.max(0) as u64,
-        average_execution_time_ms: average,
         background_status_counts,
     })
+}
+
+/// What `workflow_counts` finds; `with_average` completes it into the stats a caller gets.
+#[derive(Debug)]
+pub(crate) struct WorkflowCounts {
+    total_workflows: u64,
+    status_counts: std::collections::BTreeMap<String, u64>,
+    recent_workflows_24h: u64,
+    background_status_counts: std::collections::BTreeMap<String, u64>,
+}
+
+impl WorkflowCounts {
+    pub(crate) fn with_average(self, average_execution_time_ms: Option<f64>) -> WorkflowStats {
+        WorkflowStats {
+            total_workflows: self.total_workflows,
+            status_counts: self.status_counts,
+            recent_workflows_24h: self.recent_workflows_24h,
+            average_execution_time_ms,
+            background_status_counts: self.background_status_counts,
+        }
+    }
+}
+
+/// The mean of every known `execution_time_ms`, `None` when there is none.
+pub(crate) fn average_execution_time(conn: &Connection) -> rusqlite::Result<Option<f64>> {
+    conn.prepare_cached(AVERAGE_EXECUTION_TIME)?
+        .query_row([], |r| r.get(0))
 }
 
 /// Counts per non-NULL status, and the total of all rows (those whose status is NULL, which

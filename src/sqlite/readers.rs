@@ -11,9 +11,21 @@ use super::connection::{self, Role};
 use super::{execute_read, spin, Job, Shared};
 use crate::error::{Error, Result};
 
+/// What a reader takes from the shared queue.
+pub(super) enum ReadJob {
+    /// A caller's read request, answered through its completion.
+    Request(Job),
+    /// One part of a caller's request that is split so that two readers work on it at once
+    /// (see `stats`).
+    Part(ReadPart),
+}
+
+/// Handed this reader's connection, or why there is none; reports its outcome itself.
+pub(super) type ReadPart = Box<dyn FnOnce(&Shared, Result<&Connection>) + Send>;
+
 pub(super) fn spawn(
     shared: Arc<Shared>,
-    jobs: Receiver<Job>,
+    jobs: Receiver<ReadJob>,
     index: usize,
 ) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
@@ -25,18 +37,26 @@ pub(super) fn spawn(
         })
 }
 
-fn serve(shared: &Shared, jobs: &Receiver<Job>) {
+fn serve(shared: &Shared, jobs: &Receiver<ReadJob>) {
     let mut conn: Option<Connection> = None;
     while let Some(job) = spin::next(jobs) {
-        let outcome = shared.layout().and_then(|layout| {
+        let ready = shared.layout().and_then(|layout| {
             let conn = match &mut conn {
                 Some(conn) => conn,
                 slot => slot.insert(connection::open(&shared.options, Role::Reader)?),
             };
-            connection::retry_while_locked(&shared.options, || {
-                execute_read(conn, &layout, shared, &job.request)
-            })
+            Ok((&*conn, layout))
         });
-        (job.done)(outcome);
+        match job {
+            ReadJob::Request(job) => {
+                let outcome = ready.and_then(|(conn, layout)| {
+                    connection::retry_while_locked(&shared.options, || {
+                        execute_read(conn, &layout, shared, &job.request)
+                    })
+                });
+                (job.done)(outcome);
+            }
+            ReadJob::Part(part) => part(shared, ready.map(|(conn, _)| conn)),
+        }
     }
 }
