@@ -4,9 +4,10 @@
 //! runs, so the call takes about as long as the average alone.
 //!
 //! The counts share one read snapshot and agree with each other. The average has a snapshot of
-//! its own, taken at the same moment; while saves go on the two may be a few commits apart,
-//! which for a mean over every run is below what it can show.
+//! its own, begun at the same moment; while saves go on the two may be a few commits apart, in
+//! which time a mean over every stored run barely moves.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::Sender;
@@ -18,7 +19,7 @@ use crate::engine::{Completion, Response};
 use crate::error::{Error, Result};
 
 /// Queues both parts; the one that finishes second answers `done`.
-pub(super) fn submit(reads: &Sender<ReadJob>, done: Completion, path: &std::path::Path) {
+pub(super) fn submit(reads: &Sender<ReadJob>, done: Completion, path: &Path) {
     let join = Arc::new(Mutex::new(Parts {
         counts: None,
         average: None,
