@@ -565,6 +565,43 @@ def test_failing_serializer_is_wrapped_with_cause() -> None:
     assert isinstance(caught.value.__cause__, ZeroDivisionError)
 
 
+@pytest.mark.parametrize("change", ["add", "remove", "swap"])
+def test_a_serializer_that_changes_the_dict_being_stored_is_refused(change: str) -> None:
+    # Iterating a dict that changes panics inside pyo3, and a PanicException is a BaseException
+    # that would get past the caller's `except Exception`.
+    class Meddler:
+        pass
+
+    context: dict[str, object] = {"a": 1, "meddler": Meddler(), "z": 2}
+
+    def meddle(_: object) -> object:
+        if change in ("add", "swap"):
+            context["added"] = 3
+        if change in ("remove", "swap"):
+            del context["a"]
+        return "replacement"
+
+    flujo_sqlite.register_serializer(Meddler, meddle)
+    with pytest.raises(
+        SerializationError, match=r"^cannot store ctx: the dict changed while it was being stored"
+    ):
+        encode_json(context, "ctx")
+
+
+def test_a_serializer_may_change_other_dicts() -> None:
+    class Counter:
+        pass
+
+    calls: dict[str, int] = {}
+
+    def count(_: object) -> object:
+        calls["n"] = calls.get("n", 0) + 1
+        return calls["n"]
+
+    flujo_sqlite.register_serializer(Counter, count)
+    assert stored({"first": Counter(), "second": Counter()}) == {"first": 1, "second": 2}
+
+
 # --- cycles and depth ---
 
 

@@ -114,12 +114,22 @@ pub(crate) fn encode_json(value: &Bound<'_, PyAny>, path: &str) -> PyResult<Stri
 /// Why a value could not be stored. Built where the walk fails; the path is added while the
 /// failure travels back up, so a successful walk never spends time formatting paths.
 enum Reason {
-    Unsupported { type_name: String },
-    BadKey { key_type: String },
+    Unsupported {
+        type_name: String,
+    },
+    BadKey {
+        key_type: String,
+    },
     Cycle,
     TooDeep,
     LoneSurrogate,
-    Raised { type_name: String, error: PyErr },
+    /// The dict gained or lost keys while it was being walked: code of the user's that the walk
+    /// called (a serializer, `model_dump`, ...) changed it.
+    ChangedDuringWalk,
+    Raised {
+        type_name: String,
+        error: PyErr,
+    },
 }
 
 struct Failure {
@@ -178,6 +188,11 @@ impl Failure {
             Reason::LoneSurrogate => format!(
                 "cannot store {path}: the str contains a lone surrogate (such as '\\udc80'), \
                  which has no UTF-8 encoding; lone surrogates are not storable"
+            ),
+            Reason::ChangedDuringWalk => format!(
+                "cannot store {path}: the dict changed while it was being stored, so what was \
+                 saved would match neither its old nor its new contents; a serializer or \
+                 model_dump() called for one of its values must not add or remove its keys"
             ),
             Reason::Raised { type_name, error } => {
                 let detail = error.value(py).repr().map_or_else(
@@ -409,7 +424,16 @@ impl Encoder {
     fn dict(&mut self, dict: &Bound<'_, PyDict>, depth: usize) -> Step {
         self.enter(dict.as_any(), depth)?;
         self.out.push('{');
-        for (index, (key, item)) in dict.iter().enumerate() {
+        // pyo3's dict iterator panics when the dict changed size since its last step, and on
+        // the step after one that yielded more items than the dict had. Checking the size after
+        // each item and asking for at most one item too many turn a change made by the user's
+        // code into an error instead.
+        let size = dict.len();
+        let mut items = dict.iter();
+        for index in 0..size {
+            let Some((key, item)) = items.next() else {
+                return Err(Failure::new(Reason::ChangedDuringWalk));
+            };
             if index > 0 {
                 self.out.push(',');
             }
@@ -418,6 +442,13 @@ impl Encoder {
             self.out.push(':');
             self.value(&item, depth + 1)
                 .map_err(|failure| failure.at(key_segment(&key)))?;
+            if dict.len() != size {
+                return Err(Failure::new(Reason::ChangedDuringWalk));
+            }
+        }
+        // A key removed and another added keep the size but show up as one item too many.
+        if items.next().is_some() {
+            return Err(Failure::new(Reason::ChangedDuringWalk));
         }
         self.out.push('}');
         self.leave();
