@@ -565,20 +565,31 @@ def test_failing_serializer_is_wrapped_with_cause() -> None:
     assert isinstance(caught.value.__cause__, ZeroDivisionError)
 
 
-@pytest.mark.parametrize("change", ["add", "remove", "swap"])
+@pytest.mark.parametrize("change", ["add", "remove", "swap", "swap_and_resize", "in_del"])
 def test_a_serializer_that_changes_the_dict_being_stored_is_refused(change: str) -> None:
     # Iterating a dict that changes panics inside pyo3, and a PanicException is a BaseException
-    # that would get past the caller's `except Exception`.
+    # that would get past the caller's `except Exception`. A swap keeps the size; with more
+    # keys, adding one makes the dict compact itself, and a naive walk then skips an untouched
+    # key without noticing. A change made by `__del__`, when the walk lets go of a value the
+    # serializer replaced, happens after the serializer has returned.
     class Meddler:
-        pass
+        def __del__(self) -> None:
+            if change == "in_del":
+                context["added"] = 3
 
     context: dict[str, object] = {"a": 1, "meddler": Meddler(), "z": 2}
+    if change == "swap_and_resize":
+        context = {"a": 1, "meddler": Meddler(), "k2": 2, "k3": 3, "k4": 4}
 
     def meddle(_: object) -> object:
-        if change in ("add", "swap"):
-            context["added"] = 3
-        if change in ("remove", "swap"):
+        if change in ("remove", "swap_and_resize"):
             del context["a"]
+        if change in ("add", "swap", "swap_and_resize"):
+            context["added"] = 3
+        if change == "swap":
+            del context["a"]
+        if change == "in_del":
+            context["meddler"] = "replaced"
         return "replacement"
 
     flujo_sqlite.register_serializer(Meddler, meddle)

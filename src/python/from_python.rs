@@ -100,10 +100,12 @@ pub(crate) fn encode_json_py(value: &Bound<'_, PyAny>, path: &str) -> PyResult<S
 }
 
 /// Encodes `value` as compact JSON; `path` names it in error messages (e.g. "pipeline_context").
-pub(crate) fn encode_json(value: &Bound<'_, PyAny>, path: &str) -> PyResult<String> {
+pub(crate) fn encode_json<'py>(value: &Bound<'py, PyAny>, path: &str) -> PyResult<String> {
     let mut encoder = Encoder {
         out: String::with_capacity(512),
         ancestors: Vec::new(),
+        walked_keys: Vec::new(),
+        foreign_calls: 0,
     };
     match encoder.value(value, 0) {
         Ok(()) => Ok(encoder.out),
@@ -350,15 +352,21 @@ fn big_int_digits(int: &Bound<'_, PyAny>) -> PyResult<String> {
     Ok(digits)
 }
 
-struct Encoder {
+struct Encoder<'py> {
     out: String,
     /// Addresses of the containers on the path from the root to the current value: a value
     /// found among them is a reference cycle.
     ancestors: Vec<usize>,
+    /// The keys walked so far in each dict on that path, outermost first, kept until the dict is
+    /// done so `dict` can check that no key was swapped for another meanwhile.
+    walked_keys: Vec<Bound<'py, PyAny>>,
+    /// How often the walk has run code that is not ours (a serializer, `model_dump`, an Enum's
+    /// `value`, a garbage collection...), which might change a dict being walked.
+    foreign_calls: u64,
 }
 
-impl Encoder {
-    fn value(&mut self, value: &Bound<'_, PyAny>, depth: usize) -> Step {
+impl<'py> Encoder<'py> {
+    fn value(&mut self, value: &Bound<'py, PyAny>, depth: usize) -> Step {
         if let Ok(text) = value.cast_exact::<PyString>() {
             self.string(text)
         } else if let Ok(dict) = value.cast_exact::<PyDict>() {
@@ -383,7 +391,7 @@ impl Encoder {
     }
 
     /// Marks `value` as an ancestor of what is encoded next, refusing cycles and deep nesting.
-    fn enter(&mut self, value: &Bound<'_, PyAny>, depth: usize) -> Step {
+    fn enter(&mut self, value: &Bound<'py, PyAny>, depth: usize) -> Step {
         if depth >= MAX_DEPTH {
             return Err(Failure::new(Reason::TooDeep));
         }
@@ -399,7 +407,7 @@ impl Encoder {
         self.ancestors.pop();
     }
 
-    fn string(&mut self, text: &Bound<'_, PyString>) -> Step {
+    fn string(&mut self, text: &Bound<'py, PyString>) -> Step {
         let text = text.to_str().map_err(|error| {
             if error.is_instance_of::<PyUnicodeEncodeError>(text.py()) {
                 Failure::new(Reason::LoneSurrogate)
@@ -411,28 +419,39 @@ impl Encoder {
         Ok(())
     }
 
-    fn int(&mut self, int: &Bound<'_, PyInt>) -> Step {
+    fn int(&mut self, int: &Bound<'py, PyInt>) -> Step {
         if let Ok(small) = int.extract::<i64>() {
             write!(self.out, "{small}").expect("writing to a String cannot fail");
         } else {
+            // It makes Python objects, and with them possibly a garbage collection that runs
+            // any object's `__del__`.
+            self.foreign_calls += 1;
             let digits = big_int_digits(int.as_any()).map_err(|error| raised(int, error))?;
             self.out.push_str(&digits);
         }
         Ok(())
     }
 
-    fn dict(&mut self, dict: &Bound<'_, PyDict>, depth: usize) -> Step {
+    fn dict(&mut self, dict: &Bound<'py, PyDict>, depth: usize) -> Step {
         self.enter(dict.as_any(), depth)?;
         self.out.push('{');
-        // pyo3's dict iterator panics when the dict changed size since its last step, and on
-        // the step after one that yielded more items than the dict had. Checking the size after
-        // each item and asking for at most one item too many turn a change made by the user's
-        // code into an error instead.
+        // Code that is not ours, run by the walk, may change this dict; nothing else can, so
+        // until some has run there is nothing to check. pyo3's iterator panics when the dict
+        // changed size since its previous step, so the size is checked right before each step;
+        // it also panics on the step after one item too many, so it is asked for at most that
+        // one. A key swapped for another keeps the size and may not show up as an extra item (a
+        // resize compacts the dict), so every walked key must also still be there.
+        let changed = || Err(Failure::new(Reason::ChangedDuringWalk));
         let size = dict.len();
+        let foreign_calls_before = self.foreign_calls;
+        let walked_from = self.walked_keys.len();
         let mut items = dict.iter();
         for index in 0..size {
+            if self.foreign_calls != foreign_calls_before && dict.len() != size {
+                return changed();
+            }
             let Some((key, item)) = items.next() else {
-                return Err(Failure::new(Reason::ChangedDuringWalk));
+                return changed();
             };
             if index > 0 {
                 self.out.push(',');
@@ -442,13 +461,17 @@ impl Encoder {
             self.out.push(':');
             self.value(&item, depth + 1)
                 .map_err(|failure| failure.at(key_segment(&key)))?;
-            if dict.len() != size {
-                return Err(Failure::new(Reason::ChangedDuringWalk));
-            }
+            self.walked_keys.push(key);
         }
-        // A key removed and another added keep the size but show up as one item too many.
-        if items.next().is_some() {
-            return Err(Failure::new(Reason::ChangedDuringWalk));
+        let unchanged = self.foreign_calls == foreign_calls_before
+            || (dict.len() == size
+                && items.next().is_none()
+                && self.walked_keys[walked_from..]
+                    .iter()
+                    .all(|key| dict.contains(key).unwrap_or(false)));
+        self.walked_keys.truncate(walked_from);
+        if !unchanged {
+            return changed();
         }
         self.out.push('}');
         self.leave();
@@ -456,10 +479,11 @@ impl Encoder {
     }
 
     /// Non-str keys become strings the way `json.dumps` makes them, so both read back alike.
-    fn key(&mut self, key: &Bound<'_, PyAny>) -> Step {
+    fn key(&mut self, key: &Bound<'py, PyAny>) -> Step {
         if let Ok(text) = key.cast::<PyString>() {
             return self.string(text);
         }
+        self.foreign_calls += 1;
         let text = if let Ok(flag) = key.cast_exact::<PyBool>() {
             if flag.is_true() { "true" } else { "false" }.to_owned()
         } else if let Ok(int) = key.cast::<PyInt>() {
@@ -505,7 +529,7 @@ impl Encoder {
         Ok(())
     }
 
-    fn sequence<'py>(
+    fn sequence(
         &mut self,
         container: &Bound<'py, PyAny>,
         items: impl Iterator<Item = Bound<'py, PyAny>>,
@@ -525,14 +549,15 @@ impl Encoder {
         Ok(())
     }
 
-    fn list(&mut self, list: &Bound<'_, PyList>, depth: usize) -> Step {
+    fn list(&mut self, list: &Bound<'py, PyList>, depth: usize) -> Step {
         self.sequence(list.as_any(), list.iter(), depth)
     }
 
     /// Everything that is not an exact fast-path type: registered serializers first, then the
     /// built-in rules. `convert` itself never recurses: it writes leaves and hands containers
     /// and replacements back, so its large frame is not repeated once per nesting level.
-    fn other(&mut self, value: &Bound<'_, PyAny>, depth: usize) -> Step {
+    fn other(&mut self, value: &Bound<'py, PyAny>, depth: usize) -> Step {
+        self.foreign_calls += 1;
         match self.convert(value)? {
             Converted::Written => Ok(()),
             Converted::Replaced(replacement) => {
@@ -549,7 +574,7 @@ impl Encoder {
     }
 
     #[inline(never)]
-    fn convert<'py>(&mut self, value: &Bound<'py, PyAny>) -> Result<Converted<'py>, Box<Failure>> {
+    fn convert(&mut self, value: &Bound<'py, PyAny>) -> Result<Converted<'py>, Box<Failure>> {
         let py = value.py();
         // Every failure below is an exception raised by `value` itself.
         let failed = |error| raised(value, error);
@@ -636,7 +661,7 @@ impl Encoder {
 
     /// Sets have no order, so items are sorted by their JSON text to store the same set the
     /// same way every time.
-    fn set(&mut self, set: &Bound<'_, PyAny>, items: &[Bound<'_, PyAny>], depth: usize) -> Step {
+    fn set(&mut self, set: &Bound<'py, PyAny>, items: &[Bound<'py, PyAny>], depth: usize) -> Step {
         self.enter(set, depth)?;
         let outer = std::mem::take(&mut self.out);
         let mut encoded = Vec::new();
