@@ -35,12 +35,12 @@ pub(crate) fn autocheckpoint_pages(conn: &Connection) -> rusqlite::Result<i64> {
 const WAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
 
 /// Page cache of each reader connection, a quarter of SQLite's 2 MB default. Loading a run walks
-/// the same few hundred interior pages of two b-trees and then leaves that are seldom read again;
-/// the interior pages fit here, so loads at 100,000 runs measured the same speed as with 2 MB.
-/// Admin queries that sweep an index outgrow any cache short of several MB either way. What the
-/// default bought was repeated queries over the same few hundred rows: the benchmark's repeated
-/// `get_failed_workflows(24)` takes 0.65 ms instead of 0.47. What it cost was 1.5 MB per reader
-/// of resident memory, most of the difference to Flujo's peak RSS.
+/// down two b-trees to leaves that are seldom read again; 512 KB (128 pages of 4 KB) holds their
+/// upper levels, the rest comes from the OS's file cache either way, and loads at 100,000 runs
+/// measured the same speed as with 2 MB. Admin queries that sweep an index outgrow any cache
+/// short of several MB. What the default bought was repeated queries over the same few hundred
+/// rows: the benchmark's repeated `get_failed_workflows(24)` takes 0.65 ms instead of 0.47. What
+/// it cost was 1.5 MB per reader of resident memory, most of the difference to Flujo's peak RSS.
 const READER_CACHE_KIB: i64 = 512;
 
 /// Paths are plain file names, never URIs: a file called `file:x?mode=ro` means that file.

@@ -5,6 +5,8 @@
 //! Lists order by `created_at DESC, rowid DESC`: Flujo's order plus a tie-breaker, so paging
 //! sees every row exactly once, and both columns come straight from our composite indexes.
 
+use std::collections::BTreeMap;
+
 use chrono::Utc;
 use rusqlite::types::{Value, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension, Row, ToSql};
@@ -264,9 +266,9 @@ pub(crate) fn workflow_counts(conn: &Connection) -> rusqlite::Result<WorkflowCou
 #[derive(Debug)]
 pub(crate) struct WorkflowCounts {
     total_workflows: u64,
-    status_counts: std::collections::BTreeMap<String, u64>,
+    status_counts: BTreeMap<String, u64>,
     recent_workflows_24h: u64,
-    background_status_counts: std::collections::BTreeMap<String, u64>,
+    background_status_counts: BTreeMap<String, u64>,
 }
 
 impl WorkflowCounts {
@@ -295,9 +297,7 @@ pub(crate) fn average_execution_time(conn: &Connection) -> rusqlite::Result<Opti
 /// most common one is counted on its own, the statuses found by seeking from one to the next,
 /// and the most common one is what remains of the total: at 70 % completed runs this reads a
 /// third of the entries.
-fn counts_of_every_status(
-    conn: &Connection,
-) -> rusqlite::Result<(std::collections::BTreeMap<String, u64>, u64)> {
+fn counts_of_every_status(conn: &Connection) -> rusqlite::Result<(BTreeMap<String, u64>, u64)> {
     /// Finished runs pile up; any status is counted right if this guess is wrong, only slower.
     const MOST_COMMON: &str = "completed";
     let count_rows = |sql: &str, status: Option<&Value>| -> rusqlite::Result<u64> {
@@ -313,7 +313,7 @@ fn counts_of_every_status(
         "SELECT count(*) FROM workflow_state WHERE status IS NULL",
         None,
     )?;
-    let mut counts = std::collections::BTreeMap::new();
+    let mut counts = BTreeMap::new();
     let mut most_common_seen = false;
     let mut after =
         conn.prepare_cached("SELECT min(status) FROM workflow_state WHERE status > ?1")?;
@@ -353,10 +353,10 @@ fn status_text(value: &Value) -> String {
 fn counts_by_status(
     conn: &Connection,
     sql: &str,
-) -> rusqlite::Result<(std::collections::BTreeMap<String, u64>, u64)> {
+) -> rusqlite::Result<(BTreeMap<String, u64>, u64)> {
     let mut stmt = conn.prepare_cached(sql)?;
     let mut rows = stmt.query([])?;
-    let (mut counts, mut total) = (std::collections::BTreeMap::new(), 0);
+    let (mut counts, mut total) = (BTreeMap::new(), 0);
     while let Some(row) = rows.next()? {
         let count = row.get::<_, i64>(1)?.max(0) as u64;
         total += count;

@@ -4,8 +4,12 @@
 //! runs, so the call takes about as long as the average alone.
 //!
 //! The counts share one read snapshot and agree with each other. The average has a snapshot of
-//! its own, begun at the same moment; while saves go on the two may be a few commits apart, in
-//! which time a mean over every stored run barely moves.
+//! its own, begun when a reader takes it up: at the same moment as the counts' when both readers
+//! are free, right after them with a single reader. While saves go on the two may be a few
+//! commits apart, in which time a mean over every stored run barely moves.
+//!
+//! For the length of the call both readers are busy, so a load that arrives meanwhile waits for
+//! the first part to finish (~1 ms at 100,000 runs); reads overall are served as fast as before.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -48,7 +52,8 @@ pub(super) fn submit(reads: &Sender<ReadJob>, done: Completion, path: &Path) {
     ];
     for part in parts {
         if reads.send(part).is_err() {
-            // Every reader has stopped; nothing will run the parts.
+            // Every reader has stopped, so nothing will run the parts. Any part's error answers
+            // the caller; it is recorded as the counts'.
             let closed = Error::Closed {
                 path: path.to_owned(),
             };
