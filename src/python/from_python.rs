@@ -192,8 +192,8 @@ impl Failure {
                  which has no UTF-8 encoding; lone surrogates are not storable"
             ),
             Reason::ChangedDuringWalk => format!(
-                "cannot store {path}: the dict changed while it was being stored, so what was \
-                 saved would match neither its old nor its new contents; a serializer or \
+                "cannot store {path}: the dict changed while it was being stored, so a stored \
+                 copy would match neither its old nor its new keys; a serializer or \
                  model_dump() called for one of its values must not add or remove its keys"
             ),
             Reason::Raised { type_name, error } => {
