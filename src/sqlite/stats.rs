@@ -15,10 +15,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::Sender;
+use rusqlite::Connection;
 
 use super::connection::{classify, retry_while_locked};
 use super::queries::{self, WorkflowCounts};
 use super::readers::ReadJob;
+use super::Shared;
 use crate::engine::{Completion, Response};
 use crate::error::{Error, Result};
 
@@ -33,20 +35,11 @@ pub(super) fn submit(reads: &Sender<ReadJob>, done: Completion, path: &Path) {
     let average = Arc::clone(&join);
     let parts = [
         ReadJob::Part(Box::new(move |shared, conn| {
-            let outcome = conn.and_then(|conn| {
-                retry_while_locked(&shared.options, || {
-                    queries::workflow_counts(conn).map_err(|e| classify(&shared.options.path, e))
-                })
-            });
+            let outcome = run(shared, conn, queries::workflow_counts);
             finish(&counts, |parts| parts.counts = Some(outcome));
         })),
         ReadJob::Part(Box::new(move |shared, conn| {
-            let outcome = conn.and_then(|conn| {
-                retry_while_locked(&shared.options, || {
-                    queries::average_execution_time(conn)
-                        .map_err(|e| classify(&shared.options.path, e))
-                })
-            });
+            let outcome = run(shared, conn, queries::average_execution_time);
             finish(&average, |parts| parts.average = Some(outcome));
         })),
     ];
@@ -61,6 +54,19 @@ pub(super) fn submit(reads: &Sender<ReadJob>, done: Completion, path: &Path) {
             return;
         }
     }
+}
+
+/// One part's query on the connection a reader handed it, retried while the file is locked, as
+/// a whole request would be.
+fn run<T>(
+    shared: &Shared,
+    conn: Result<&Connection>,
+    query: impl Fn(&Connection) -> rusqlite::Result<T>,
+) -> Result<T> {
+    let conn = conn?;
+    retry_while_locked(&shared.options, || {
+        query(conn).map_err(|e| classify(&shared.options.path, e))
+    })
 }
 
 struct Parts {
