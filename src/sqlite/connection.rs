@@ -172,6 +172,27 @@ mod tests {
         assert_eq!(cache_size(&writer), sqlite_default);
     }
 
+    /// `.cargo/config.toml` trims the bundled SQLite; without it every build silently grows by
+    /// the extensions again.
+    #[test]
+    fn the_bundled_sqlite_has_json_but_not_the_extensions_we_never_call() {
+        let conn = Connection::open_in_memory().unwrap();
+        let mut stmt = conn.prepare("PRAGMA compile_options").unwrap();
+        let options: Vec<String> = stmt
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        for unwanted in ["ENABLE_FTS3", "ENABLE_FTS5", "ENABLE_RTREE", "ENABLE_DBSTAT_VTAB"] {
+            assert!(!options.iter().any(|o| o == unwanted), "{unwanted} in {options:?}");
+        }
+        assert!(options.iter().any(|o| o == "OMIT_LOAD_EXTENSION"), "{options:?}");
+        let value: i64 = conn
+            .query_row("SELECT json_extract('{\"a\": 7}', '$.a')", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(value, 7);
+    }
+
     #[test]
     fn the_checkpoint_interval_is_the_same_size_whatever_the_page_size() {
         for (page_size, pages) in [(4096, 8192), (65536, 512), (512, 65536)] {
