@@ -43,6 +43,15 @@ const WAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
 /// it cost was 1.5 MB per reader of resident memory, most of the difference to Flujo's peak RSS.
 const READER_CACHE_KIB: i64 = 512;
 
+/// Page cache of the writer, half of SQLite's 2 MB default. A save touches one leaf per index and
+/// writes its row into fresh pages that the writer never reads again, yet those pages are what
+/// fills a larger cache: sequential saves measured the same with 512 KB as with 2 MB, 64
+/// concurrent updaters the same with 1 MB. Cleanups are what a cache speeds up, as they delete
+/// runs whose ids are spread over the whole run-id index: 50,000 of 100,000 runs took 0.74 s with
+/// 2 MB, 0.80 s with 1 MB and 0.90 s with 512 KB. 1 MB keeps a cleanup well ahead of Flujo's
+/// (1.3 s) and 1 MB less resident than 2 MB.
+const WRITER_CACHE_KIB: i64 = 1024;
+
 /// Paths are plain file names, never URIs: a file called `file:x?mode=ro` means that file.
 pub(crate) fn open(options: &SqliteOptions, role: Role) -> Result<Connection, Error> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -73,6 +82,7 @@ fn configure(conn: &Connection, options: &SqliteOptions, role: Role) -> rusqlite
         Role::Writer => {
             conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES)?;
             conn.pragma_update(None, "wal_autocheckpoint", autocheckpoint_pages(conn)?)?;
+            conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
         }
     }
     Ok(())
@@ -159,7 +169,7 @@ mod tests {
     }
 
     #[test]
-    fn readers_cannot_write_and_cache_less_than_the_writer() {
+    fn readers_cannot_write_and_each_role_gets_its_cache() {
         let dir = tempfile::tempdir().unwrap();
         let options = SqliteOptions::new(dir.path().join("roles.db"));
         let writer = open(&options, Role::Writer).unwrap();
@@ -168,8 +178,7 @@ mod tests {
         let refused = reader.execute("INSERT INTO t VALUES (1)", []).unwrap_err();
         assert!(refused.to_string().contains("readonly"), "{refused}");
         assert_eq!(cache_size(&reader), -READER_CACHE_KIB);
-        let sqlite_default = cache_size(&Connection::open_in_memory().unwrap());
-        assert_eq!(cache_size(&writer), sqlite_default);
+        assert_eq!(cache_size(&writer), -WRITER_CACHE_KIB);
     }
 
     /// `.cargo/config.toml` trims the bundled SQLite; without it every build silently grows by
