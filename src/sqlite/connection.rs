@@ -192,10 +192,21 @@ mod tests {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        for unwanted in ["ENABLE_FTS3", "ENABLE_FTS5", "ENABLE_RTREE", "ENABLE_DBSTAT_VTAB"] {
-            assert!(!options.iter().any(|o| o == unwanted), "{unwanted} in {options:?}");
+        for unwanted in [
+            "ENABLE_FTS3",
+            "ENABLE_FTS5",
+            "ENABLE_RTREE",
+            "ENABLE_DBSTAT_VTAB",
+        ] {
+            assert!(
+                !options.iter().any(|o| o == unwanted),
+                "{unwanted} in {options:?}"
+            );
         }
-        assert!(options.iter().any(|o| o == "OMIT_LOAD_EXTENSION"), "{options:?}");
+        assert!(
+            options.iter().any(|o| o == "OMIT_LOAD_EXTENSION"),
+            "{options:?}"
+        );
         let value: i64 = conn
             .query_row("SELECT json_extract('{\"a\": 7}', '$.a')", [], |r| r.get(0))
             .unwrap();
