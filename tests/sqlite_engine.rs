@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use flujo_sqlite::engine::{Request, Response, StateEngine};
 use flujo_sqlite::error::Error;
-use flujo_sqlite::model::{BackgroundFields, Cell, StateRecord, WorkflowQuery};
+use flujo_sqlite::model::{BackgroundFields, Cell, SpanRecord, StateRecord, WorkflowQuery};
 use flujo_sqlite::sqlite::{FreshLayout, SqliteEngine, SqliteOptions};
 use rusqlite::Connection;
 
@@ -261,6 +261,62 @@ fn queued_writes_commit_together_and_a_failing_one_fails_alone() {
         panic!()
     };
     assert_eq!(stats.total_workflows, 499);
+}
+
+/// A write alone in its transaction runs without a savepoint; when it fails halfway, rolling
+/// the transaction back must still undo the part it did.
+#[test]
+fn a_lone_write_that_fails_halfway_leaves_nothing_behind() {
+    let db = temp_db();
+    let mut options = SqliteOptions::new(&db.path);
+    // 0.4.35's layout makes span ids unique across runs, so a trace can fail on its last span.
+    options.fresh_layout = FreshLayout::Flujo04;
+    let e = SqliteEngine::start(options).unwrap();
+    let span = |id: &str| SpanRecord {
+        span_id: id.into(),
+        parent_span_id: None,
+        name: format!("step {id}"),
+        start_time: 1.0,
+        end_time: Some(2.0),
+        status: "completed".into(),
+        attributes: "{}".into(),
+    };
+    let save_trace = |run_id: &str, ids: &[&str]| {
+        call(
+            &e,
+            Request::SaveSpans {
+                run_id: run_id.into(),
+                spans: ids.iter().map(|id| span(id)).collect(),
+                replace: true,
+                pipeline_name: None,
+                pipeline_version: None,
+            },
+        )
+    };
+    let span_ids = |run_id: &str| {
+        let Response::Spans(spans) = call(
+            &e,
+            Request::GetSpans {
+                run_id: run_id.into(),
+                status: None,
+                name: None,
+            },
+        )
+        .unwrap() else {
+            panic!()
+        };
+        spans.into_iter().map(|s| s.span_id).collect::<Vec<_>>()
+    };
+    save_trace("a", &["taken"]).unwrap();
+    save_trace("b", &["b1"]).unwrap();
+    // Deletes b's spans and inserts b2 before "taken" is refused.
+    let refused = save_trace("b", &["b2", "taken"]).unwrap_err();
+    assert!(matches!(refused, Error::InvalidInput(_)), "{refused:?}");
+    assert_eq!(span_ids("b"), [Cell::Text("b1".into())]);
+    // The transaction was closed: the next write goes through.
+    save_trace("b", &["b3"]).unwrap();
+    assert_eq!(span_ids("b"), [Cell::Text("b3".into())]);
+    assert_eq!(span_ids("a"), [Cell::Text("taken".into())]);
 }
 
 #[test]

@@ -126,12 +126,32 @@ impl Writer<'_> {
         if let Err(error) = begin {
             return fail_all(batch, &error);
         }
+        // A savepoint per write lets one write fail without undoing the others in its batch. A
+        // write alone in its transaction (every sequential save) does without: rolling the
+        // transaction back undoes it as well, and skipping the savepoint's statements and the
+        // copy it keeps of every page the write changes took sequential `durability="normal"`
+        // saves from ~9,800 to ~10,600/s (medians of 9 alternating runs).
+        let alone = batch.len() == 1;
         let mut outcomes = Vec::with_capacity(batch.len());
         for job in batch {
-            let outcome = run_in_savepoint(conn, &options.path, |conn| {
-                execute_write(conn, &layout, &options.path, &job.request)
-            });
+            let write =
+                |conn: &Connection| execute_write(conn, &layout, &options.path, &job.request);
+            let outcome = if alone {
+                write(conn)
+            } else {
+                run_in_savepoint(conn, &options.path, write)
+            };
             outcomes.push((job.done, outcome));
+        }
+        if outcomes.iter().all(|(_, outcome)| outcome.is_err()) {
+            // Nothing to keep, and a lone write may have changed rows before it failed.
+            if let Err(e) = conn.execute_batch("ROLLBACK") {
+                log::error!("rollback failed: {}", classify(&options.path, e));
+            }
+            for (done, outcome) in outcomes {
+                done(outcome);
+            }
+            return;
         }
         match conn.execute_batch("COMMIT") {
             Ok(()) => {
