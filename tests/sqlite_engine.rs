@@ -319,6 +319,80 @@ fn a_lone_write_that_fails_halfway_leaves_nothing_behind() {
     assert_eq!(span_ids("a"), [Cell::Text("taken".into())]);
 }
 
+/// Writes queued together share a transaction, each in a savepoint: one failing halfway undoes
+/// only itself, and a batch where every write fails is rolled back whole.
+#[test]
+fn queued_writes_that_fail_halfway_undo_only_themselves() {
+    let db = temp_db();
+    let mut options = SqliteOptions::new(&db.path);
+    options.fresh_layout = FreshLayout::Flujo04;
+    let e = SqliteEngine::start(options).unwrap();
+    let trace = |run_id: &str, ids: &[&str]| Request::SaveSpans {
+        run_id: run_id.into(),
+        spans: ids
+            .iter()
+            .map(|id| SpanRecord {
+                span_id: (*id).into(),
+                parent_span_id: None,
+                name: "step".into(),
+                start_time: 1.0,
+                end_time: Some(2.0),
+                status: "completed".into(),
+                attributes: "{}".into(),
+            })
+            .collect(),
+        replace: true,
+        pipeline_name: None,
+        pipeline_version: None,
+    };
+    let burst = |requests: Vec<Request>| {
+        let (tx, rx) = mpsc::channel();
+        let count = requests.len();
+        for (i, request) in requests.into_iter().enumerate() {
+            let tx = tx.clone();
+            e.submit(
+                request,
+                Box::new(move |outcome| tx.send((i, outcome)).unwrap()),
+            );
+        }
+        let mut outcomes: Vec<_> = rx.iter().take(count).collect();
+        outcomes.sort_by_key(|(i, _)| *i);
+        outcomes
+            .into_iter()
+            .map(|(_, outcome)| outcome.is_ok())
+            .collect::<Vec<_>>()
+    };
+    let span_ids = |run_id: &str| {
+        let request = Request::GetSpans {
+            run_id: run_id.into(),
+            status: None,
+            name: None,
+        };
+        let Response::Spans(spans) = call(&e, request).unwrap() else {
+            panic!()
+        };
+        spans.into_iter().map(|s| s.span_id).collect::<Vec<_>>()
+    };
+    call(&e, trace("a", &["taken"])).unwrap();
+    call(&e, trace("b", &["b1"])).unwrap();
+    // 40 good traces around one that deletes b's spans, inserts b2, then hits a taken id.
+    let mut requests: Vec<Request> = (0..40)
+        .map(|i| trace(&format!("g{i}"), &[&format!("g{i}-span")]))
+        .collect();
+    requests.insert(20, trace("b", &["b2", "taken"]));
+    let outcomes = burst(requests);
+    assert_eq!(outcomes.iter().filter(|ok| !**ok).count(), 1);
+    assert!(!outcomes[20]);
+    assert_eq!(span_ids("b"), [Cell::Text("b1".into())]);
+    assert_eq!(span_ids("g39"), [Cell::Text("g39-span".into())]);
+    // Every write of the batch fails: nothing of any of them stays.
+    let outcomes = burst((0..20).map(|_| trace("b", &["b3", "taken"])).collect());
+    assert!(outcomes.iter().all(|ok| !ok));
+    assert_eq!(span_ids("b"), [Cell::Text("b1".into())]);
+    call(&e, trace("b", &["b4"])).unwrap();
+    assert_eq!(span_ids("b"), [Cell::Text("b4".into())]);
+}
+
 #[test]
 fn lists_page_through_ties_exactly_once_and_offset_works_without_limit() {
     let db = temp_db();

@@ -770,6 +770,68 @@ async def test_full_disk_is_an_error_and_loses_nothing(tmp_path: Path) -> None:
         assert corrupt_siblings(mount_point) == []
 
 
+async def test_a_full_disk_under_concurrent_saves_fails_exactly_the_saves_it_reports(
+    tmp_path: Path,
+) -> None:
+    """Rounds of 64 concurrent ~100 KB saves (committed in groups) on an 8 MiB tmpfs until the
+    disk is full. A group that outgrows the writer's page cache spills to the WAL in the middle of a
+    write; when the disk is full there, SQLite rolls the whole transaction back by itself.
+    Every save that returned is stored exactly, every save that raised is absent and says the
+    disk is full, and afterwards the same instance saves again."""
+    mount_point = tmp_path / "tiny"
+    with tiny_tmpfs(mount_point, "8m"):
+        db_path = mount_point / "wf.db"
+        filler = mount_point / "other-files"
+        filler.write_bytes(b"\0" * 1024 * 1024)
+        saved: dict[str, Any] = {}
+        refused: dict[str, BaseException] = {}
+        backend = SQLiteBackend(db_path)
+        try:
+            for round_number in range(100):
+                states = {}
+                for k in range(64):
+                    run_id = f"r{round_number}-{k}"
+                    state = state_for(run_id, 0)
+                    padding = hashlib.sha256(run_id.encode()).hexdigest() * 1500
+                    state["pipeline_context"]["padding"] = padding
+                    states[run_id] = state
+                outcomes = await asyncio.wait_for(
+                    asyncio.gather(
+                        *(backend.save_state(r, state) for r, state in states.items()),
+                        return_exceptions=True,
+                    ),
+                    60,
+                )
+                for (run_id, state), outcome in zip(states.items(), outcomes):
+                    if isinstance(outcome, BaseException):
+                        refused[run_id] = outcome
+                    else:
+                        saved[run_id] = state
+                if refused:
+                    break
+            assert refused, "an 8 MiB disk never filled up"
+            assert saved, "not a single save fitted"
+            not_full = {r: repr(e) for r, e in refused.items() if "full" not in str(e).lower()}
+            assert not_full == {}, f"{len(not_full)} saves failed for another reason: {not_full}"
+            loaded = await asyncio.gather(*(backend.load_state(run_id) for run_id in saved))
+            lost = [
+                run_id
+                for (run_id, state), got in zip(saved.items(), loaded)
+                if got is None or got["pipeline_context"] != state["pipeline_context"]
+            ]
+            assert lost == [], f"{len(lost)} acknowledged saves are not stored"
+            found = await asyncio.gather(*(backend.load_state(run_id) for run_id in refused))
+            stored_anyway = [r for r, got in zip(refused, found) if got is not None]
+            assert stored_anyway == [], f"{len(stored_anyway)} refused saves were stored"
+            filler.unlink()
+            await backend.save_state("after", state_for("after", 1))
+            assert matches(await backend.load_state("after"), "after", 1)
+        finally:
+            await backend.close()
+        assert integrity(db_path) == "ok"
+        assert corrupt_siblings(mount_point) == []
+
+
 # --------------------------------------------------------------------------------------------
 # 6. Cancellation and teardown
 # --------------------------------------------------------------------------------------------

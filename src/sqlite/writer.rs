@@ -1,8 +1,9 @@
 //! The single writer thread, with group commit.
 //!
 //! Writes queued while a commit is in progress are committed together in the next transaction:
-//! one fsync for many saves. Each write runs inside its own savepoint, so one that fails is
-//! rolled back alone and only its caller sees the error. Callers are told of success only after
+//! one fsync for many saves. Writes sharing a transaction each run inside a savepoint, so one that
+//! fails is rolled back alone and only its caller sees the error; a write alone in its transaction
+//! is undone by rolling the transaction back. Callers are told of success only after
 //! COMMIT has returned, i.e. once the write is durable at the configured `Durability`.
 //! Cleanup deletes in batches and serves queued writes between them, so a large cleanup never
 //! holds the write lock for long while someone is waiting for it.
@@ -19,7 +20,7 @@ use rusqlite::Connection;
 use super::connection::{self, classify, retry_while_locked, Role};
 use super::schema::Layout;
 use super::{queries, run_history, spin, system, traces, Job, Shared};
-use crate::engine::{Request, Response};
+use crate::engine::{Completion, Request, Response};
 use crate::error::{Error, Result};
 use crate::timestamp::{age_from, same_instant, TimeWindow};
 
@@ -132,8 +133,9 @@ impl Writer<'_> {
         // copy it keeps of every page the write changes took sequential `durability="normal"`
         // saves from ~9,800 to ~10,600/s (medians of 9 alternating runs).
         let alone = batch.len() == 1;
-        let mut outcomes = Vec::with_capacity(batch.len());
-        for job in batch {
+        let mut outcomes: Vec<(Completion, Result<Response>)> = Vec::with_capacity(batch.len());
+        let mut jobs = batch.into_iter();
+        while let Some(job) = jobs.next() {
             let write =
                 |conn: &Connection| execute_write(conn, &layout, &options.path, &job.request);
             let outcome = if alone {
@@ -141,36 +143,52 @@ impl Writer<'_> {
             } else {
                 run_in_savepoint(conn, &options.path, write)
             };
+            if let Err(error) = &outcome {
+                if conn.is_autocommit() {
+                    // SQLite rolled the whole transaction back itself (a full disk, an I/O
+                    // error): nothing of this batch is stored, whatever earlier writes reported.
+                    let error = error.clone();
+                    (job.done)(outcome);
+                    for (done, _) in outcomes {
+                        done(Err(error.clone()));
+                    }
+                    return fail_all(jobs.collect(), &error);
+                }
+            }
             outcomes.push((job.done, outcome));
         }
-        if outcomes.iter().all(|(_, outcome)| outcome.is_err()) {
+        let usable = if outcomes.iter().all(|(_, outcome)| outcome.is_err()) {
             // Nothing to keep, and a lone write may have changed rows before it failed.
-            if let Err(e) = conn.execute_batch("ROLLBACK") {
-                log::error!("rollback failed: {}", classify(&options.path, e));
-            }
+            let usable = roll_back(conn, &options.path);
             for (done, outcome) in outcomes {
                 done(outcome);
             }
-            return;
-        }
-        match conn.execute_batch("COMMIT") {
-            Ok(()) => {
-                for (done, outcome) in outcomes {
-                    done(outcome);
+            usable
+        } else {
+            match conn.execute_batch("COMMIT") {
+                Ok(()) => {
+                    for (done, outcome) in outcomes {
+                        done(outcome);
+                    }
+                    true
+                }
+                Err(e) => {
+                    let error = classify(&options.path, e);
+                    log::error!(
+                        "commit failed, {} writes rolled back: {error}",
+                        outcomes.len()
+                    );
+                    let usable = roll_back(conn, &options.path);
+                    for (done, outcome) in outcomes {
+                        done(outcome.and(Err(error.clone())));
+                    }
+                    usable
                 }
             }
-            Err(e) => {
-                let error = classify(&options.path, e);
-                log::error!(
-                    "commit failed, {} writes rolled back: {error}",
-                    outcomes.len()
-                );
-                // Roll back explicitly: never leave a transaction open holding the lock.
-                let _ = conn.execute_batch("ROLLBACK");
-                for (done, outcome) in outcomes {
-                    done(outcome.and(Err(error.clone())));
-                }
-            }
+        };
+        if !usable {
+            // Closing the connection ends its transaction; the next write opens a new one.
+            self.conn = None;
         }
     }
 
@@ -320,6 +338,19 @@ impl Writer<'_> {
     }
 }
 
+/// Ends the open transaction unless SQLite already has (it rolls back by itself on some errors,
+/// such as a full disk). Returns whether the connection can go on: one left inside a transaction
+/// would fail every later `BEGIN`, so it must be closed instead.
+fn roll_back(conn: &Connection, path: &Path) -> bool {
+    if conn.is_autocommit() {
+        return true;
+    }
+    if let Err(e) = conn.execute_batch("ROLLBACK") {
+        log::error!("rollback failed: {}", classify(path, e));
+    }
+    conn.is_autocommit()
+}
+
 fn run_in_savepoint<T>(
     conn: &Connection,
     path: &Path,
@@ -333,7 +364,11 @@ fn run_in_savepoint<T>(
             Ok(value)
         }
         Err(error) => {
-            sql("ROLLBACK TO write; RELEASE write")?;
+            // If SQLite rolled the whole transaction back, there is no savepoint left to return
+            // to, and the write's own error is the one to report.
+            if !conn.is_autocommit() {
+                sql("ROLLBACK TO write; RELEASE write")?;
+            }
             Err(error)
         }
     }
