@@ -423,15 +423,25 @@ pub(crate) fn prepare(conn: &mut Connection, options: &SqliteOptions) -> Result<
 /// not speed it up, but SQLite's sorter holds up to the cache's size of keys in memory before it
 /// spills to a temporary file (and never less than `SQLITE_SORTER_PMASZ` pages, set to 64 in
 /// `.cargo/config.toml`), and the process keeps that memory after the build. Measured on the
-/// first open of a 100,000-run file: 4.4 MB more resident with SQLite's default 2 MB cache and
-/// 250-page sorter, 1.6 MB with this cache, the 64-page sorter and the count below, and the same
-/// build time.
+/// first open of a 100,000-run file, as the peak above the process's size after import: 4.4 MB
+/// with SQLite's 2 MB cache and 250-page sorter, 1.6 MB with this cache, the 64-page sorter and
+/// the count below (a later open: 1.0 MB), and the same build time.
 const INDEX_BUILD_CACHE_KIB: i64 = 256;
 
 /// Creates the indexes of ours that the file lacks and drops the ones we retired. On a file
 /// Flujo has filled this is the one slow step of a first open (~0.7 s per 100,000 runs), so it
 /// is logged as it goes.
 fn build_our_indexes(conn: &Connection) -> rusqlite::Result<()> {
+    // `prepare`'s connection is closed right after it today, but whoever keeps one must not be
+    // left with the build's small cache; a build error still wins over a failed restore.
+    let cache_size: i64 = conn.query_row("PRAGMA cache_size", [], |r| r.get(0))?;
+    conn.pragma_update(None, "cache_size", -INDEX_BUILD_CACHE_KIB)?;
+    let built = drop_retired_indexes(conn).and_then(|()| build_missing_indexes(conn));
+    let restored = conn.pragma_update(None, "cache_size", cache_size);
+    built.and(restored)
+}
+
+fn drop_retired_indexes(conn: &Connection) -> rusqlite::Result<()> {
     for name in RETIRED_INDEXES {
         if index_exists(conn, name)? {
             // The name is one of our constants, never input.
@@ -439,23 +449,25 @@ fn build_our_indexes(conn: &Connection) -> rusqlite::Result<()> {
             log::info!("dropped index {name}, replaced by a smaller one");
         }
     }
-    // `prepare`'s connection is closed right after it today, but whoever keeps one must not be
-    // left with the build's small cache; a build error still wins over a failed restore.
-    let cache_size: i64 = conn.query_row("PRAGMA cache_size", [], |r| r.get(0))?;
-    conn.pragma_update(None, "cache_size", -INDEX_BUILD_CACHE_KIB)?;
-    let built = build_missing_indexes(conn);
-    let restored = conn.pragma_update(None, "cache_size", cache_size);
-    built.and(restored)
+    Ok(())
 }
 
 fn build_missing_indexes(conn: &Connection) -> rusqlite::Result<()> {
-    // Counted under the build's cache: the count reads a whole index, which would otherwise
-    // fill the writer's whole cache just to be logged (0.5 MB more resident on a first open).
-    let runs: i64 = conn.query_row("SELECT count(*) FROM workflow_state", [], |r| r.get(0))?;
+    // Counted once an index is missing, under the build's cache: the count reads a whole
+    // index, which would otherwise fill the connection's cache just to be logged.
+    let mut counted: Option<i64> = None;
     for (name, ddl) in OUR_INDEXES {
         if index_exists(conn, name)? {
             continue;
         }
+        let runs = match counted {
+            Some(runs) => runs,
+            None => {
+                *counted.insert(
+                    conn.query_row("SELECT count(*) FROM workflow_state", [], |r| r.get(0))?,
+                )
+            }
+        };
         let started = std::time::Instant::now();
         if runs > 0 {
             log::info!("building index {name} over {runs} stored runs (once per file)");
