@@ -33,7 +33,7 @@ TEST_DEPS_STAMP := $(VENV)/.stamp-test-deps
 LINT_DEPS_STAMP := $(VENV)/.stamp-lint-deps
 
 # Directories are listed too: adding or deleting a file changes their mtime.
-PACKAGE_SOURCES := Cargo.toml Cargo.lock pyproject.toml README.md \
+PACKAGE_SOURCES := Cargo.toml Cargo.lock .cargo/config.toml pyproject.toml README.md \
 	$(shell find src python -not -name '*.pyc' -not -path '*/__pycache__*' 2>/dev/null)
 
 .PHONY: help demo test test-rust test-python install flujo06 bench lint stubtest clean

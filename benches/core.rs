@@ -3,7 +3,7 @@
 //!
 //! Every group holds a `floor/...` and an `engine/...` member measuring the same operation, so
 //! criterion prints them side by side and the ratio engine/floor is the core's overhead (channels,
-//! thread hand-offs, savepoints, row mapping). Throughput is in operations (saves, loads, queries).
+//! thread hand-offs, savepoints for writes that share a transaction, row mapping). Throughput is in operations (saves, loads, queries).
 //!
 //! * `save_sequential/{floor,engine}/{full,normal}`: one new run per transaction, back to back. The
 //!   floor is `BEGIN IMMEDIATE; INSERT .. ON CONFLICT DO UPDATE; COMMIT`; the engine is one
@@ -413,7 +413,8 @@ fn cpu_bound(group: &mut Measured<'_>) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The floor: bare rusqlite, configured as the engine configures its connections
+// The floor: bare rusqlite with the engine's WAL, `synchronous`, busy timeout and foreign keys
+// (SQLite's default cache and checkpoint interval: the floor is what SQLite does untuned)
 
 fn floor_connection(path: &Path, durability: Durability) -> Connection {
     let conn = Connection::open(path).unwrap();

@@ -197,16 +197,24 @@ mod tests {
             "ENABLE_FTS5",
             "ENABLE_RTREE",
             "ENABLE_DBSTAT_VTAB",
+            "ENABLE_STAT4",
+            "SOUNDEX",
         ] {
             assert!(
                 !options.iter().any(|o| o == unwanted),
                 "{unwanted} in {options:?}"
             );
         }
-        assert!(
-            options.iter().any(|o| o == "OMIT_LOAD_EXTENSION"),
-            "{options:?}"
-        );
+        for wanted in [
+            "OMIT_LOAD_EXTENSION",
+            "OMIT_DEPRECATED",
+            "OMIT_SHARED_CACHE",
+        ] {
+            assert!(
+                options.iter().any(|o| o == wanted),
+                "{wanted} not in {options:?}"
+            );
+        }
         let value: i64 = conn
             .query_row("SELECT json_extract('{\"a\": 7}', '$.a')", [], |r| r.get(0))
             .unwrap();
