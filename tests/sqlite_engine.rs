@@ -263,73 +263,19 @@ fn queued_writes_commit_together_and_a_failing_one_fails_alone() {
     assert_eq!(stats.total_workflows, 499);
 }
 
-/// A write alone in its transaction runs without a savepoint; when it fails halfway, rolling
-/// the transaction back must still undo the part it did.
-#[test]
-fn a_lone_write_that_fails_halfway_leaves_nothing_behind() {
-    let db = temp_db();
-    let mut options = SqliteOptions::new(&db.path);
-    // 0.4.35's layout makes span ids unique across runs, so a trace can fail on its last span.
+/// An engine on a fresh file with 0.4.35's layout, where span ids are unique across runs, so a
+/// trace can fail on its last span.
+fn flujo04_engine(path: &Path) -> SqliteEngine {
+    let mut options = SqliteOptions::new(path);
     options.fresh_layout = FreshLayout::Flujo04;
-    let e = SqliteEngine::start(options).unwrap();
-    let span = |id: &str| SpanRecord {
-        span_id: id.into(),
-        parent_span_id: None,
-        name: format!("step {id}"),
-        start_time: 1.0,
-        end_time: Some(2.0),
-        status: "completed".into(),
-        attributes: "{}".into(),
-    };
-    let save_trace = |run_id: &str, ids: &[&str]| {
-        call(
-            &e,
-            Request::SaveSpans {
-                run_id: run_id.into(),
-                spans: ids.iter().map(|id| span(id)).collect(),
-                replace: true,
-                pipeline_name: None,
-                pipeline_version: None,
-            },
-        )
-    };
-    let span_ids = |run_id: &str| {
-        let Response::Spans(spans) = call(
-            &e,
-            Request::GetSpans {
-                run_id: run_id.into(),
-                status: None,
-                name: None,
-            },
-        )
-        .unwrap() else {
-            panic!()
-        };
-        spans.into_iter().map(|s| s.span_id).collect::<Vec<_>>()
-    };
-    save_trace("a", &["taken"]).unwrap();
-    save_trace("b", &["b1"]).unwrap();
-    // Deletes b's spans and inserts b2 before "taken" is refused.
-    let refused = save_trace("b", &["b2", "taken"]).unwrap_err();
-    assert!(matches!(refused, Error::InvalidInput(_)), "{refused:?}");
-    assert_eq!(span_ids("b"), [Cell::Text("b1".into())]);
-    // The transaction was closed: the next write goes through.
-    save_trace("b", &["b3"]).unwrap();
-    assert_eq!(span_ids("b"), [Cell::Text("b3".into())]);
-    assert_eq!(span_ids("a"), [Cell::Text("taken".into())]);
+    SqliteEngine::start(options).unwrap()
 }
 
-/// Writes queued together share a transaction, each in a savepoint: one failing halfway undoes
-/// only itself, and a batch where every write fails is rolled back whole.
-#[test]
-fn queued_writes_that_fail_halfway_undo_only_themselves() {
-    let db = temp_db();
-    let mut options = SqliteOptions::new(&db.path);
-    options.fresh_layout = FreshLayout::Flujo04;
-    let e = SqliteEngine::start(options).unwrap();
-    let trace = |run_id: &str, ids: &[&str]| Request::SaveSpans {
+/// `save_trace`: replaces the run's spans with one span per id.
+fn trace(run_id: &str, span_ids: &[&str]) -> Request {
+    Request::SaveSpans {
         run_id: run_id.into(),
-        spans: ids
+        spans: span_ids
             .iter()
             .map(|id| SpanRecord {
                 span_id: (*id).into(),
@@ -344,7 +290,45 @@ fn queued_writes_that_fail_halfway_undo_only_themselves() {
         replace: true,
         pipeline_name: None,
         pipeline_version: None,
+    }
+}
+
+fn span_ids(engine: &SqliteEngine, run_id: &str) -> Vec<Cell> {
+    let request = Request::GetSpans {
+        run_id: run_id.into(),
+        status: None,
+        name: None,
     };
+    let Response::Spans(spans) = call(engine, request).unwrap() else {
+        panic!("GetSpans answered with something else")
+    };
+    spans.into_iter().map(|s| s.span_id).collect()
+}
+
+/// A write alone in its transaction runs without a savepoint; when it fails halfway, rolling
+/// the transaction back must still undo the part it did.
+#[test]
+fn a_lone_write_that_fails_halfway_leaves_nothing_behind() {
+    let db = temp_db();
+    let e = flujo04_engine(&db.path);
+    call(&e, trace("a", &["taken"])).unwrap();
+    call(&e, trace("b", &["b1"])).unwrap();
+    // Deletes b's spans and inserts b2 before "taken" is refused.
+    let refused = call(&e, trace("b", &["b2", "taken"])).unwrap_err();
+    assert!(matches!(refused, Error::InvalidInput(_)), "{refused:?}");
+    assert_eq!(span_ids(&e, "b"), [Cell::Text("b1".into())]);
+    // The transaction was closed: the next write goes through.
+    call(&e, trace("b", &["b3"])).unwrap();
+    assert_eq!(span_ids(&e, "b"), [Cell::Text("b3".into())]);
+    assert_eq!(span_ids(&e, "a"), [Cell::Text("taken".into())]);
+}
+
+/// Writes queued together share a transaction, each in a savepoint: one failing halfway undoes
+/// only itself, and a batch where every write fails is rolled back whole.
+#[test]
+fn queued_writes_that_fail_halfway_undo_only_themselves() {
+    let db = temp_db();
+    let e = flujo04_engine(&db.path);
     let burst = |requests: Vec<Request>| {
         let (tx, rx) = mpsc::channel();
         let count = requests.len();
@@ -362,17 +346,6 @@ fn queued_writes_that_fail_halfway_undo_only_themselves() {
             .map(|(_, outcome)| outcome.is_ok())
             .collect::<Vec<_>>()
     };
-    let span_ids = |run_id: &str| {
-        let request = Request::GetSpans {
-            run_id: run_id.into(),
-            status: None,
-            name: None,
-        };
-        let Response::Spans(spans) = call(&e, request).unwrap() else {
-            panic!()
-        };
-        spans.into_iter().map(|s| s.span_id).collect::<Vec<_>>()
-    };
     call(&e, trace("a", &["taken"])).unwrap();
     call(&e, trace("b", &["b1"])).unwrap();
     // 40 good traces around one that deletes b's spans, inserts b2, then hits a taken id.
@@ -383,14 +356,14 @@ fn queued_writes_that_fail_halfway_undo_only_themselves() {
     let outcomes = burst(requests);
     assert_eq!(outcomes.iter().filter(|ok| !**ok).count(), 1);
     assert!(!outcomes[20]);
-    assert_eq!(span_ids("b"), [Cell::Text("b1".into())]);
-    assert_eq!(span_ids("g39"), [Cell::Text("g39-span".into())]);
+    assert_eq!(span_ids(&e, "b"), [Cell::Text("b1".into())]);
+    assert_eq!(span_ids(&e, "g39"), [Cell::Text("g39-span".into())]);
     // Every write of the batch fails: nothing of any of them stays.
     let outcomes = burst((0..20).map(|_| trace("b", &["b3", "taken"])).collect());
     assert!(outcomes.iter().all(|ok| !ok));
-    assert_eq!(span_ids("b"), [Cell::Text("b1".into())]);
+    assert_eq!(span_ids(&e, "b"), [Cell::Text("b1".into())]);
     call(&e, trace("b", &["b4"])).unwrap();
-    assert_eq!(span_ids("b"), [Cell::Text("b4".into())]);
+    assert_eq!(span_ids(&e, "b"), [Cell::Text("b4".into())]);
 }
 
 #[test]

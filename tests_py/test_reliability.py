@@ -731,6 +731,13 @@ def tiny_tmpfs(mount_point: Path, size: str) -> Iterator[None]:
             subprocess.run(["umount", "-l", str(mount_point)], check=False, capture_output=True)
 
 
+async def saves_again_once_space_is_freed(backend: SQLiteBackend, filler: Path) -> None:
+    """The user frees space on the disk; the same instance then saves again."""
+    filler.unlink()
+    await backend.save_state("after", state_for("after", 1))
+    assert matches(await backend.load_state("after"), "after", 1)
+
+
 async def test_full_disk_is_an_error_and_loses_nothing(tmp_path: Path) -> None:
     """On a 1 MiB tmpfs that other files share, saves continue until the disk is full; that save
     fails with a plain DatabaseError, every acknowledged run stays intact, and once the other
@@ -760,10 +767,7 @@ async def test_full_disk_is_an_error_and_loses_nothing(tmp_path: Path) -> None:
             assert all(matches(state, run_id, 0) for run_id, state in zip(acknowledged, loaded))
             failed_run = f"r{len(acknowledged)}"
             assert await backend.load_state(failed_run) is None
-            # The user frees space on the disk; the same instance then saves again.
-            filler.unlink()
-            await backend.save_state("after", state_for("after", 1))
-            assert matches(await backend.load_state("after"), "after", 1)
+            await saves_again_once_space_is_freed(backend, filler)
         finally:
             await backend.close()
         assert integrity(db_path) == "ok"
@@ -823,9 +827,7 @@ async def test_a_full_disk_under_concurrent_saves_fails_exactly_the_saves_it_rep
             found = await asyncio.gather(*(backend.load_state(run_id) for run_id in refused))
             stored_anyway = [r for r, got in zip(refused, found) if got is not None]
             assert stored_anyway == [], f"{len(stored_anyway)} refused saves were stored"
-            filler.unlink()
-            await backend.save_state("after", state_for("after", 1))
-            assert matches(await backend.load_state("after"), "after", 1)
+            await saves_again_once_space_is_freed(backend, filler)
         finally:
             await backend.close()
         assert integrity(db_path) == "ok"
