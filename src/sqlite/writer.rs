@@ -157,35 +157,31 @@ impl Writer<'_> {
             }
             outcomes.push((job.done, outcome));
         }
-        let usable = if outcomes.iter().all(|(_, outcome)| outcome.is_err()) {
-            // Nothing to keep, and a lone write may have changed rows before it failed.
-            let usable = roll_back(conn, &options.path);
-            for (done, outcome) in outcomes {
-                done(outcome);
-            }
-            usable
+        // With every write failed there is nothing to keep, and a lone write may have changed
+        // rows before it failed.
+        let committed = if outcomes.iter().all(|(_, outcome)| outcome.is_err()) {
+            None
         } else {
-            match conn.execute_batch("COMMIT") {
-                Ok(()) => {
-                    for (done, outcome) in outcomes {
-                        done(outcome);
-                    }
-                    true
-                }
-                Err(e) => {
-                    let error = classify(&options.path, e);
-                    log::error!(
-                        "commit failed, {} writes rolled back: {error}",
-                        outcomes.len()
-                    );
-                    let usable = roll_back(conn, &options.path);
-                    for (done, outcome) in outcomes {
-                        done(outcome.and(Err(error.clone())));
-                    }
-                    usable
-                }
-            }
+            Some(conn.execute_batch("COMMIT"))
         };
+        let usable = matches!(committed, Some(Ok(()))) || roll_back(conn, &options.path);
+        let commit_error = match committed {
+            Some(Err(e)) => {
+                let error = classify(&options.path, e);
+                log::error!(
+                    "commit failed, {} writes rolled back: {error}",
+                    outcomes.len()
+                );
+                Some(error)
+            }
+            _ => None,
+        };
+        for (done, outcome) in outcomes {
+            done(match &commit_error {
+                Some(error) => outcome.and(Err(error.clone())),
+                None => outcome,
+            });
+        }
         if !usable {
             // Closing the connection ends its transaction; the next write opens a new one.
             self.conn = None;
