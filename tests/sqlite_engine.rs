@@ -860,6 +860,66 @@ fn a_closed_engine_refuses_work_and_close_is_idempotent() {
 }
 
 #[test]
+fn a_second_close_waits_for_the_queued_work_like_the_first() {
+    let db = temp_db();
+    let e = std::sync::Arc::new(engine(&db.path));
+    let now = || record("p", "running", &utc_text(chrono::Duration::zero()));
+    let save_request = |run_id: &str| Request::SaveState {
+        run_id: run_id.into(),
+        record: Box::new(now()),
+        expected_updated_at: None,
+    };
+    save(&e, "warm", now());
+    // The writer answers "held" and then waits in its completion, so "queued" stays queued.
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let (gate_tx, gate_rx) = mpsc::channel::<()>();
+    e.submit(
+        save_request("held"),
+        Box::new(move |_| {
+            entered_tx.send(()).unwrap();
+            gate_rx.recv().unwrap();
+        }),
+    );
+    entered_rx.recv().unwrap();
+    let (queued_tx, queued_rx) = mpsc::channel();
+    e.submit(
+        save_request("queued"),
+        // Ignored if a wrong second close already returned and dropped the receiver.
+        Box::new(move |outcome| {
+            let _ = queued_tx.send(outcome);
+        }),
+    );
+    let first = {
+        let e = std::sync::Arc::clone(&e);
+        std::thread::spawn(move || e.close())
+    };
+    while !matches!(call(&e, Request::WorkflowStats), Err(Error::Closed { .. })) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let second = {
+        let e = std::sync::Arc::clone(&e);
+        std::thread::spawn(move || {
+            e.close();
+            queued_rx.try_recv().is_ok_and(|outcome| outcome.is_ok())
+        })
+    };
+    // Give a wrong second close the chance to return before the writer moves on (the verdict
+    // does not depend on this wait, only how often a wrong close is caught).
+    for _ in 0..500 {
+        if second.is_finished() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    gate_tx.send(()).unwrap();
+    first.join().unwrap();
+    assert!(
+        second.join().unwrap(),
+        "the second close returned before the queued save was committed"
+    );
+}
+
+#[test]
 fn a_conditional_save_fails_when_another_writer_got_there_first() {
     let db = temp_db();
     let e = engine(&db.path);

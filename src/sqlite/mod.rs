@@ -131,8 +131,9 @@ impl StateEngine for SqliteEngine {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
-        for thread in threads {
+        // Held while joining, so that a close overlapping this one also waits for the queue.
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        for thread in threads.drain(..) {
             if thread.join().is_err() {
                 log::error!("a flujo-sqlite engine thread panicked while closing");
             }
