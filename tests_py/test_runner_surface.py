@@ -35,6 +35,7 @@ from conftest import (
     build_state,
     raw_rows,
     run_python,
+    sql_in_another_process,
     utc_now,
 )
 from flujo_sqlite import InvalidStateError, SQLiteBackend
@@ -506,6 +507,21 @@ async def test_list_runs_metadata_filter(
     assert item["metadata"] == metadata["m2"]
 
 
+async def test_list_runs_metadata_filter_keys_with_json_path_characters(
+    backend: SQLiteBackend, make_state: Callable[..., dict[str, Any]]
+) -> None:
+    keys = ["back\\slash", 'quo"te', 'both\\"', "dot.ted", "br[0]", "spa ce", "", "ünï"]
+    base = utc_now() - timedelta(hours=1)
+    for i, key in enumerate(keys):
+        await backend.save_run_start({"run_id": f"k{i}", "start_time": base + timedelta(minutes=i)})
+        await backend.save_state(f"k{i}", make_state(metadata={key: i, "nested": {key: i}}))
+    for i, key in enumerate(keys):
+        for flt in ({key: i}, {"nested": {key: i}}):
+            assert [r["run_id"] for r in await backend.list_runs(metadata_filter=flt)] == [
+                f"k{i}"
+            ], flt
+
+
 async def test_save_run_start_again_keeps_steps_and_spans(backend: SQLiteBackend) -> None:
     await start_run(backend, "r", pipeline_name="p")
     await backend.save_step_result({"run_id": "r", "step_name": "a", "step_index": 0})
@@ -673,6 +689,46 @@ async def test_failed_write_in_a_concurrent_batch_fails_alone(
 
 # --------------------------------------------------------------------------------------------
 # Traces and spans
+
+
+async def test_save_spans_takes_children_before_their_parents(backend: SQLiteBackend) -> None:
+    # OpenTelemetry hands spans over in the order they end: children first. Flujo 0.4.35's
+    # layout has a foreign key from each span to its parent (Flujo 0.6.11 fails here on it).
+    def item(span_id: str, parent: str | None, start: float) -> dict[str, Any]:
+        return {**span(span_id, "step", start, start + 1), "parent_span_id": parent}
+
+    ended_order = [
+        item("leaf", "mid", T0 + 2),
+        item("sibling", "root", T0 + 3),
+        item("mid", "root", T0 + 1),
+        item("root", None, T0),
+    ]
+    await backend.save_spans("r", ended_order)
+    trace = await backend.get_trace("r")
+    assert trace is not None and trace["span_id"] == "root"
+    assert [c["span_id"] for c in trace["children"]] == ["mid", "sibling"]
+    assert [c["span_id"] for c in trace["children"][0]["children"]] == ["leaf"]
+
+
+async def test_a_trace_whose_parent_links_form_a_cycle_reads_as_none(
+    backend: SQLiteBackend, db_path: Path
+) -> None:
+    await start_run(backend, "r")
+    await backend.save_trace(
+        "r", span("a", "pipeline", T0, T0 + 2, children=[span("b", "step", T0 + 1, T0 + 2)])
+    )
+    # A cycle leaves no root. Only SQL from outside makes one in Flujo 0.4.35's layout, whose
+    # foreign key wants each parent stored first; Flujo 0.6.11's save_spans stores one as given.
+    await asyncio.to_thread(
+        sql_in_another_process, db_path, "UPDATE spans SET parent_span_id = 'b' WHERE span_id = 'a'"
+    )
+    # Loads answered in the same hand-over as the trace must all arrive too.
+    trace, *loads = await asyncio.gather(
+        backend.get_trace("r"), *(backend.load_state(f"none-{i}") for i in range(50))
+    )
+    assert trace is None
+    assert loads == [None] * 50
+    assert {s["span_id"] for s in await backend.get_spans("r")} == {"a", "b"}
 
 
 def branching_tree(branching: int, depth: int) -> dict[str, Any]:

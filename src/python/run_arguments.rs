@@ -258,7 +258,9 @@ pub(crate) fn metadata_conditions(
     while let Some((path, dict)) = pending.pop() {
         for (key, value) in dict.iter() {
             let key = text(&key, "metadata_filter keys")?;
-            let path = format!("{path}.\"{}\"", key.replace('"', "\\\""));
+            // A quoted label in a JSON path takes JSON string escapes.
+            let label = key.replace('\\', "\\\\").replace('"', "\\\"");
+            let path = format!("{path}.\"{label}\"");
             match value.cast::<PyDict>() {
                 Ok(nested) if !nested.is_empty() => pending.push((path, nested.clone())),
                 _ => conditions.push(MetadataCondition {

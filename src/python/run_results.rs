@@ -141,11 +141,14 @@ pub(crate) fn trace(py: Python<'_>, spans: Vec<StoredSpan>) -> PyResult<Py<PyAny
             None => roots.push(index),
         }
     }
-    if roots.len() > 1 {
-        log::warn!(
-            "trace has {} root spans; returning the earliest",
-            roots.len()
-        );
+    match roots.len() {
+        // Only parent links that form a cycle leave no root; Flujo returns None then too.
+        0 => {
+            log::warn!("trace has no root span (its parent links form a cycle); returning None");
+            return Ok(py.None());
+        }
+        1 => {}
+        many => log::warn!("trace has {many} root spans; returning the earliest"),
     }
     Ok(nodes[roots[0]].clone().into_any().unbind())
 }

@@ -1,6 +1,8 @@
 //! Spans: Flujo 0.4.35 keys them by a file-wide `span_id`, 0.6.11 by an autoincrement id with
 //! `span_id` unique per run only. Statements adapt to the file's layout.
 
+use std::collections::HashMap;
+
 use rusqlite::{params, Connection};
 
 use super::queries::{cell, json_text};
@@ -32,7 +34,7 @@ pub(crate) fn save_spans(
         "INSERT INTO spans (span_id, run_id, parent_span_id, name, start_time, end_time, status, \
          attributes, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
-    for span in spans {
+    for span in parents_first(spans) {
         insert.execute(params![
             span.span_id,
             run_id,
@@ -46,6 +48,38 @@ pub(crate) fn save_spans(
         ])?;
     }
     Ok(())
+}
+
+/// `spans` with each one after its parent when the parent is among them: Flujo 0.4.35's layout
+/// has a foreign key from a span to its parent, and OpenTelemetry hands over a batch in the
+/// order the spans ended, children before their parents. Otherwise the order is kept.
+fn parents_first(spans: &[SpanRecord]) -> Vec<&SpanRecord> {
+    let position: HashMap<&str, usize> = spans
+        .iter()
+        .enumerate()
+        .map(|(i, span)| (span.span_id.as_str(), i))
+        .collect();
+    let parent_of = |i: usize| {
+        spans[i]
+            .parent_span_id
+            .as_deref()
+            .and_then(|parent| position.get(parent).copied())
+    };
+    let mut placed = vec![false; spans.len()];
+    let mut order = Vec::with_capacity(spans.len());
+    for start in 0..spans.len() {
+        // Up from `start` until an ancestor already placed (or outside the batch, or met again
+        // in a cycle), then the path down from there.
+        let mut path = Vec::new();
+        let mut at = Some(start);
+        while let Some(i) = at.filter(|&i| !placed[i]) {
+            placed[i] = true;
+            path.push(i);
+            at = parent_of(i);
+        }
+        order.extend(path.iter().rev().map(|&i| &spans[i]));
+    }
+    order
 }
 
 pub(crate) fn get_spans(
