@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import enum
+import gc
 import math
 import os
 import sqlite3
 import subprocess
+import sys
 import textwrap
 import uuid
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -44,6 +48,7 @@ from conftest import (
     utc_now,
 )
 from flujo_sqlite import SQLiteBackend
+from flujo_sqlite._native import wait_for_dropped_backends
 from flujo_sqlite.errors import (
     BackendClosedError,
     CorruptDatabaseError,
@@ -1061,6 +1066,100 @@ def test_unclosed_backend_does_not_hang_interpreter_exit(tmp_path: Path) -> None
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert [r["run_id"] for r in raw_rows(db, "SELECT run_id FROM workflow_state")] == ["left-open"]
+
+
+def test_loops_closed_with_calls_in_flight_are_let_go(db_path: Path) -> None:
+    """A program that runs ``asyncio.run`` per job, or a test suite with a loop per test, may
+    close a loop while a call is still in flight: the loop (and its sockets) must not be kept
+    alive by the call's future."""
+    backend = SQLiteBackend(db_path)
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def leave_a_save_in_flight(i: int) -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        asyncio.ensure_future(backend.save_state(f"left-{i}", build_state()))
+        await asyncio.sleep(0)  # queued; asyncio.run cancels the task on its way out
+
+    for i in range(20):
+        asyncio.run(leave_a_save_in_flight(i))
+
+    asyncio.run(backend.close())
+    # Queued saves were made, though nobody waited for them.
+    assert len(raw_rows(db_path, "SELECT run_id FROM workflow_state")) == 20
+    gc.collect()
+    assert sum(ref() is not None for ref in loops) == 0
+
+
+_HOLD_THE_WRITE_LOCK = """
+import select, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+select.select([sys.stdin], [], [], 60)  # until told, or a minute at most
+conn.execute("COMMIT")
+"""
+
+
+# Dropping used to join the engine's threads holding the GIL, which a writer that logs needs:
+# a hang that the default timeout method cannot interrupt.
+@pytest.mark.timeout(240, method="thread")
+def test_dropping_an_unclosed_backend_does_not_wait_for_its_queued_writes_nor_lose_them(
+    db_path: Path,
+) -> None:
+    async def create() -> None:
+        async with SQLiteBackend(db_path) as backend:
+            await backend.save_state("first", build_state())
+
+    asyncio.run(create())
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_THE_WRITE_LOCK, str(db_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+
+        async def queue_a_save_and_drop_the_backend() -> None:
+            backend = SQLiteBackend(db_path, lock_timeout=300)
+            task = asyncio.ensure_future(backend.save_state("queued", build_state()))
+            await asyncio.sleep(0)  # queued behind the other process's lock
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            del backend, task
+            gc.collect()  # dropped here, on the loop's thread, with the GIL held
+
+        asyncio.run(queue_a_save_and_drop_the_backend())
+        # Dropping the backend returned while the lock is still held: it did not wait for the
+        # queued save (which blocked the loop and held the GIL until the lock was released).
+        assert holder.poll() is None
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.write("release\n")
+        holder.stdin.close()
+        holder.wait(timeout=120)
+        holder.stdout.close()
+    wait_for_dropped_backends()
+    rows = raw_rows(db_path, "SELECT run_id FROM workflow_state ORDER BY run_id")
+    assert [row["run_id"] for row in rows] == ["first", "queued"]
+
+
+async def test_cancelling_a_call_whose_error_is_ready_at_once_reports_nothing(
+    db_path: Path,
+) -> None:
+    backend = SQLiteBackend(db_path)
+    await backend.close()
+    reported: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: reported.append(context))
+    for _ in range(20):
+        task = asyncio.ensure_future(backend.load_state("r"))
+        await asyncio.sleep(0)  # it ran: its BackendClosedError is handed over a turn later
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, BackendClosedError):
+            await task
+    await asyncio.sleep(0.05)
+    assert reported == []
 
 
 async def test_direct_sql_from_another_process_does_not_break_an_open_backend(

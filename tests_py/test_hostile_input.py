@@ -783,12 +783,31 @@ async def _(b: SQLiteBackend) -> None:
         await clear_error(
             lambda durability=durability: construct(durability=durability), ValueError, TypeError
         )
-    for lock_timeout in (-1, math.nan, "1", None):
+    for lock_timeout in (-1, math.nan, "1", None, 1e20, 10**400):
         await clear_error(
             lambda lock_timeout=lock_timeout: construct(lock_timeout=lock_timeout),
             ValueError,
             TypeError,
         )
+
+
+@case("numbers too large for a float: memory_usage_mb and an evaluation's score")
+async def _(b: SQLiteBackend) -> None:
+    await clear_error(lambda: b.save_state("o", base_state(memory_usage_mb=10**400)), ValueError)
+    await clear_error(lambda: b.persist_evaluation(SENTINEL, 10**400), ValueError)
+    assert await b.load_state("o") is None
+    assert await b.list_evaluations() == []
+
+
+@case("time_range: a list works like a tuple; other shapes and types are refused")
+async def _(b: SQLiteBackend) -> None:
+    as_tuple = await b.get_span_statistics(time_range=(0.0, 2e9))
+    assert await b.get_span_statistics(time_range=[0.0, 2e9]) == as_tuple  # type: ignore[arg-type]
+    for value in ("ab", 5, {"a": 1, "b": 2}):
+        await clear_error(lambda value=value: b.get_span_statistics(time_range=value), TypeError)  # type: ignore[arg-type]
+    for value in ((1.0,), (1.0, 2.0, 3.0), (0.0, math.nan)):
+        await clear_error(lambda value=value: b.get_span_statistics(time_range=value), ValueError)  # type: ignore[arg-type]
+    await clear_error(lambda: b.get_span_statistics(time_range=("0", "1")), TypeError)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ __all__ = [
     "encode_json",
     "recover",
     "register_serializer",
+    "wait_for_dropped_backends",
 ]
 
 @final
@@ -142,6 +143,9 @@ class NativeBackend:
     ) -> Awaitable[int]: ...
     def close(self, port: CompletionPort) -> Awaitable[None]: ...
     def close_blocking(self) -> None: ...
+
+def wait_for_dropped_backends() -> None:
+    """Wait until every backend dropped without ``close()`` has finished its queued writes."""
 
 def register_serializer(type_: type, function: Callable[[Any], Any]) -> None:
     """Store instances of ``type_`` (and its subclasses) as ``function(obj)``, encoded again."""

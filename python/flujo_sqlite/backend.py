@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self
 
-from ._native import CompletionPort, NativeBackend
+from ._native import CompletionPort, NativeBackend, wait_for_dropped_backends
 from .errors import InvalidStateError
 
 if TYPE_CHECKING:
@@ -44,6 +44,10 @@ def _port() -> CompletionPort:
     loop = asyncio.get_running_loop()
     port = _PORTS.get(loop)
     if port is None:
+        # A port holds the futures still waiting on it, and they hold their loop: a loop that
+        # closed with calls in flight would never leave the weak dict (nor its socket close).
+        for closed in [other for other in _PORTS if other.is_closed()]:
+            del _PORTS[closed]
         port = CompletionPort()
         loop.add_reader(port.fileno(), port.drain)
         _PORTS[loop] = port
@@ -66,6 +70,7 @@ def _close_open_backends() -> None:
     # Acknowledged writes are already durable; this lets queued ones finish and threads stop.
     for backend in list(_OPEN_BACKENDS):
         backend._native.close_blocking()
+    wait_for_dropped_backends()
 
 
 class SQLiteBackend(_Base):

@@ -3,7 +3,7 @@
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString, PyType};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple, PyType};
 
 use super::errors::{invalid_state, invalid_type};
 use super::from_python::encode_json;
@@ -256,7 +256,12 @@ pub(crate) fn real(value: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
             format!("{what} must be a float or int, got {}", type_name(value)),
         ));
     }
-    let number: f64 = value.extract()?;
+    let Ok(number) = value.extract::<f64>() else {
+        return Err(invalid_state(
+            py,
+            format!("{what} is an int too large for a float (at most ~1.8e308)"),
+        ));
+    };
     if number.is_finite() {
         Ok(number)
     } else {
@@ -265,6 +270,38 @@ pub(crate) fn real(value: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
             format!("{what} must be finite, got {number}"),
         ))
     }
+}
+
+/// `time_range`: a `(start, end)` pair of epoch seconds, as a tuple or a list.
+pub(crate) fn time_range(value: Option<&Bound<'_, PyAny>>) -> PyResult<Option<(f64, f64)>> {
+    let Some(value) = value.filter(|v| !v.is_none()) else {
+        return Ok(None);
+    };
+    let pair = match value.cast::<PyTuple>() {
+        Ok(tuple) => tuple.to_list(),
+        Err(_) => value.cast::<PyList>().cloned().map_err(|_| {
+            invalid_type(
+                value.py(),
+                format!(
+                    "time_range must be a (start, end) tuple of epoch seconds, got {}",
+                    type_name(value)
+                ),
+            )
+        })?,
+    };
+    if pair.len() != 2 {
+        return Err(invalid_state(
+            value.py(),
+            format!(
+                "time_range must hold exactly two numbers (start, end), got {}",
+                pair.len()
+            ),
+        ));
+    }
+    Ok(Some((
+        real(&pair.get_item(0)?, "time_range's start")?,
+        real(&pair.get_item(1)?, "time_range's end")?,
+    )))
 }
 
 /// A datetime (aware ones converted to UTC), a date, or ISO 8601 text (Flujo 0.6.11's runner

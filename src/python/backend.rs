@@ -2,7 +2,8 @@
 //! asyncio futures. It sees only the `StateEngine` trait, never SQLite itself.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use pyo3::prelude::*;
@@ -31,6 +32,41 @@ pub(crate) struct NativeBackend {
     /// How long a lone write is waited for on the loop thread; `None` when commits wait for
     /// an fsync, which takes far longer than a loop wake-up.
     lone_write_wait: Option<Duration>,
+}
+
+/// Engines of backends dropped without `close()`, closing on threads of their own.
+static CLOSING: Mutex<Vec<JoinHandle<()>>> = Mutex::new(Vec::new());
+
+impl Drop for NativeBackend {
+    fn drop(&mut self) {
+        // Closing waits for queued writes, maybe for another process's lock, and Python drops
+        // us holding the GIL, perhaps on the event loop's thread (where an engine thread that
+        // logs, which takes the GIL, would wait for us forever): close elsewhere, as `close`
+        // does. `wait_for_dropped_backends` (run at exit) lets those writes finish.
+        let engine = Arc::clone(&self.engine);
+        let mut closing = CLOSING.lock().unwrap_or_else(PoisonError::into_inner);
+        closing.retain(|thread| !thread.is_finished());
+        match std::thread::Builder::new()
+            .name("flujo-sqlite-close".into())
+            .spawn(move || engine.close())
+        {
+            Ok(thread) => closing.push(thread),
+            Err(_) => Python::attach(|py| py.detach(|| self.engine.close())),
+        }
+    }
+}
+
+/// Waits, without the GIL, until every backend dropped without `close()` has closed.
+#[pyfunction]
+pub(crate) fn wait_for_dropped_backends(py: Python<'_>) {
+    let threads = std::mem::take(&mut *CLOSING.lock().unwrap_or_else(PoisonError::into_inner));
+    py.detach(|| {
+        for thread in threads {
+            if thread.join().is_err() {
+                log::error!("closing a dropped flujo-sqlite backend panicked");
+            }
+        }
+    });
 }
 
 impl NativeBackend {
@@ -77,16 +113,16 @@ impl NativeBackend {
             }
         };
         let lock_timeout = arguments::real(lock_timeout, "lock_timeout")?;
-        if lock_timeout < 0.0 {
-            return Err(invalid_state(
+        let lock_wait = Duration::try_from_secs_f64(lock_timeout).map_err(|_| {
+            invalid_state(
                 py,
-                format!("lock_timeout must be a number of seconds >= 0, got {lock_timeout}"),
-            ));
-        }
+                format!("lock_timeout must be a number of seconds >= 0 and < 1.8e19, got {lock_timeout}"),
+            )
+        })?;
         let fresh_layout = arguments::fresh_layout(py, fresh_layout)?;
         let mut options = SqliteOptions::new(path.clone());
         options.durability = durability;
-        options.lock_wait = Duration::from_secs_f64(lock_timeout);
+        options.lock_wait = lock_wait;
         options.busy_timeout = options.busy_timeout.min(options.lock_wait);
         options.readers = readers;
         options.fresh_layout = fresh_layout;
@@ -371,11 +407,11 @@ impl NativeBackend {
         py: Python<'py>,
         port: &Bound<'py, CompletionPort>,
         pipeline_name: Option<&Bound<'py, PyAny>>,
-        time_range: Option<(f64, f64)>,
+        time_range: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let request = Request::SpanStatistics {
             pipeline_name: arguments::optional_filter(pipeline_name, "pipeline_name")?,
-            time_range,
+            time_range: arguments::time_range(time_range)?,
         };
         self.submit(py, port, request)
     }

@@ -10,10 +10,12 @@ use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 
@@ -114,7 +116,19 @@ impl CompletionPort {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&token);
             if let Some(future) = future {
-                resolve(py, future.bind(py), outcome);
+                // A bug that panics while turning one outcome into Python objects must not
+                // strand the other callers whose outcomes came in the same batch.
+                let future = future.bind(py);
+                if catch_unwind(AssertUnwindSafe(|| resolve(py, future, outcome))).is_err() {
+                    settle(
+                        py,
+                        future,
+                        Err(PyRuntimeError::new_err(
+                            "flujo-sqlite could not convert this call's result (a bug: please \
+                             report it with the panic message printed above)",
+                        )),
+                    );
+                }
             }
         }
     }
@@ -178,7 +192,11 @@ impl CompletionPort {
         // later through a fresh one, so a caller retrying in a loop does not starve the rest.
         let event_loop = running_loop(py)?;
         let later = event_loop.call_method0("create_future")?;
-        event_loop.call_method1("call_soon", (later.getattr("set_exception")?, exception))?;
+        static FAIL_UNLESS_DONE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        let fail = FAIL_UNLESS_DONE.get_or_try_init(py, || {
+            PyResult::Ok(wrap_pyfunction!(fail_unless_done, py)?.into_any().unbind())
+        })?;
+        event_loop.call_method1("call_soon", (fail, later.clone(), exception))?;
         Ok(later)
     }
 
@@ -193,6 +211,15 @@ impl CompletionPort {
         let inbox = Arc::clone(&self.inbox);
         Ok((future, Box::new(move |outcome| inbox.post(token, outcome))))
     }
+}
+
+/// Hands `error` to `future` unless its caller has cancelled it meanwhile.
+#[pyfunction]
+fn fail_unless_done(future: &Bound<'_, PyAny>, error: &Bound<'_, PyAny>) -> PyResult<()> {
+    if !future.call_method0("done")?.is_truthy()? {
+        future.call_method1("set_exception", (error,))?;
+    }
+    Ok(())
 }
 
 fn running_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
@@ -211,10 +238,14 @@ fn resolve(py: Python<'_>, future: &Bound<'_, PyAny>, outcome: Result<Response>)
     {
         return;
     }
-    let settled = match outcome
+    let value = outcome
         .map_err(|e| to_py_err(py, &e))
-        .and_then(|r| response_to_python(py, r))
-    {
+        .and_then(|r| response_to_python(py, r));
+    settle(py, future, value);
+}
+
+fn settle(py: Python<'_>, future: &Bound<'_, PyAny>, value: PyResult<Py<PyAny>>) {
+    let settled = match value {
         Ok(value) => future.call_method1("set_result", (value,)),
         Err(error) => future.call_method1("set_exception", (error.into_value(py),)),
     };

@@ -24,6 +24,10 @@ pub(crate) fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<backend::NativeBackend>()?;
     module.add_class::<completion::CompletionPort>()?;
     module.add_function(wrap_pyfunction!(
+        backend::wait_for_dropped_backends,
+        module
+    )?)?;
+    module.add_function(wrap_pyfunction!(
         from_python::register_serializer_py,
         module
     )?)?;
