@@ -565,6 +565,27 @@ def test_failing_serializer_is_wrapped_with_cause() -> None:
     assert isinstance(caught.value.__cause__, ZeroDivisionError)
 
 
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_inside_a_serializer_or_model_dump_goes_through_unchanged(
+    interrupt: type[BaseException],
+) -> None:
+    class Interrupted:
+        pass
+
+    class InterruptedModel(pydantic.BaseModel):
+        def model_dump(self, *args: object, **kwargs: object) -> dict[str, object]:
+            raise interrupt()
+
+    def serializer(_: object) -> object:
+        raise interrupt()
+
+    flujo_sqlite.register_serializer(Interrupted, serializer)
+    for value in (Interrupted(), InterruptedModel()):
+        with pytest.raises(interrupt) as caught:
+            encode_json({"k": value}, "ctx")
+        assert type(caught.value) is interrupt  # not wrapped in a SerializationError
+
+
 @pytest.mark.parametrize("change", ["add", "remove", "swap", "swap_and_resize", "in_del"])
 def test_a_serializer_that_changes_the_dict_being_stored_is_refused(change: str) -> None:
     # Iterating a dict that changes panics inside pyo3, and a PanicException is a BaseException

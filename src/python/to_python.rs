@@ -13,7 +13,8 @@ use std::sync::Mutex;
 
 use super::errors;
 
-/// Deeper documents are refused rather than risk the stack; the encoder never writes them.
+/// Deeper documents are refused rather than risk the stack (a level costs about as much as in
+/// `from_python`); neither our encoder nor `json.dumps` writes them.
 const MAX_DEPTH: usize = 1000;
 
 /// Object keys repeat from one stored state to the next ("status", "step", ...). Reusing their
