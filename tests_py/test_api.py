@@ -47,7 +47,7 @@ from conftest import (
     sql_in_another_process,
     utc_now,
 )
-from flujo_sqlite import SQLiteBackend
+from flujo_sqlite import SQLiteBackend, recover
 from flujo_sqlite._native import wait_for_dropped_backends
 from flujo_sqlite.errors import (
     BackendClosedError,
@@ -734,6 +734,29 @@ async def test_constructor_accepts_str_paths(tmp_path: Path) -> None:
     await backend.save_state("r", build_state())
     assert (await backend.load_state("r")) is not None
     await backend.close()
+
+
+async def test_a_relative_path_keeps_naming_the_same_file_after_a_chdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(home)
+    backend = SQLiteBackend("wf.db")
+    try:
+        await backend.save_state("before", build_state())
+        monkeypatch.chdir(elsewhere)
+        # Reader connections open lazily: this one opens after the chdir.
+        assert (await backend.load_state("before")) is not None
+        await backend.save_state("after", build_state())
+        with pytest.raises(InvalidStateError, match="close it first"):
+            await recover(home / "wf.db")
+    finally:
+        await backend.close()
+    assert list(elsewhere.iterdir()) == []
+    rows = raw_rows(home / "wf.db", "SELECT run_id FROM workflow_state ORDER BY run_id")
+    assert [row["run_id"] for row in rows] == ["after", "before"]
 
 
 async def test_async_with_closes_on_exit(db_path: Path) -> None:

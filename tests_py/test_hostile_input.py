@@ -783,6 +783,14 @@ async def _(b: SQLiteBackend) -> None:
         await clear_error(
             lambda durability=durability: construct(durability=durability), ValueError, TypeError
         )
+
+    async def construct_at(db_path: Any) -> None:
+        other = SQLiteBackend(db_path)
+        await other.close()
+
+    for db_path in (123, None, b"wf.db"):
+        await clear_error(lambda db_path=db_path: construct_at(db_path), TypeError)
+    await clear_error(lambda: construct_at(f"{path}\0x"), ValueError)
     for lock_timeout in (-1, math.nan, "1", None, 1e20, 10**400):
         await clear_error(
             lambda lock_timeout=lock_timeout: construct(lock_timeout=lock_timeout),

@@ -15,6 +15,7 @@ import pytest
 from flujo_sqlite import (
     CorruptDatabaseError,
     InvalidStateError,
+    InvalidTypeError,
     SQLiteBackend,
     recover,
 )
@@ -178,6 +179,17 @@ async def test_a_directory_is_refused_and_left_alone(tmp_path: Path) -> None:
     assert names(tmp_path) == {"wf.db"}
     assert names(folder) == {"inside.txt"}
     assert (folder / "inside.txt").read_text() == "keep me"
+
+
+async def test_paths_that_cannot_name_a_file_are_refused_clearly(tmp_path: Path) -> None:
+    for bad in (123, None, b"wf.db"):
+        with pytest.raises(InvalidTypeError, match="db_path must be a str or a path"):
+            await recover(bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidTypeError, match="backup_path must be a str or a path"):
+        await recover(tmp_path / "wf.db", backup_path=5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidStateError, match="NUL"):
+        await recover(str(tmp_path / "wf.db") + "\0x")
+    assert names(tmp_path) == set()
 
 
 async def test_a_file_open_in_a_backend_is_refused_until_it_is_closed(tmp_path: Path) -> None:

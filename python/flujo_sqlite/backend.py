@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 from ._native import CompletionPort, NativeBackend, wait_for_dropped_backends
-from .errors import InvalidStateError
+from .errors import InvalidStateError, InvalidTypeError
 
 if TYPE_CHECKING:
     from .recovery import RecoveryReport
@@ -52,6 +52,16 @@ def _port() -> CompletionPort:
         loop.add_reader(port.fileno(), port.drain)
         _PORTS[loop] = port
     return port
+
+
+def _file_path(value: object, what: str) -> Path:
+    """``value`` as a ``Path``, or a clear error for what cannot name a file."""
+    if not isinstance(value, str | os.PathLike):
+        raise InvalidTypeError(f"{what} must be a str or a path, got {type(value).__name__}")
+    path = Path(value)
+    if "\0" in str(path):
+        raise InvalidStateError(f"{what} must not contain a NUL character")
+    return path
 
 
 def _installed_flujo_layout() -> str:
@@ -88,7 +98,7 @@ class SQLiteBackend(_Base):
         durability: Literal["full", "normal"] = "full",
         lock_timeout: float = 30.0,
     ) -> None:
-        path = Path(db_path)
+        path = _file_path(db_path, "db_path")
         if str(path) == ":memory:":
             raise InvalidStateError(
                 "SQLiteBackend needs a file path; in-memory databases are not supported "

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TypedDict, cast
 
 from . import _native
-from .backend import _OPEN_BACKENDS, _installed_flujo_layout
+from .backend import _OPEN_BACKENDS, _file_path, _installed_flujo_layout
 from .errors import InvalidStateError
 
 __all__ = ["RecoveryReport", "TableRecovery", "recover"]
@@ -48,8 +48,8 @@ async def recover(
        A damaged page costs only the rows on it. If the schema itself is unreadable (or the
        file is not SQLite at all, is empty, or is missing), nothing is rescued and the new
        database gets the fresh layout a new ``SQLiteBackend`` would create.
-    3. The new database (in WAL mode) is fsynced and renamed over the original; the original's
-       stale sidecars are removed (they are in the backup).
+    3. The new database (in WAL mode) is fsynced; the original's sidecars are removed (they are
+       in the backup) and the new database is renamed over the original.
 
     Returns ``{"backup_path", "tables": {name: {"rescued", "skipped"}}, "rows_rescued",
     "rows_skipped", "schema_recovered"}``. ``backup_path`` is ``None`` when nothing was at the
@@ -65,12 +65,13 @@ async def recover(
     thread without the GIL; cancelling the ``await`` does not stop a recovery that has begun,
     which then finishes (or fails, leaving the original in place) on its own.
     """
-    path = Path(db_path)
+    path = _file_path(db_path, "db_path")
+    backup = None if backup_path is None else _file_path(backup_path, "backup_path")
     _refuse_if_open(path)
     report = await asyncio.to_thread(
         _native.recover,
         os.fspath(path),
-        backup_path=None if backup_path is None else os.fspath(backup_path),
+        backup_path=None if backup is None else os.fspath(backup),
         fresh_layout=_installed_flujo_layout(),
     )
     return cast(RecoveryReport, report)
@@ -79,7 +80,7 @@ async def recover(
 def _refuse_if_open(path: Path) -> None:
     target = path.resolve()
     for backend in list(_OPEN_BACKENDS):
-        if Path(backend.db_path).resolve() == target:
+        if Path(backend._native.path).resolve() == target:
             raise InvalidStateError(
                 f"{path} is open in {backend!r}; close it first (`await backend.close()`, or "
                 "leave its `async with` block), then call recover() again"

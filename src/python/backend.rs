@@ -120,12 +120,13 @@ impl NativeBackend {
             )
         })?;
         let fresh_layout = arguments::fresh_layout(py, fresh_layout)?;
-        let mut options = SqliteOptions::new(path.clone());
+        let mut options = SqliteOptions::new(path);
         options.durability = durability;
         options.lock_wait = lock_wait;
         options.busy_timeout = options.busy_timeout.min(options.lock_wait);
         options.readers = readers;
         options.fresh_layout = fresh_layout;
+        let path = options.path.clone();
         let engine = SqliteEngine::start(options).map_err(|e| to_py_err(py, &e))?;
         Ok(NativeBackend {
             engine: Arc::new(engine),
@@ -134,6 +135,7 @@ impl NativeBackend {
         })
     }
 
+    /// The file's absolute path, as the engine opens it.
     #[getter]
     fn path(&self) -> PathBuf {
         self.path.clone()

@@ -19,6 +19,8 @@ pub enum Durability {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SqliteOptions {
+    /// Absolute: connections are opened later, on the engine's threads, maybe after the program
+    /// changed its working directory, where a relative path would name another file.
     pub path: PathBuf,
     pub durability: Durability,
     /// How long one statement waits for another connection's lock before we back off and retry.
@@ -33,8 +35,10 @@ pub struct SqliteOptions {
 
 impl SqliteOptions {
     pub fn new(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
         SqliteOptions {
-            path: path.into(),
+            // Only an empty path, or a working directory that no longer exists, stays relative.
+            path: std::path::absolute(&path).unwrap_or(path),
             durability: Durability::Full,
             busy_timeout: Duration::from_secs(5),
             lock_wait: Duration::from_secs(30),
