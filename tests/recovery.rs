@@ -438,6 +438,77 @@ fn a_directory_is_refused_and_left_alone() {
 }
 
 #[test]
+fn a_damaged_first_page_of_a_table_without_indexes_costs_only_its_own_rows() {
+    let folder = Folder::new();
+    write_database(&folder.path);
+    let conn = Connection::open(&folder.path).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE notes (body TEXT);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
+         INSERT INTO notes (body) SELECT printf('note %d %.80c', i, 'x') FROM n;
+         PRAGMA wal_checkpoint(TRUNCATE);",
+    )
+    .unwrap();
+    drop(conn);
+    let (page_size, leaves) = leaf_pages(&folder.path, "notes");
+    let (first_page, lost) = leaves[0];
+    smash_page(&folder.path, page_size, first_page);
+
+    let report = recover(&folder.path, None, FreshLayout::Flujo06).unwrap();
+
+    // Nothing but the rowids leads past the damage: no index holds these rows.
+    let notes = report.tables["notes"];
+    assert_eq!(notes.rescued, (2000 - lost) as u64, "{report:?}");
+    assert_eq!(count(&folder.path, "notes"), 2000 - lost);
+}
+
+#[test]
+fn a_transaction_cut_short_in_a_rollback_journal_is_rolled_back_not_rescued() {
+    let folder = Folder::new();
+    write_database(&folder.path);
+    let writer = Connection::open(&folder.path).unwrap();
+    // A small cache spills the deletions into the file, the old pages into the journal; the
+    // connection is then abandoned mid-transaction, as a killed process leaves it.
+    writer
+        .execute_batch(
+            "PRAGMA journal_mode = DELETE; PRAGMA cache_size = 10;
+             BEGIN; DELETE FROM workflow_state;",
+        )
+        .unwrap();
+    std::mem::forget(writer);
+    assert!(folder.names().contains(&"wf.db-journal".to_owned()));
+
+    let report = recover(&folder.path, None, FreshLayout::Flujo06).unwrap();
+
+    assert_eq!(
+        report.tables["workflow_state"].rescued, ROWS as u64,
+        "{report:?}"
+    );
+    assert_eq!(count(&folder.path, "workflow_state"), ROWS);
+}
+
+#[test]
+fn a_backup_name_whose_sidecar_exists_is_not_taken() {
+    let folder = Folder::new();
+    write_database(&folder.path);
+    let requested = folder.dir.path().join("old.db");
+    let foreign_wal = folder.dir.path().join("old.db-wal");
+    std::fs::write(&foreign_wal, b"another database's log").unwrap();
+
+    let report = recover(&folder.path, Some(requested), FreshLayout::Flujo06).unwrap();
+
+    assert_eq!(
+        report.backup_path.unwrap(),
+        folder.dir.path().join("old.db.1")
+    );
+    assert_eq!(
+        std::fs::read(&foreign_wal).unwrap(),
+        b"another database's log"
+    );
+    assert_eq!(report.tables["workflow_state"].rescued, ROWS as u64);
+}
+
+#[test]
 fn an_existing_backup_is_never_overwritten() {
     let folder = Folder::new();
     write_database(&folder.path);

@@ -180,6 +180,13 @@ fn back_up(path: &Path, requested: Option<PathBuf>) -> Result<Option<PathBuf>> {
         } else {
             with_suffix(&base, &format!(".{attempt}"))
         };
+        // A sidecar of another database under this name would be read as part of ours.
+        if std::iter::once("")
+            .chain(SIDECARS)
+            .any(|suffix| with_suffix(&candidate, suffix).exists())
+        {
+            continue;
+        }
         let mut created = Vec::new();
         let mut taken = false;
         for suffix in &present {
@@ -275,10 +282,12 @@ impl ScratchFiles {
         }
     }
 
-    /// Copies the backup's main file and WAL (not its `-shm`, which SQLite rebuilds) to this
-    /// scratch path, so reading can never change a byte of the backup.
+    /// Copies the backup's main file, WAL and rollback journal (not its `-shm`, which SQLite
+    /// rebuilds) to this scratch path, so reading can never change a byte of the backup, then
+    /// lets SQLite play a hot journal back, as it would on the next open of the original: the
+    /// file then holds what was committed, not a transaction cut short.
     fn copy_from(&self, backup: &Path) -> Result<&Path> {
-        for suffix in ["", "-wal"] {
+        for suffix in ["", "-wal", "-journal"] {
             let from = with_suffix(backup, suffix);
             let to = with_suffix(&self.path, suffix);
             let copied = if from.exists() {
@@ -289,6 +298,19 @@ impl ScratchFiles {
                 Ok(())
             };
             copied.map_err(io_error(&to, "cannot make a scratch copy"))?;
+        }
+        if with_suffix(&self.path, "-journal").exists() {
+            // A read with write access is what makes SQLite roll a hot journal back.
+            let played_back = Connection::open_with_flags(
+                &self.path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .and_then(|conn| conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0)));
+            if let Err(e) = played_back {
+                log::warn!(
+                    "cannot play back the rollback journal ({e}); reading the file as it is"
+                );
+            }
         }
         Ok(&self.path)
     }
@@ -650,20 +672,23 @@ impl TableReader<'_> {
     /// Reading from `failed_at` fails; the smallest later rowid from which reading works again,
     /// or `None` if none does. Probes 1, 10, 100... ahead, then bisects back.
     fn next_readable(&mut self, failed_at: i64) -> Option<i64> {
-        let mut failing = failed_at;
-        let mut step: i64 = 1;
+        // In i128, so that the probes from i64::MIN (damage before the first row read) go on
+        // past zero up to i64::MAX.
+        let last = i128::from(i64::MAX);
+        let mut failing = i128::from(failed_at);
+        let mut step: i128 = 1;
         let readable = loop {
-            let probe = failed_at.saturating_add(step);
+            let probe = (i128::from(failed_at) + step).min(last);
             if probe == failing {
                 return None; // reached the largest rowid there is
             }
-            if self.readable_from(probe) {
+            if self.readable_from(i64::try_from(probe).expect("at most i64::MAX")) {
                 break probe;
             }
             failing = probe;
-            step = step.saturating_mul(10);
+            step *= 10;
         };
-        let (mut low, mut high) = (i128::from(failing), i128::from(readable));
+        let (mut low, mut high) = (failing, readable);
         while high - low > 1 {
             let middle = low + (high - low) / 2;
             let start = i64::try_from(middle).expect("between two i64 values");
