@@ -464,6 +464,18 @@ async def test_list_runs_status_and_pipeline_filters(
         assert run["pipeline_name"] == "beta"
 
 
+async def test_list_runs_shows_the_runs_name_over_the_states_placeholder(
+    backend: SQLiteBackend, make_state: Callable[..., dict[str, Any]]
+) -> None:
+    # Flujo 0.4.35's runner saves its states with pipeline_name "unknown"; the name the user gave
+    # the runner is on the run.
+    await backend.save_run_start({"run_id": "r", "pipeline_name": "daily_report"})
+    await backend.save_state("r", make_state(pipeline_name="unknown"))
+    [item] = await backend.list_runs(pipeline_name="daily_report")
+    assert (item["run_id"], item["pipeline_name"]) == ("r", "daily_report")
+    assert [r["pipeline_name"] for r in await backend.list_runs()] == ["daily_report"]
+
+
 async def test_list_runs_metadata_filter(
     backend: SQLiteBackend, make_state: Callable[..., dict[str, Any]]
 ) -> None:

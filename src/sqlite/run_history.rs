@@ -342,8 +342,13 @@ pub(crate) fn list_run_steps(
     rows.collect()
 }
 
+/// The name `list_runs` shows and filters by: the workflow state's, unless that is only the
+/// placeholder "unknown" (what Flujo 0.4.35's runner saves there) and the run has a name.
+const SHOWN_PIPELINE_NAME: &str = "coalesce(nullif(w.pipeline_name, 'unknown'), r.pipeline_name)";
+
 /// Runs newest first, joined with their workflow state (whose name, version and status win,
-/// as in Flujo 0.6.11). Every filter, the metadata one included, and the paging run in SQL.
+/// as in Flujo 0.6.11), filtered by the name shown. Every filter, the metadata one included,
+/// and the paging run in SQL.
 pub(crate) fn list_runs(
     conn: &Connection,
     layout: &Layout,
@@ -359,10 +364,7 @@ pub(crate) fn list_runs(
     }
     if let Some(name) = query.pipeline_name.as_deref().filter(|s| !s.is_empty()) {
         values.push(Value::Text(name.to_owned()));
-        conditions.push(format!(
-            "coalesce(w.pipeline_name, r.pipeline_name) = ?{}",
-            values.len()
-        ));
+        conditions.push(format!("{SHOWN_PIPELINE_NAME} = ?{}", values.len()));
     }
     for MetadataCondition { path, value } in &query.metadata {
         values.push(Value::Text(path.clone()));
@@ -387,7 +389,7 @@ pub(crate) fn list_runs(
         i64::try_from(query.offset).unwrap_or(i64::MAX),
     ));
     let sql = format!(
-        "SELECT r.run_id, coalesce(w.pipeline_name, r.pipeline_name), \
+        "SELECT r.run_id, {SHOWN_PIPELINE_NAME}, \
          coalesce(w.pipeline_version, r.pipeline_version), coalesce(w.status, r.status), \
          {started}, {}, {}, {}, {}, w.metadata \
          FROM runs r LEFT JOIN workflow_state w ON w.run_id = r.run_id {filter} \
