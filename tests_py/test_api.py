@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import enum
 import gc
+import logging
 import math
 import os
 import sqlite3
@@ -1441,6 +1442,21 @@ async def test_corrupt_database_error_is_a_sqlite_database_error(tmp_path: Path)
     with pytest.raises(sqlite3.DatabaseError):
         await backend.list_workflows()
     await backend.close()
+
+
+async def test_logging_configured_after_a_first_backend_applies_to_the_next(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="flujo_sqlite"):
+        async with SQLiteBackend(tmp_path / "first.db") as backend:
+            await backend.save_state("r", build_state())
+    assert not [r for r in caplog.records if r.levelno < logging.WARNING]
+    with caplog.at_level(logging.INFO, logger="flujo_sqlite"):
+        async with SQLiteBackend(tmp_path / "second.db") as backend:
+            await backend.save_state("r", build_state())
+    assert any(
+        r.name.startswith("flujo_sqlite") and r.levelno == logging.INFO for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
 
 
 def test_first_open_of_a_filled_file_logs_its_index_builds(tmp_path: Path) -> None:

@@ -120,6 +120,7 @@ impl NativeBackend {
             )
         })?;
         let fresh_layout = arguments::fresh_layout(py, fresh_layout)?;
+        super::refresh_log_levels();
         let mut options = SqliteOptions::new(path);
         options.durability = durability;
         options.lock_wait = lock_wait;

@@ -13,14 +13,28 @@ mod run_arguments;
 mod run_results;
 mod to_python;
 
+use std::sync::OnceLock;
+
 use pyo3::prelude::*;
+
+/// Clears the logger levels pyo3-log caches (so that a debug record costs no trip through the
+/// GIL), once per new backend: logging configured since the last one then takes effect.
+static LOG_LEVELS: OnceLock<pyo3_log::ResetHandle> = OnceLock::new();
+
+pub(crate) fn refresh_log_levels() {
+    if let Some(levels) = LOG_LEVELS.get() {
+        levels.reset();
+    }
+}
 
 pub(crate) fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     // Rust `log` records go to Python's `logging`, under the "flujo_sqlite" logger.
-    pyo3_log::Logger::new(module.py(), pyo3_log::Caching::LoggersAndLevels)?
+    let installed = pyo3_log::Logger::new(module.py(), pyo3_log::Caching::LoggersAndLevels)?
         .filter_target("flujo_sqlite".to_owned(), log::LevelFilter::Trace)
-        .install()
-        .ok();
+        .install();
+    if let Ok(levels) = installed {
+        let _ = LOG_LEVELS.set(levels);
+    }
     module.add_class::<backend::NativeBackend>()?;
     module.add_class::<completion::CompletionPort>()?;
     module.add_function(wrap_pyfunction!(

@@ -19,6 +19,7 @@ pub(crate) fn recover_py(
     fresh_layout: &str,
 ) -> PyResult<Py<PyDict>> {
     let fresh_layout = arguments::fresh_layout(py, fresh_layout)?;
+    super::refresh_log_levels();
     let report = py
         .detach(move || sqlite::recover(&path, backup_path, fresh_layout))
         .map_err(|e| to_py_err(py, &e))?;
