@@ -12,7 +12,8 @@ import pytest
 from flujo_sqlite.config import ConfigurationError, load_backend_from_config, resolve_db_path
 from flujo_sqlite.errors import FlujoSQLiteError
 
-FLUJO_06_PYTHON = Path("/tmp/venv-flujo06/bin/python")
+#: Flujo 0.6.11's interpreter, which `make test` names (see the Makefile's FLUJO06_PYTHON).
+FLUJO_06_PYTHON = Path(os.environ.get("FLUJO06_PYTHON") or "/nonexistent/flujo06/python")
 
 
 @pytest.fixture
@@ -20,8 +21,13 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A project root with a nested working directory `project/app/jobs`, and a clean environment."""
     if any((parent / "flujo.toml").exists() for parent in tmp_path.parents):
         pytest.skip("a flujo.toml above the temporary directory would be found by the search")
-    monkeypatch.delenv("FLUJO_STATE_URI", raising=False)
-    monkeypatch.delenv("FLUJO_CONFIG_PATH", raising=False)
+    for variable in (
+        "FLUJO_STATE_URI",
+        "FLUJO_CONFIG_PATH",
+        "FLUJO_STATE_MODE",
+        "FLUJO_EPHEMERAL_STATE",
+    ):
+        monkeypatch.delenv(variable, raising=False)
     root = tmp_path / "project"
     workdir = root / "app" / "jobs"
     workdir.mkdir(parents=True)
@@ -183,7 +189,10 @@ def test_non_string_state_uri(project: Path) -> None:
     [
         ("postgresql://user:hunter2@db.example/flujo", "serves only SQLite"),
         ("postgres://db.example/flujo", "serves only SQLite"),
-        ("memory://", "serves only SQLite"),
+        ("memory://", "in-memory state store"),
+        ("memory", "in-memory state store"),
+        ("Mem://", "in-memory state store"),
+        ("inmemory://", "in-memory state store"),
         ("file:ops.db", "serves only SQLite"),
         ("ops.db", "write 'sqlite:///ops.db'"),
         ("/var/lib/flujo/ops.db", "write 'sqlite:////var/lib/flujo/ops.db'"),
@@ -207,6 +216,32 @@ def test_unusable_uris_raise_a_value_error_that_says_what_to_do(
     assert "FLUJO_STATE_URI" in str(error)
     assert "hunter2" not in str(error)
     assert list(workdir().iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("FLUJO_STATE_MODE", "memory"),
+        ("FLUJO_STATE_MODE", "Ephemeral"),
+        ("FLUJO_EPHEMERAL_STATE", "1"),
+        ("FLUJO_EPHEMERAL_STATE", "on"),
+    ],
+)
+def test_asking_flujo_for_its_in_memory_store_is_refused_not_turned_into_a_file(
+    project: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    monkeypatch.setenv("FLUJO_STATE_URI", "sqlite:///ops.db")
+    with pytest.raises(ConfigurationError, match=f"{variable} .*in-memory state store"):
+        load_backend_from_config()
+    assert list(workdir().iterdir()) == []
+
+
+def test_a_sqlalchemy_driver_suffix_names_the_same_file(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLUJO_STATE_URI", "sqlite+aiosqlite:///ops.db")
+    assert resolve_db_path() == workdir() / "ops.db"
 
 
 def test_empty_state_uri_in_toml(project: Path) -> None:
@@ -261,7 +296,9 @@ print(json.dumps(str(load_backend_from_config().db_path)))
 
 
 @pytest.mark.flujo_compat
-@pytest.mark.skipif(not FLUJO_06_PYTHON.exists(), reason="needs /tmp/venv-flujo06 (flujo 0.6.11)")
+@pytest.mark.skipif(
+    not FLUJO_06_PYTHON.exists(), reason="FLUJO06_PYTHON names no interpreter with Flujo 0.6.11"
+)
 @pytest.mark.parametrize(
     ("env_uri", "toml_dir", "toml_text"),
     [
@@ -275,6 +312,8 @@ print(json.dumps(str(load_backend_from_config().db_path)))
         (None, "project", "[settings]\n"),
         (None, "workdir", 'state_uri = "sqlite:////{tmp}/abs.db"\n'),
         ("sqlite:///env.db", "project", 'state_uri = "sqlite:///t.db"\n'),
+        ("sqlite+aiosqlite:///driver.db", None, None),
+        ("sqlite:///link/../beside-the-target.db", None, None),
     ],
 )
 def test_agrees_with_flujo_0_6_11(
@@ -286,6 +325,8 @@ def test_agrees_with_flujo_0_6_11(
     toml_text: str | None,
 ) -> None:
     tmp = str(tmp_path).lstrip("/")
+    (project / "real" / "deep").mkdir(parents=True)
+    (workdir() / "link").symlink_to(project / "real" / "deep")  # '..' after it leaves 'real'
     if toml_dir is not None:
         directory = project if toml_dir == "project" else workdir()
         write_toml(directory, toml_text.replace("{tmp}", tmp))

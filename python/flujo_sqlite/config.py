@@ -16,13 +16,17 @@ URI forms (as in Flujo 0.6.11 and SQLAlchemy):
 * ``sqlite:///ops.db`` and ``sqlite:///data/ops.db``: relative (not ``/ops.db``, which is what
   Flujo 0.4.35 made of it);
 * ``sqlite:////var/lib/app/ops.db``: absolute;
-* ``sqlite://ops.db``: relative too. ``sqlite3:`` is accepted as a synonym of ``sqlite:``.
+* ``sqlite://ops.db``: relative too. ``sqlite3:`` and ``sqlite+<driver>:`` (SQLAlchemy's
+  ``sqlite+aiosqlite:``) are accepted as synonyms of ``sqlite:``.
 
-The path is taken literally: no percent-decoding and no ``~`` expansion, as in Flujo. We refuse,
-with a :class:`ConfigurationError` that says what to write instead, what Flujo would silently
-misread or what this package cannot serve: non-SQLite schemes (``postgresql://``, ``memory://``),
-plain paths without a scheme, query strings or fragments (``?mode=ro``, which Flujo drops), an empty
-path and ``:memory:`` (which Flujo turns into a file named ``:memory:``).
+The path is taken literally: no percent-decoding and no ``~`` expansion, as in Flujo; symbolic
+links are followed before ``..`` is applied, as in Flujo. We refuse, with a
+:class:`ConfigurationError` that says what to write instead, what Flujo would silently misread or
+what this package cannot serve: non-SQLite schemes (``postgresql://``), plain paths without a
+scheme, query strings or fragments (``?mode=ro``, which Flujo drops), an empty path and
+``:memory:`` (which Flujo turns into a file named ``:memory:``), and every way of asking Flujo for
+its in-memory store (``FLUJO_STATE_MODE=memory`` or ``ephemeral``, ``FLUJO_EPHEMERAL_STATE=1``,
+``memory://`` and its spellings), which would otherwise quietly become a file.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from .errors import ConfigurationError
 
@@ -45,6 +49,13 @@ DEFAULT_STATE_URI = "sqlite:///flujo_ops.db"
 CONFIG_FILE_NAME = "flujo.toml"
 STATE_URI_ENV = "FLUJO_STATE_URI"
 CONFIG_PATH_ENV = "FLUJO_CONFIG_PATH"
+STATE_MODE_ENV = "FLUJO_STATE_MODE"
+EPHEMERAL_ENV = "FLUJO_EPHEMERAL_STATE"
+
+# What makes Flujo 0.6.11's loader return its in-memory store instead of a file.
+_IN_MEMORY_MODES = ("memory", "ephemeral")
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_IN_MEMORY_URIS = ("memory", "memory://", "mem://", "inmemory://")
 
 _SQLITE_SCHEMES = ("sqlite", "sqlite3")
 # A URI scheme per RFC 3986; one letter is a Windows drive (C:\...), not a scheme.
@@ -79,6 +90,10 @@ def resolve_db_path() -> Path:
 
 
 def _find_state_uri() -> _StateURI:
+    if os.environ.get(STATE_MODE_ENV, "").strip().lower() in _IN_MEMORY_MODES:
+        _refuse_in_memory(f"the {STATE_MODE_ENV} environment variable")
+    if os.environ.get(EPHEMERAL_ENV, "").strip().lower() in _TRUE_WORDS:
+        _refuse_in_memory(f"the {EPHEMERAL_ENV} environment variable")
     env_uri = os.environ.get(STATE_URI_ENV, "").strip()
     if env_uri:
         return _StateURI(env_uri, Path.cwd(), f"the {STATE_URI_ENV} environment variable")
@@ -112,7 +127,7 @@ def _find_state_uri() -> _StateURI:
 def _find_config_file() -> Path | None:
     explicit = os.environ.get(CONFIG_PATH_ENV, "").strip()
     if explicit:
-        path = Path(os.path.abspath(explicit))
+        path = Path(explicit).resolve()
         if not path.is_file():
             raise ConfigurationError(
                 f"{CONFIG_PATH_ENV} names {path}, which is not an existing file; "
@@ -127,7 +142,18 @@ def _find_config_file() -> Path | None:
     return None
 
 
+def _refuse_in_memory(origin: str) -> NoReturn:
+    raise ConfigurationError(
+        f"{origin} asks Flujo for its in-memory state store, which keeps nothing once the "
+        "process ends; flujo-sqlite keeps state in a SQLite file. Unset it to use the file the "
+        f"configuration names (by default sqlite:///flujo_ops.db), or keep using Flujo's own "
+        "flujo.cli.config.load_backend_from_config() for in-memory state."
+    )
+
+
 def _sqlite_path_from_uri(uri: str, base_dir: Path, origin: str) -> Path:
+    if uri.lower() in _IN_MEMORY_URIS:
+        _refuse_in_memory(origin)
     if not uri:
         raise ConfigurationError(
             f"{origin} is empty. Write a SQLite URI such as 'sqlite:///flujo_ops.db', "
@@ -141,7 +167,7 @@ def _sqlite_path_from_uri(uri: str, base_dir: Path, origin: str) -> Path:
             f"Flujo does: write 'sqlite:///{uri}' for this file."
         )
     scheme = scheme_match.group(1).lower()
-    if scheme not in _SQLITE_SCHEMES:
+    if scheme not in _SQLITE_SCHEMES and not scheme.startswith("sqlite+"):
         raise ConfigurationError(
             f"{origin} is {shown!r}, but flujo-sqlite serves only SQLite state URIs "
             "('sqlite:///relative.db' or 'sqlite:////absolute/path.db'). "
@@ -172,7 +198,7 @@ def _sqlite_path_from_uri(uri: str, base_dir: Path, origin: str) -> Path:
             "connection would see its own empty database). Use a file, e.g. one in a "
             "temporary directory."
         )
-    return Path(os.path.abspath(base_dir / rest))
+    return (base_dir / rest).resolve()
 
 
 def _hide_password(uri: str) -> str:
