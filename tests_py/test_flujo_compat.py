@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import logging
 import pickle
 import re
 import shutil
@@ -35,6 +36,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import flujo_sqlite.backend as our_backend_module
 import pydantic
 import pytest
 from conftest import (
@@ -473,6 +475,25 @@ async def test_our_windows_are_exact_on_a_file_flujo_wrote(tmp_path: Path) -> No
 
 # --------------------------------------------------------------------------------------------
 # Taking turns on one file.
+
+
+async def test_added_columns_are_logged_for_a_flujo_file_not_for_a_new_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def added() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.INFO and "added missing column" in r.getMessage()
+        ]
+
+    monkeypatch.setattr(our_backend_module, "_installed_flujo_layout", lambda: "flujo-0.4")
+    with caplog.at_level(logging.INFO, logger="flujo_sqlite"):
+        await save_all("ours", tmp_path / "new.db", {"r": build_state()})
+        assert added() == []  # completing a table made just now is no news
+        await save_all("flujo", tmp_path / "flujo.db", {"r": build_state()})
+        await save_all("ours", tmp_path / "flujo.db", {"r2": build_state()})
+        assert len(added()) == 5, added()  # the five background-task columns of Flujo 0.6.11
 
 
 async def test_flujo_and_ours_take_turns_on_one_file(tmp_path: Path) -> None:

@@ -392,19 +392,25 @@ pub(crate) fn prepare(conn: &mut Connection, options: &SqliteOptions) -> Result<
             FreshLayout::Flujo04 => &FLUJO_04_TABLES,
             FreshLayout::Flujo06 => &FLUJO_06_TABLES,
         };
-        let mut created = 0;
+        let mut created = Vec::new();
         for (table, ddl) in tables {
             if columns(&tx, table).map_err(fail)?.is_empty() {
                 tx.execute_batch(ddl).map_err(fail)?;
-                created += 1;
+                created.push(*table);
             }
         }
         // Only a brand-new file is marked as migrated the way Flujo 0.6.11 marks its own.
-        if created == tables.len() && options.fresh_layout == FreshLayout::Flujo06 {
+        if created.len() == tables.len() && options.fresh_layout == FreshLayout::Flujo06 {
             tx.execute_batch("PRAGMA user_version = 1").map_err(fail)?;
         }
         let existing = columns(&tx, "workflow_state").map_err(fail)?;
-        add_missing_state_columns(&tx, &existing).map_err(fail)?;
+        // Completing a table made just now is no news about the user's file.
+        let level = if created.contains(&"workflow_state") {
+            log::Level::Debug
+        } else {
+            log::Level::Info
+        };
+        add_missing_state_columns(&tx, &existing, level).map_err(fail)?;
         tx.execute_batch(CREATE_AUXILIARY_TABLES).map_err(fail)?;
         build_our_indexes(&tx).map_err(fail)?;
         tx.commit().map_err(fail)?;
@@ -522,6 +528,7 @@ fn columns(conn: &Connection, table: &str) -> rusqlite::Result<HashSet<String>> 
 fn add_missing_state_columns(
     conn: &Connection,
     existing: &HashSet<String>,
+    level: log::Level,
 ) -> rusqlite::Result<()> {
     for (name, definition) in ADDABLE_STATE_COLUMNS {
         if existing.contains(name) {
@@ -534,7 +541,7 @@ fn add_missing_state_columns(
         if let Some((_, backfill)) = BACKFILLS.iter().find(|(column, _)| *column == name) {
             conn.execute_batch(backfill)?;
         }
-        log::info!("added missing column workflow_state.{name}");
+        log::log!(level, "added missing column workflow_state.{name}");
     }
     Ok(())
 }
