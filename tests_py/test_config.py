@@ -26,6 +26,8 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "FLUJO_CONFIG_PATH",
         "FLUJO_STATE_MODE",
         "FLUJO_EPHEMERAL_STATE",
+        "FLUJO_TEST_MODE",
+        "FLUJO_TEST_STATE_DIR",
     ):
         monkeypatch.delenv(variable, raising=False)
     root = tmp_path / "project"
@@ -235,6 +237,19 @@ def test_asking_flujo_for_its_in_memory_store_is_refused_not_turned_into_a_file(
     with pytest.raises(ConfigurationError, match=f"{variable} .*in-memory state store"):
         load_backend_from_config()
     assert list(workdir().iterdir()) == []
+
+
+def test_flujos_test_mode_puts_the_default_file_in_its_state_dir(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As Flujo 0.6.11 does: over flujo.toml, under FLUJO_STATE_URI, only with the mode on.
+    write_toml(workdir(), 'state_uri = "sqlite:///from-toml.db"\n')
+    monkeypatch.setenv("FLUJO_TEST_STATE_DIR", "isolated")
+    assert resolve_db_path() == workdir() / "from-toml.db"
+    monkeypatch.setenv("FLUJO_TEST_MODE", "1")
+    assert resolve_db_path() == workdir() / "isolated" / "flujo_ops.db"
+    monkeypatch.setenv("FLUJO_STATE_URI", "sqlite:///env.db")
+    assert resolve_db_path() == workdir() / "env.db"
 
 
 def test_a_sqlalchemy_driver_suffix_names_the_same_file(

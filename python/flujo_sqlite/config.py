@@ -5,10 +5,12 @@ works with Flujo's backend finds the same database file with ours:
 
 1. ``FLUJO_STATE_URI`` from the environment, when set and not blank. Relative paths are relative
    to the current directory.
-2. Otherwise a ``flujo.toml``: the file named by ``FLUJO_CONFIG_PATH`` (it must exist), or else the
+2. Otherwise, in Flujo's test mode (``FLUJO_TEST_MODE=1``) with ``FLUJO_TEST_STATE_DIR`` set,
+   ``flujo_ops.db`` in that folder.
+3. Otherwise a ``flujo.toml``: the file named by ``FLUJO_CONFIG_PATH`` (it must exist), or else the
    first ``flujo.toml`` found in the current directory or one of its parents. Its top-level
    ``state_uri`` is used; relative paths are relative to the directory that holds the file.
-3. Otherwise ``sqlite:///flujo_ops.db``, relative to the config file's directory when one was found
+4. Otherwise ``sqlite:///flujo_ops.db``, relative to the config file's directory when one was found
    and to the current directory when not.
 
 URI forms (as in Flujo 0.6.11 and SQLAlchemy):
@@ -51,6 +53,8 @@ STATE_URI_ENV = "FLUJO_STATE_URI"
 CONFIG_PATH_ENV = "FLUJO_CONFIG_PATH"
 STATE_MODE_ENV = "FLUJO_STATE_MODE"
 EPHEMERAL_ENV = "FLUJO_EPHEMERAL_STATE"
+TEST_MODE_ENV = "FLUJO_TEST_MODE"
+TEST_STATE_DIR_ENV = "FLUJO_TEST_STATE_DIR"
 
 # What makes Flujo 0.6.11's loader return its in-memory store instead of a file.
 _IN_MEMORY_MODES = ("memory", "ephemeral")
@@ -97,6 +101,14 @@ def _find_state_uri() -> _StateURI:
     env_uri = os.environ.get(STATE_URI_ENV, "").strip()
     if env_uri:
         return _StateURI(env_uri, Path.cwd(), f"the {STATE_URI_ENV} environment variable")
+
+    test_dir = os.environ.get(TEST_STATE_DIR_ENV, "").strip()
+    if test_dir and os.environ.get(TEST_MODE_ENV, "").strip().lower() in _TRUE_WORDS:
+        return _StateURI(
+            DEFAULT_STATE_URI,
+            Path.cwd() / test_dir,
+            f"the default in {TEST_STATE_DIR_ENV} ({TEST_MODE_ENV} is set)",
+        )
 
     config_file = _find_config_file()
     if config_file is None:
