@@ -44,13 +44,15 @@ impl Drop for NativeBackend {
         // logs, which takes the GIL, would wait for us forever): close elsewhere, as `close`
         // does. `wait_for_dropped_backends` (run at exit) lets those writes finish.
         let engine = Arc::clone(&self.engine);
-        let mut closing = CLOSING.lock().unwrap_or_else(PoisonError::into_inner);
-        closing.retain(|thread| !thread.is_finished());
-        match std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("flujo-sqlite-close".into())
-            .spawn(move || engine.close())
-        {
-            Ok(thread) => closing.push(thread),
+            .spawn(move || engine.close());
+        match spawned {
+            Ok(thread) => {
+                let mut closing = CLOSING.lock().unwrap_or_else(PoisonError::into_inner);
+                closing.retain(|thread| !thread.is_finished());
+                closing.push(thread);
+            }
             Err(_) => Python::attach(|py| py.detach(|| self.engine.close())),
         }
     }
