@@ -161,8 +161,7 @@ fn io_error<'a>(path: &'a Path, what: &'a str) -> impl FnOnce(io::Error) -> Erro
 /// Copies the file and its sidecars to a backup that overwrites nothing, fsynced. Returns the
 /// backup's path, or `None` when neither the file nor a sidecar exists.
 fn back_up(path: &Path, requested: Option<PathBuf>) -> Result<Option<PathBuf>> {
-    let present: Vec<&str> = std::iter::once("")
-        .chain(SIDECARS)
+    let present: Vec<&str> = file_and_sidecars()
         .filter(|suffix| with_suffix(path, suffix).exists())
         .collect();
     if present.is_empty() {
@@ -181,10 +180,7 @@ fn back_up(path: &Path, requested: Option<PathBuf>) -> Result<Option<PathBuf>> {
             with_suffix(&base, &format!(".{attempt}"))
         };
         // A sidecar of another database under this name would be read as part of ours.
-        if std::iter::once("")
-            .chain(SIDECARS)
-            .any(|suffix| with_suffix(&candidate, suffix).exists())
-        {
+        if file_and_sidecars().any(|suffix| with_suffix(&candidate, suffix).exists()) {
             continue;
         }
         let mut created = Vec::new();
@@ -213,6 +209,11 @@ fn back_up(path: &Path, requested: Option<PathBuf>) -> Result<Option<PathBuf>> {
         return Ok(Some(candidate));
     }
     unreachable!("some backup name is free")
+}
+
+/// The suffixes of the database file itself ("") and of its sidecars.
+fn file_and_sidecars() -> impl Iterator<Item = &'static str> {
+    std::iter::once("").chain(SIDECARS)
 }
 
 fn default_backup_name(path: &Path) -> String {
