@@ -43,6 +43,18 @@ fn parse(text: &str) -> Option<Parsed> {
         .map(Parsed::Naive)
 }
 
+/// A stored timestamp as the lists (`list_workflows` and the like) return it: always with an
+/// offset. Naive text, which Flujo 0.4.35's runner saves, is read as UTC, as every time window
+/// here and SQLite's own date functions read it; so `datetime.fromisoformat()` of a listed time
+/// can be compared with an aware `datetime.now(timezone.utc)`, as the user guide's monitoring
+/// example does. Aware text, and text that is no timestamp, is returned as stored.
+pub fn listed_text(text: String) -> String {
+    match parse(&text) {
+        Some(Parsed::Naive(naive)) => naive.format("%Y-%m-%d %H:%M:%S%.6f+00:00").to_string(),
+        _ => text,
+    }
+}
+
 /// The current instant as stored text (aware, UTC).
 pub fn now_text() -> String {
     Utc::now().format("%Y-%m-%d %H:%M:%S%.6f+00:00").to_string()
@@ -137,6 +149,29 @@ mod tests {
             "2026-11-27 04:28:11+00:00"
         ));
         assert!(!same_instant("yesterday", "today"));
+    }
+
+    #[test]
+    fn listed_times_always_carry_an_offset() {
+        assert_eq!(
+            listed_text("2024-01-02T03:04:05.678901".into()),
+            "2024-01-02 03:04:05.678901+00:00"
+        );
+        assert_eq!(
+            listed_text("2024-01-02 03:04:05".into()),
+            "2024-01-02 03:04:05.000000+00:00"
+        );
+        assert_eq!(
+            listed_text("2024-05-06".into()),
+            "2024-05-06 00:00:00.000000+00:00"
+        );
+        for kept in [
+            "2026-11-27 04:28:10.500000+00:00",
+            "2026-11-27T09:58:10.500+05:30",
+            "yesterday",
+        ] {
+            assert_eq!(listed_text(kept.into()), kept);
+        }
     }
 
     #[test]

@@ -393,7 +393,7 @@ async def test_list_states_shape_order_and_filter(backend: SQLiteBackend) -> Non
 async def test_list_workflows_items_have_seventeen_keys_and_string_timestamps(
     backend: SQLiteBackend,
 ) -> None:
-    state = build_state(total_steps=None, error_message="e", memory_usage_mb=None)
+    state = build_state(total_steps=None, error_message="e", memory_usage_mb=12.5)
     await backend.save_state("r", state)
 
     (item,) = await backend.list_workflows()
@@ -412,11 +412,54 @@ async def test_list_workflows_items_have_seventeen_keys_and_string_timestamps(
         "total_steps": 0,
         "error_message": "e",
         "execution_time_ms": state["execution_time_ms"],
-        "memory_usage_mb": None,
+        "memory_usage_mb": 12.5,
         **BACKGROUND_DEFAULTS,
     }
     assert datetime.fromisoformat(item["created_at"]) == state["created_at"]
     assert datetime.fromisoformat(item["updated_at"]) == state["updated_at"]
+
+
+async def test_list_items_leave_out_a_memory_figure_the_run_did_not_record(
+    backend: SQLiteBackend, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Flujo puts None there, which breaks the user guide's ``wf.get('memory_usage_mb', 0) >
+    100`` (Flujo 0.6.11's runner never records one); the key is left out instead."""
+    await backend.save_state("measured", build_state(memory_usage_mb=150.0))
+    await backend.save_state("unmeasured", build_state(status="failed", memory_usage_mb=None))
+
+    items = {item["run_id"]: item for item in await backend.list_workflows()}
+    (failed,) = await backend.get_failed_workflows()
+
+    assert items["measured"]["memory_usage_mb"] == 150.0
+    assert set(items["unmeasured"]) == set(failed) == WORKFLOW_ITEM_KEYS - {"memory_usage_mb"}
+    loaded = await backend.load_state("unmeasured")
+    assert loaded is not None and loaded["memory_usage_mb"] is None  # load_state keeps the key
+    for wf in items.values():
+        if wf.get("memory_usage_mb", 0) > 100:  # the guide's line, unchanged
+            print(wf["run_id"])
+    assert capsys.readouterr().out.split() == ["measured"]
+
+
+async def test_listed_times_of_naive_timestamps_are_utc(backend: SQLiteBackend) -> None:
+    """Flujo 0.4.35's runner saves naive ``datetime.now()``; the lists return every time with an
+    offset, reading naive ones as UTC like the time windows do, so the guide's
+    ``datetime.now(timezone.utc) - datetime.fromisoformat(wf['created_at'])`` works on them."""
+    naive = datetime(2024, 1, 2, 3, 4, 5, 678901)
+    await backend.save_state(
+        "naive", build_state(created_at=naive, updated_at=naive, status="failed")
+    )
+
+    (item,) = await backend.list_workflows()
+    (listed,) = await backend.list_states()
+    (failed,) = await backend.get_failed_workflows(hours_back=24 * 365 * 100)
+    loaded = await backend.load_state("naive")
+    row = await stored_row(backend, "naive")  # closes the backend
+
+    assert row["created_at"] == "2024-01-02 03:04:05.678901"  # stored as given
+    for shown in (item, listed, failed):
+        assert shown["created_at"] == shown["updated_at"] == "2024-01-02 03:04:05.678901+00:00"
+        assert datetime.fromisoformat(shown["created_at"]) == naive.replace(tzinfo=UTC)
+    assert loaded is not None and loaded["created_at"] == naive  # loads round-trip, naive
 
 
 async def test_list_workflows_filters(backend: SQLiteBackend) -> None:

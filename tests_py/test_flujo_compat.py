@@ -163,13 +163,15 @@ def assert_all_four_agree(loaded: dict[tuple[Side, Side], dict[str, Any]]) -> No
 
 def as_0435_items(flujo_items: list[dict], our_items: list[dict]) -> list[dict]:
     """Checks the two shapes (Flujo 0.4.35's 12 keys; ours 17, the five background-task ones at
-    their defaults) and returns our items cut down to Flujo 0.4.35's keys."""
+    their defaults, less ``memory_usage_mb`` where the run recorded none and Flujo gives None)
+    and returns our items cut down to Flujo 0.4.35's keys, with that None put back."""
     for item in flujo_items:
         assert set(item) == WORKFLOW_ITEM_KEYS_0435, item["run_id"]
     for item in our_items:
-        assert set(item) == WORKFLOW_ITEM_KEYS, item["run_id"]
+        assert set(item) | {"memory_usage_mb"} == WORKFLOW_ITEM_KEYS, item["run_id"]
+        assert item.get("memory_usage_mb", 0) is not None, item["run_id"]
         assert {k: item[k] for k in BACKGROUND_KEYS} == BACKGROUND_DEFAULTS, item["run_id"]
-    return [{k: item[k] for k in WORKFLOW_ITEM_KEYS_0435} for item in our_items]
+    return [{k: item.get(k) for k in WORKFLOW_ITEM_KEYS_0435} for item in our_items]
 
 
 def assert_same_workflow_lists(

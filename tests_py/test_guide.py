@@ -960,6 +960,19 @@ async def test_monitoring_example(in_tmp_dir: Path, capsys: pytest.CaptureFixtur
                 execution_time_ms=elapsed,
             ),
         )
+    # Flujo 0.4.35's runner saves naive times (read as UTC; the README says to run it with
+    # TZ=UTC): the example subtracts them from an aware now.
+    naive_t0 = t0.replace(tzinfo=None)
+    for run_id, age in (("stuck_naive_run", 2 * 3600), ("young_naive_run", 5 * 60)):
+        await seeded.save_state(
+            run_id,
+            build_state(
+                status="running",
+                created_at=naive_t0 - timedelta(seconds=age),
+                updated_at=naive_t0 - timedelta(seconds=30),
+                execution_time_ms=None,
+            ),
+        )
     await seeded.close()
 
     # Set up monitoring for your workflows
@@ -993,6 +1006,7 @@ async def test_monitoring_example(in_tmp_dir: Path, capsys: pytest.CaptureFixtur
         "Alert: 1 workflows failed in the last hour",
         "  - fresh_failure: fresh_failure broke",
         "Alert: Average execution time is high",
+        "Alert: Workflow stuck_naive_run has been running for over 1 hour",
         "Alert: Workflow stuck_run has been running for over 1 hour",
     ]
 
@@ -1100,10 +1114,10 @@ async def test_high_memory_usage_example(
     guide_backend: SQLiteBackend, in_tmp_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     backend = guide_backend
-    # Every workflow has a memory figure: the example compares it with a number.
-    data = await seed_guide_data(
-        backend, in_tmp_dir / "workflow_state.db", count=60, with_missing_metrics=False
-    )
+    # Some runs recorded no memory figure (Flujo 0.6.11's runner records none): the example's
+    # `.get(..., 0)` must cover them, which Flujo's None does not.
+    data = await seed_guide_data(backend, in_tmp_dir / "workflow_state.db", count=60)
+    assert any(r.memory_usage_mb is None for r in data.rows)
 
     # Monitor memory usage with the built-in tracking
     stats = await backend.get_workflow_stats()

@@ -86,7 +86,8 @@ def _close_open_backends() -> None:
 class SQLiteBackend(_Base):
     """Durable workflow state in a SQLite file, file-compatible with Flujo's own backend.
 
-    ``durability="full"`` (the default) fsyncs every commit, like Flujo; ``"normal"`` survives
+    ``durability="full"`` (the default) fsyncs every commit, like Flujo 0.4.35 (Flujo 0.6.11
+    runs SQLite at ``synchronous=NORMAL``); ``"normal"`` survives
     a crash of the process but may lose the last commits on power loss. ``lock_timeout`` is how
     long a call waits for another process's lock before raising ``DatabaseLockedError``.
     """

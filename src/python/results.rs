@@ -208,7 +208,11 @@ fn workflow_summary(py: Python<'_>, s: WorkflowSummary) -> PyResult<Bound<'_, Py
     d.set_item("total_steps", total_steps(py, s.total_steps)?)?;
     d.set_item("error_message", cell(py, s.error_message)?)?;
     d.set_item("execution_time_ms", cell(py, s.execution_time_ms)?)?;
-    d.set_item("memory_usage_mb", cell(py, s.memory_usage_mb)?)?;
+    // Left out when the run recorded none (Flujo gives None), so that the user guide's
+    // `wf.get('memory_usage_mb', 0) > 100` works on every run, not only on measured ones.
+    if !matches!(s.memory_usage_mb, Cell::Null) {
+        d.set_item("memory_usage_mb", cell(py, s.memory_usage_mb)?)?;
+    }
     add_background(py, &d, s.background)?;
     Ok(d)
 }

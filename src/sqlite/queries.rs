@@ -15,7 +15,7 @@ use crate::model::{
     BackgroundTaskQuery, Cell, StateListing, StateRecord, StoredBackground, StoredState,
     WorkflowQuery, WorkflowStats, WorkflowSummary,
 };
-use crate::timestamp::TimeWindow;
+use crate::timestamp::{self, TimeWindow};
 
 /// The columns of a `WorkflowSummary`, in `summary`'s order: everything but the payloads. A
 /// macro so the statements below can be `concat!`ed constants.
@@ -178,8 +178,8 @@ pub(crate) fn list_states(
         Ok(StateListing {
             run_id: cell(row, 0)?,
             status: cell(row, 1)?,
-            created_at: cell(row, 2)?,
-            updated_at: cell(row, 3)?,
+            created_at: listed_time(cell(row, 2)?),
+            updated_at: listed_time(cell(row, 3)?),
         })
     };
     let rows = match status {
@@ -403,8 +403,8 @@ fn summary(row: &Row) -> rusqlite::Result<WorkflowSummary> {
         pipeline_version: cell(row, 3)?,
         current_step_index: cell(row, 4)?,
         status: cell(row, 5)?,
-        created_at: cell(row, 6)?,
-        updated_at: cell(row, 7)?,
+        created_at: listed_time(cell(row, 6)?),
+        updated_at: listed_time(cell(row, 7)?),
         total_steps: cell(row, 8)?,
         error_message: cell(row, 9)?,
         execution_time_ms: cell(row, 10)?,
@@ -421,6 +421,14 @@ fn background(row: &Row, first: usize) -> rusqlite::Result<StoredBackground> {
         task_id: cell(row, first + 3)?,
         background_error: cell(row, first + 4)?,
     })
+}
+
+/// A timestamp cell as the lists return it (see [`timestamp::listed_text`]).
+fn listed_time(stored: Cell) -> Cell {
+    match stored {
+        Cell::Text(text) => Cell::Text(timestamp::listed_text(text)),
+        other => other,
+    }
 }
 
 pub(crate) fn cell(row: &Row, index: usize) -> rusqlite::Result<Cell> {
