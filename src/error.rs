@@ -16,7 +16,7 @@ pub enum Error {
     #[error(
         "database {path} is locked: another connection held its write lock for {waited:.1?} \
          and we gave up waiting. Check for other processes (or a long-running transaction, \
-         e.g. an open sqlite3 shell) using this file, or raise `busy_timeout`."
+         e.g. an open sqlite3 shell) using this file, or raise `lock_timeout`."
     )]
     Locked { path: PathBuf, waited: Duration },
 
@@ -54,6 +54,17 @@ pub enum Error {
         expected: String,
         found: String,
     },
+
+    /// The path no longer names the file the engine opened: someone moved, replaced or deleted
+    /// it. Writes are refused from then on, since they would go into a file nobody will find.
+    #[error(
+        "database {path} was moved, replaced or deleted while this backend had it open, so \
+         this write was not stored (nor written anywhere else). flujo-sqlite never moves your \
+         file; another program did (Flujo's own backend moves a file it cannot open aside as \
+         `<name>.corrupt.<timestamp>`). Put the file back or decide which one to keep, then \
+         create a new backend"
+    )]
+    FileReplaced { path: PathBuf },
 
     /// `close()` was called; the engine accepts no more work.
     #[error("this SQLiteBackend is closed; create a new one to keep working with {path}")]

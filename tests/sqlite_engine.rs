@@ -1034,3 +1034,106 @@ fn stats_taken_during_saves_agree_with_themselves() {
     saver.join().unwrap();
     assert!(answers > 1, "stats never overlapped the saves");
 }
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+fn stored_run_ids(path: &Path) -> Vec<String> {
+    let conn = Connection::open(path).unwrap();
+    let ids = conn
+        .prepare("SELECT run_id FROM workflow_state ORDER BY run_id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    ids
+}
+
+/// SQLite keeps writing to a renamed or deleted file through its open descriptor, so without a
+/// check these writes were acknowledged and then found nowhere.
+#[cfg(unix)]
+#[test]
+fn writes_to_a_file_moved_or_deleted_while_open_are_refused_not_acknowledged() {
+    for how in [
+        "renamed with its sidecars",
+        "deleted",
+        "moved aside and replaced",
+    ] {
+        let db = temp_db();
+        let e = engine(&db.path);
+        let old = utc_text(chrono::Duration::days(90));
+        save(&e, "before", record("p", "completed", &old));
+        call(
+            &e,
+            Request::LoadState {
+                run_id: "before".into(),
+            },
+        )
+        .unwrap();
+        let aside = db.path.with_file_name("wf.db.corrupt.1");
+        match how {
+            "renamed with its sidecars" => {
+                for suffix in ["", "-wal", "-shm"] {
+                    std::fs::rename(with_suffix(&db.path, suffix), with_suffix(&aside, suffix))
+                        .unwrap();
+                }
+            }
+            "deleted" => {
+                for suffix in ["", "-wal", "-shm"] {
+                    std::fs::remove_file(with_suffix(&db.path, suffix)).unwrap();
+                }
+            }
+            _ => {
+                // What Flujo's own backend does to a file it cannot open.
+                std::fs::rename(&db.path, &aside).unwrap();
+                Connection::open(&db.path)
+                    .unwrap()
+                    .execute_batch("CREATE TABLE fresh (x)")
+                    .unwrap();
+            }
+        }
+
+        let save_after = Request::SaveState {
+            run_id: "after".into(),
+            record: Box::new(record("p", "running", &utc_text(chrono::Duration::zero()))),
+            expected_updated_at: None,
+        };
+        let error = call(&e, save_after).unwrap_err();
+        assert!(
+            matches!(error, Error::FileReplaced { .. }),
+            "{how}: {error:?}"
+        );
+        assert!(error.to_string().contains("not stored"), "{error}");
+        let cleanup = call(&e, Request::CleanupOldWorkflows { days_old: 30.0 });
+        assert!(
+            matches!(cleanup, Err(Error::FileReplaced { .. })),
+            "{how}: {cleanup:?}"
+        );
+        for _ in 0..4 {
+            // Whichever reader serves it, a load must not create a file at the path.
+            let _ = call(
+                &e,
+                Request::LoadState {
+                    run_id: "before".into(),
+                },
+            );
+        }
+        e.close();
+
+        match how {
+            "renamed with its sidecars" => {
+                assert!(!db.path.exists(), "{how}: a file was created at the path");
+                assert_eq!(stored_run_ids(&aside), ["before"], "{how}");
+            }
+            "deleted" => assert!(!db.path.exists(), "{how}: a file was created at the path"),
+            _ => {
+                let (tables, _, _) = tables_and_version(&db.path);
+                assert_eq!(tables, ["fresh"], "{how}: the new file was written to");
+            }
+        }
+    }
+}

@@ -652,6 +652,33 @@ async def test_folder_removed_after_construction_is_an_error(tmp_path: Path) -> 
         await backend.close()
 
 
+async def test_a_file_moved_aside_under_an_open_backend_is_never_written_behind_it(
+    tmp_path: Path,
+) -> None:
+    """What Flujo's own backend does to a file it cannot open (in another process, say): move
+    it aside and start a new one at the path. Our saves must fail, not be acknowledged into the
+    moved file, and nothing may be written to the new one."""
+    db_path = tmp_path / "wf.db"
+    aside = tmp_path / "wf.db.corrupt.1700000000"
+    backend = SQLiteBackend(db_path)
+    try:
+        await backend.save_state("before", state_for("before", 0))
+        db_path.rename(aside)
+        fresh = sqlite3.connect(db_path)
+        fresh.execute("CREATE TABLE fresh (x)")
+        fresh.close()
+        with pytest.raises(DatabaseError, match="moved, replaced or deleted") as raised:
+            await asyncio.wait_for(backend.save_state("after", state_for("after", 0)), 30)
+        assert "not stored" in str(raised.value)
+    finally:
+        await backend.close()
+    conn = sqlite3.connect(db_path)
+    try:
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("fresh",)]
+    finally:
+        conn.close()
+
+
 def make_read_only(path: Path) -> str | None:
     """Makes ``path`` unwritable; returns how, or None when nothing works here."""
     path.chmod(0o444)

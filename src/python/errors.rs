@@ -44,8 +44,9 @@ pub(crate) fn to_py_err(py: Python<'_>, error: &Error) -> PyErr {
         Error::Corrupt { .. } => corrupt_database(py, message),
         Error::Closed { .. } => backend_closed(py, message),
         Error::Conflict { .. } => conflict(py, message),
-        Error::CannotOpen { .. } | Error::SchemaTooNew { .. } | Error::Storage { .. } => {
-            database_error(py, message)
-        }
+        Error::CannotOpen { .. }
+        | Error::SchemaTooNew { .. }
+        | Error::FileReplaced { .. }
+        | Error::Storage { .. } => database_error(py, message),
     }
 }

@@ -52,11 +52,20 @@ const READER_CACHE_KIB: i64 = 512;
 /// (1.3 s) and 1 MB less resident than 2 MB.
 const WRITER_CACHE_KIB: i64 = 1024;
 
+/// Opens the database file, which must exist. Every connection but the first is opened with
+/// this: one that found the file gone must not put an empty database in its place.
 /// Paths are plain file names, never URIs: a file called `file:x?mode=ro` means that file.
 pub(crate) fn open(options: &SqliteOptions, role: Role) -> Result<Connection, Error> {
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-        | OpenFlags::SQLITE_OPEN_CREATE
-        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    open_with(options, role, OpenFlags::empty())
+}
+
+/// Opens the database file for the writer, creating it when it does not exist yet.
+pub(crate) fn open_or_create(options: &SqliteOptions) -> Result<Connection, Error> {
+    open_with(options, Role::Writer, OpenFlags::SQLITE_OPEN_CREATE)
+}
+
+fn open_with(options: &SqliteOptions, role: Role, extra: OpenFlags) -> Result<Connection, Error> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | extra;
     let conn = Connection::open_with_flags(&options.path, flags)
         .map_err(|e| classify(&options.path, e))?;
     configure(&conn, options, role).map_err(|e| classify(&options.path, e))?;
@@ -86,6 +95,36 @@ fn configure(conn: &Connection, options: &SqliteOptions, role: Role) -> rusqlite
         }
     }
     Ok(())
+}
+
+/// Which file a path names. SQLite does not notice (in WAL mode) that its file was renamed or
+/// deleted while open: commits go on into the old file, acknowledged, and are lost to anyone who
+/// opens the path. Comparing this before each commit catches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileIdentity {
+    #[cfg(unix)]
+    device: u64,
+    #[cfg(unix)]
+    inode: u64,
+}
+
+/// The identity of the file at `path` now. Elsewhere than on Unix an open database file cannot
+/// be renamed or deleted, and only its existence is checked.
+pub(crate) fn identity(path: &Path) -> std::io::Result<FileIdentity> {
+    let metadata = std::fs::metadata(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Ok(FileIdentity {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = metadata;
+        Ok(FileIdentity {})
+    }
 }
 
 /// Maps a rusqlite error to the core error a caller can act on.
@@ -169,10 +208,16 @@ mod tests {
     }
 
     #[test]
-    fn readers_cannot_write_and_each_role_gets_its_cache() {
+    fn only_the_first_writer_creates_the_file_readers_cannot_write_and_each_role_gets_its_cache() {
         let dir = tempfile::tempdir().unwrap();
         let options = SqliteOptions::new(dir.path().join("roles.db"));
-        let writer = open(&options, Role::Writer).unwrap();
+        let missing = open(&options, Role::Reader).unwrap_err();
+        assert!(matches!(missing, Error::CannotOpen { .. }), "{missing:?}");
+        assert!(
+            !options.path.exists(),
+            "only the writer's first connection creates the file"
+        );
+        let writer = open_or_create(&options).unwrap();
         writer.execute_batch("CREATE TABLE t (x)").unwrap();
         let reader = open(&options, Role::Reader).unwrap();
         let refused = reader.execute("INSERT INTO t VALUES (1)", []).unwrap_err();

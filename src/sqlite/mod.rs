@@ -15,7 +15,7 @@ mod system;
 mod traces;
 mod writer;
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::Sender;
@@ -27,7 +27,7 @@ pub use recovery::{recover, RecoveryReport, TableRecovery};
 use crate::engine::{Completion, Request, Response, StateEngine};
 use crate::error::{Error, Result};
 use crate::timestamp::{age_from, TimeWindow};
-use connection::{classify, Role};
+use connection::{classify, FileIdentity, Role};
 use readers::ReadJob;
 use schema::Layout;
 
@@ -40,6 +40,9 @@ pub(crate) struct Job {
 pub(crate) struct Shared {
     options: SqliteOptions,
     layout: Mutex<Option<Arc<Layout>>>,
+    /// The file the layout was prepared on; every later connection and commit must find it
+    /// still at the path.
+    file: OnceLock<FileIdentity>,
 }
 
 impl Shared {
@@ -51,12 +54,38 @@ impl Shared {
             return Ok(Arc::clone(known));
         }
         let prepared = connection::retry_while_locked(&self.options, || {
-            let mut conn = connection::open(&self.options, Role::Writer)?;
+            let mut conn = connection::open_or_create(&self.options)?;
             schema::prepare(&mut conn, &self.options)
         })?;
+        let file = connection::identity(&self.options.path).map_err(|_| self.replaced())?;
+        let _ = self.file.set(file);
         let prepared = Arc::new(prepared);
         *layout = Some(Arc::clone(&prepared));
         Ok(prepared)
+    }
+
+    /// A connection to the database file, once the layout is prepared on it.
+    fn open(&self, role: Role) -> Result<Connection> {
+        let conn = connection::open(&self.options, role)?;
+        self.check_same_file()?;
+        Ok(conn)
+    }
+
+    /// Fails when the path no longer names the file the layout was prepared on.
+    fn check_same_file(&self) -> Result<()> {
+        let Some(expected) = self.file.get() else {
+            return Ok(());
+        };
+        match connection::identity(&self.options.path) {
+            Ok(found) if found == *expected => Ok(()),
+            _ => Err(self.replaced()),
+        }
+    }
+
+    fn replaced(&self) -> Error {
+        Error::FileReplaced {
+            path: self.options.path.clone(),
+        }
     }
 }
 
@@ -83,6 +112,7 @@ impl SqliteEngine {
         let shared = Arc::new(Shared {
             options,
             layout: Mutex::new(None),
+            file: OnceLock::new(),
         });
         let (write_tx, write_rx) = crossbeam_channel::unbounded();
         let (read_tx, read_rx) = crossbeam_channel::unbounded();

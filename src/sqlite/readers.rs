@@ -43,7 +43,7 @@ fn serve(shared: &Shared, jobs: &Receiver<ReadJob>) {
         let ready = shared.layout().and_then(|layout| {
             let conn = match &mut conn {
                 Some(conn) => conn,
-                slot => slot.insert(connection::open(&shared.options, Role::Reader)?),
+                slot => slot.insert(shared.open(Role::Reader)?),
             };
             Ok((&*conn, layout))
         });

@@ -109,13 +109,14 @@ impl Writer<'_> {
         let layout = self.shared.layout()?;
         let conn = match &mut self.conn {
             Some(conn) => conn,
-            slot => slot.insert(connection::open(&self.shared.options, Role::Writer)?),
+            slot => slot.insert(self.shared.open(Role::Writer)?),
         };
         Ok((conn, layout))
     }
 
     fn commit(&mut self, batch: Vec<Job>) {
-        let options = &self.shared.options;
+        let shared = self.shared;
+        let options = &shared.options;
         let (conn, layout) = match self.ready() {
             Ok(ready) => ready,
             Err(error) => return fail_all(batch, &error),
@@ -158,16 +159,18 @@ impl Writer<'_> {
             outcomes.push((job.done, outcome));
         }
         // With every write failed there is nothing to keep, and a lone write may have changed
-        // rows before it failed.
+        // rows before it failed. A file moved away meanwhile must not take the batch with it.
         let committed = if outcomes.iter().all(|(_, outcome)| outcome.is_err()) {
             None
         } else {
-            Some(conn.execute_batch("COMMIT"))
+            Some(shared.check_same_file().and_then(|()| {
+                conn.execute_batch("COMMIT")
+                    .map_err(|e| classify(&options.path, e))
+            }))
         };
         let usable = matches!(committed, Some(Ok(()))) || roll_back(conn, &options.path);
         let commit_error = match committed {
-            Some(Err(e)) => {
-                let error = classify(&options.path, e);
+            Some(Err(error)) => {
                 log::error!(
                     "commit failed, {} writes rolled back: {error}",
                     outcomes.len()
@@ -245,7 +248,8 @@ impl Writer<'_> {
     }
 
     fn delete_batch(&mut self, window: &TimeWindow, rows: usize) -> Result<usize> {
-        let options = &self.shared.options;
+        let shared = self.shared;
+        let options = &shared.options;
         let (conn, _) = self.ready()?;
         retry_while_locked(options, || {
             let tx = conn
@@ -253,6 +257,7 @@ impl Writer<'_> {
                 .map_err(|e| classify(&options.path, e))?;
             let count = queries::cleanup_batch(&tx, window, rows)
                 .map_err(|e| classify(&options.path, e))?;
+            shared.check_same_file()?;
             tx.commit().map_err(|e| classify(&options.path, e))?;
             Ok(count)
         })
