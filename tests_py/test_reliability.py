@@ -679,6 +679,30 @@ async def test_a_file_moved_aside_under_an_open_backend_is_never_written_behind_
         conn.close()
 
 
+async def test_a_backend_inherited_through_fork_refuses_work_and_the_child_exits_cleanly(
+    tmp_path: Path,
+) -> None:
+    """SQLite connections and the engine's threads do not survive fork(): a call in the child
+    used to wait forever, and the child's normal exit printed a Rust panic from joining the
+    parent's threads. Now the inherited backend says what to do, the child's own backend works,
+    and both processes go on."""
+    db_path = tmp_path / "wf.db"
+    done = run_program("fork_child.py", str(db_path), timeout=120)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, done.stderr
+    assert lines[0].startswith("child inherited: BackendClosedError:"), lines
+    assert "fork()" in lines[0] and "spawn" in lines[0], lines[0]
+    assert lines[1:] == ["child own backend: saved", "child exit status 0", "parent: done"]
+    assert "panicked" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+    backend = SQLiteBackend(db_path)
+    try:
+        for run_id in ("parent-before", "child", "parent-after"):
+            assert matches(await backend.load_state(run_id), run_id, 0), run_id
+        assert await backend.load_state("inherited") is None
+    finally:
+        await backend.close()
+
+
 def make_read_only(path: Path) -> str | None:
     """Makes ``path`` unwritable; returns how, or None when nothing works here."""
     path.chmod(0o444)

@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 
 use super::arguments;
 use super::completion::CompletionPort;
-use super::errors::{invalid_state, to_py_err};
+use super::errors::{backend_closed, invalid_state, to_py_err};
 use super::from_python::encode_json;
 use super::results::response_to_python;
 use super::run_arguments;
@@ -32,13 +32,23 @@ pub(crate) struct NativeBackend {
     /// How long a lone write is waited for on the loop thread; `None` when commits wait for
     /// an fsync, which takes far longer than a loop wake-up.
     lone_write_wait: Option<Duration>,
+    /// The process that started the engine. A child made by `fork()` inherits this object but
+    /// not the engine's threads: a call there would wait forever, and closing would join
+    /// threads that exist only in the parent.
+    owner_pid: u32,
 }
 
-/// Engines of backends dropped without `close()`, closing on threads of their own.
-static CLOSING: Mutex<Vec<JoinHandle<()>>> = Mutex::new(Vec::new());
+/// Engines of backends dropped without `close()`, closing on threads of their own, with the
+/// process that started each thread.
+static CLOSING: Mutex<Vec<(u32, JoinHandle<()>)>> = Mutex::new(Vec::new());
 
 impl Drop for NativeBackend {
     fn drop(&mut self) {
+        if self.forked() {
+            // The parent's engine, seen from a child: never closed or dropped here.
+            std::mem::forget(Arc::clone(&self.engine));
+            return;
+        }
         // Closing waits for queued writes, maybe for another process's lock, and Python drops
         // us holding the GIL, perhaps on the event loop's thread (where an engine thread that
         // logs, which takes the GIL, would wait for us forever): close elsewhere, as `close`
@@ -50,8 +60,8 @@ impl Drop for NativeBackend {
         match spawned {
             Ok(thread) => {
                 let mut closing = CLOSING.lock().unwrap_or_else(PoisonError::into_inner);
-                closing.retain(|thread| !thread.is_finished());
-                closing.push(thread);
+                closing.retain(|(_, thread)| !thread.is_finished());
+                closing.push((self.owner_pid, thread));
             }
             Err(_) => Python::attach(|py| py.detach(|| self.engine.close())),
         }
@@ -62,9 +72,12 @@ impl Drop for NativeBackend {
 #[pyfunction]
 pub(crate) fn wait_for_dropped_backends(py: Python<'_>) {
     let threads = std::mem::take(&mut *CLOSING.lock().unwrap_or_else(PoisonError::into_inner));
+    let this_process = std::process::id();
     py.detach(|| {
-        for thread in threads {
-            if thread.join().is_err() {
+        for (owner_pid, thread) in threads {
+            if owner_pid != this_process {
+                std::mem::forget(thread); // a thread of the parent, inherited by fork()
+            } else if thread.join().is_err() {
                 log::error!("closing a dropped flujo-sqlite backend panicked");
             }
         }
@@ -72,12 +85,34 @@ pub(crate) fn wait_for_dropped_backends(py: Python<'_>) {
 }
 
 impl NativeBackend {
+    fn forked(&self) -> bool {
+        std::process::id() != self.owner_pid
+    }
+
+    fn refuse_if_forked(&self, py: Python<'_>) -> PyResult<()> {
+        if !self.forked() {
+            return Ok(());
+        }
+        Err(backend_closed(
+            py,
+            format!(
+                "this SQLiteBackend was created in process {} and this is process {}, a fork() \
+                 of it: SQLite connections and the backend's threads do not survive fork(). \
+                 Create a new SQLiteBackend in the child process, or start processes with \
+                 multiprocessing's \"spawn\" or \"forkserver\" method",
+                self.owner_pid,
+                std::process::id()
+            ),
+        ))
+    }
+
     fn submit<'py>(
         &self,
         py: Python<'py>,
         port: &Bound<'py, CompletionPort>,
         request: Request,
     ) -> PyResult<Bound<'py, PyAny>> {
+        self.refuse_if_forked(py)?;
         let wait = if request.is_write() {
             self.lone_write_wait
         } else {
@@ -135,6 +170,7 @@ impl NativeBackend {
             engine: Arc::new(engine),
             path,
             lone_write_wait: (durability == Durability::Normal).then_some(LONE_QUICK_WRITE_WAIT),
+            owner_pid: std::process::id(),
         })
     }
 
@@ -529,6 +565,7 @@ impl NativeBackend {
 
     /// `get_workflow_stats` for synchronous callers: waits for a reader without the GIL.
     fn get_workflow_stats_blocking(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.refuse_if_forked(py)?;
         let (sender, receiver) = std::sync::mpsc::channel();
         let engine = Arc::clone(&self.engine);
         let outcome = py.detach(move || {
@@ -551,6 +588,10 @@ impl NativeBackend {
         port: &Bound<'py, CompletionPort>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (future, done) = port.get().track(py)?;
+        if self.forked() {
+            done(Ok(Response::Done)); // the parent's engine; the parent closes it
+            return Ok(future);
+        }
         let engine = Arc::clone(&self.engine);
         std::thread::Builder::new()
             .name("flujo-sqlite-close".into())
@@ -563,6 +604,9 @@ impl NativeBackend {
 
     /// Closes from synchronous code (interpreter exit, `__del__`-free cleanup); waits without the GIL.
     fn close_blocking(&self, py: Python<'_>) {
+        if self.forked() {
+            return; // the parent's engine; the parent closes it
+        }
         let engine = Arc::clone(&self.engine);
         py.detach(move || engine.close());
     }

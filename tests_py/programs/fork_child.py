@@ -1,0 +1,69 @@
+"""Forks after a backend is open, as ``multiprocessing``'s "fork" start method does.
+
+Usage: fork_child.py DB_PATH
+
+The child first uses the inherited backend (printing the exception it raises, or "no error"),
+then opens a backend of its own and saves ``child`` with it, and exits normally, so that the
+interpreter's exit hooks run in the child with the parent's backend still in memory. The parent
+waits for the child (reporting "child hung" after 60 s), saves ``parent-after``, and closes.
+Each line is printed as it happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+
+from flujo_sqlite import SQLiteBackend
+from state_factory import state_for
+
+
+def say(line: str) -> None:
+    os.write(1, f"{line}\n".encode())
+
+
+async def in_child(inherited: SQLiteBackend, db_path: str) -> None:
+    try:
+        await asyncio.wait_for(inherited.save_state("inherited", state_for("inherited", 0)), 20)
+        say("child inherited: no error")
+    except Exception as error:  # noqa: BLE001 - the test reads which one
+        say(f"child inherited: {type(error).__name__}: {error}")
+    await inherited.close()
+    own = SQLiteBackend(db_path)
+    await own.save_state("child", state_for("child", 0))
+    await own.close()
+    say("child own backend: saved")
+
+
+def main() -> None:
+    db_path = sys.argv[1]
+    backend = SQLiteBackend(db_path)
+    asyncio.run(backend.save_state("parent-before", state_for("parent-before", 0)))
+    pid = os.fork()
+    if pid == 0:
+        asyncio.run(in_child(backend, db_path))
+        sys.exit(0)  # a normal exit: atexit hooks run, the inherited backend is dropped
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            say(f"child exit status {os.waitstatus_to_exitcode(status)}")
+            break
+        time.sleep(0.05)
+    else:
+        say("child hung")
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+
+    async def after() -> None:
+        await backend.save_state("parent-after", state_for("parent-after", 0))
+        await backend.close()
+
+    asyncio.run(after())
+    say("parent: done")
+
+
+if __name__ == "__main__":
+    main()
