@@ -35,7 +35,8 @@ pub enum Error {
     /// The file was written by a newer release whose layout we do not know.
     #[error(
         "database {path} has schema version {found}, newer than the versions this flujo-sqlite \
-         understands (up to {supported}); upgrade flujo-sqlite to open it"
+         understands (up to {supported}): upgrade flujo-sqlite to open it, or, if this file \
+         belongs to another application, give the backend a file of its own"
     )]
     SchemaTooNew {
         path: PathBuf,

@@ -637,6 +637,14 @@ async def test_missing_parent_folders_are_created(tmp_path: Path) -> None:
     assert integrity(db_path) == "ok"
 
 
+def test_a_file_where_a_folder_should_be_is_named_in_the_error(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("keep")
+    with pytest.raises(DatabaseError, match="afile is a file, not a folder") as raised:
+        SQLiteBackend(tmp_path / "afile" / "sub" / "wf.db")
+    assert isinstance(raised.value.__cause__, OSError)
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
 async def test_folder_removed_after_construction_is_an_error(tmp_path: Path) -> None:
     db_path = tmp_path / "gone" / "wf.db"
     backend = SQLiteBackend(db_path)
@@ -823,6 +831,34 @@ async def test_full_disk_is_an_error_and_loses_nothing(tmp_path: Path) -> None:
             await backend.close()
         assert integrity(db_path) == "ok"
         assert corrupt_siblings(mount_point) == []
+
+
+async def test_a_full_disk_that_leaves_no_room_for_the_shm_file_says_so(tmp_path: Path) -> None:
+    """A closed database on a full disk: opening it needs its ``-shm`` file, and SQLite's own
+    words, "disk I/O error", named neither that file nor the fix."""
+    mount_point = tmp_path / "tiny"
+    with tiny_tmpfs(mount_point, "1m"):
+        db_path = mount_point / "wf.db"
+        async with SQLiteBackend(db_path) as backend:
+            await backend.save_state("r", state_for("r", 0))
+        filler = mount_point / "other-files"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:  # every free block, to the last one
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+        backend = SQLiteBackend(db_path)
+        try:
+            with pytest.raises(DatabaseError) as raised:
+                await asyncio.wait_for(backend.load_state("r"), 30)
+            message = str(raised.value)
+            assert "-shm" in message and "free space" in message, message
+            filler.unlink()
+            assert matches(await backend.load_state("r"), "r", 0)
+        finally:
+            await backend.close()
 
 
 async def test_a_full_disk_under_concurrent_saves_fails_exactly_the_saves_it_reports(

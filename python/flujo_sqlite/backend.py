@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 from ._native import CompletionPort, NativeBackend, wait_for_dropped_backends
-from .errors import InvalidStateError, InvalidTypeError
+from .errors import DatabaseError, InvalidStateError, InvalidTypeError
 
 if TYPE_CHECKING:
     from .recovery import RecoveryReport
@@ -64,6 +64,18 @@ def _file_path(value: object, what: str) -> Path:
     return path
 
 
+def _make_folder(path: Path) -> None:
+    """Creates the folder of the database ``path`` if needed, or says why it cannot."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker else error.strerror or str(error)
+        raise DatabaseError(
+            f"cannot create the folder {path.parent} for the database {path}: {reason}"
+        ) from error
+
+
 def _installed_flujo_layout() -> str:
     """New files get the layout of the Flujo release installed beside us (the newest if none),
     so that Flujo itself, `flujo lens` included, can open them."""
@@ -105,7 +117,7 @@ class SQLiteBackend(_Base):
                 "SQLiteBackend needs a file path; in-memory databases are not supported "
                 "(use a file in a temporary directory, e.g. pytest's tmp_path)"
             )
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_folder(path)
         self.db_path = path
         self._native = NativeBackend(
             os.fspath(path),

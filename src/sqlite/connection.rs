@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{Connection, ErrorCode, OpenFlags};
+use rusqlite::{ffi, Connection, ErrorCode, OpenFlags};
 
 use super::options::{Durability, SqliteOptions};
 use crate::error::Error;
@@ -130,9 +130,9 @@ pub(crate) fn identity(path: &Path) -> std::io::Result<FileIdentity> {
 /// Maps a rusqlite error to the core error a caller can act on.
 pub(crate) fn classify(path: &Path, error: rusqlite::Error) -> Error {
     let detail = error.to_string();
-    let code = match &error {
-        rusqlite::Error::SqliteFailure(failure, _) => Some(failure.code),
-        _ => None,
+    let (code, extended) = match &error {
+        rusqlite::Error::SqliteFailure(failure, _) => (Some(failure.code), failure.extended_code),
+        _ => (None, 0),
     };
     match code {
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => Error::Locked {
@@ -149,8 +149,33 @@ pub(crate) fn classify(path: &Path, error: rusqlite::Error) -> Error {
         },
         _ => Error::Storage {
             path: path.to_owned(),
-            detail,
+            detail: storage_hint(path, extended, detail),
         },
+    }
+}
+
+/// SQLite's words for the failures a user meets most ("disk I/O error", "attempt to write a
+/// readonly database") name neither the file nor the fix when the trouble is with the
+/// `-wal` and `-shm` files SQLite keeps beside the database.
+fn storage_hint(path: &Path, extended_code: i32, detail: String) -> String {
+    let folder = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.display().to_string(),
+        _ => ".".into(),
+    };
+    match extended_code {
+        ffi::SQLITE_IOERR_SHMOPEN | ffi::SQLITE_IOERR_SHMSIZE | ffi::SQLITE_IOERR_SHMMAP => {
+            format!(
+                "{detail}: cannot create or grow the shared-memory file {}-shm beside the \
+                 database; check that {folder} has free space and is writable",
+                path.display()
+            )
+        }
+        ffi::SQLITE_READONLY_DIRECTORY | ffi::SQLITE_READONLY_CANTINIT => format!(
+            "{detail}: the folder {folder} must be writable, as SQLite keeps the -wal and -shm \
+             files beside the database"
+        ),
+        ffi::SQLITE_FULL => format!("{detail}: free some space on the disk that holds {folder}"),
+        _ => detail,
     }
 }
 
