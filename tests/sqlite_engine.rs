@@ -842,6 +842,59 @@ fn a_lock_held_too_long_gives_a_locked_error() {
     );
 }
 
+/// `lock_wait` bounds each call from the moment it was made. A call queued behind another that
+/// was waiting for the same lock used to start its own full wait only when that one gave up.
+#[test]
+fn a_call_queued_behind_one_waiting_for_a_lock_waits_lock_wait_in_all_not_twice() {
+    let db = temp_db();
+    let mut options = SqliteOptions::new(&db.path);
+    options.lock_wait = Duration::from_secs(2);
+    let e = std::sync::Arc::new(SqliteEngine::start(options).unwrap());
+    save(
+        &e,
+        "r1",
+        record("p", "running", &utc_text(chrono::Duration::zero())),
+    );
+    let holder = Connection::open(&db.path).unwrap();
+    holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let timed_save = |run_id: &'static str| {
+        let e = std::sync::Arc::clone(&e);
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let outcome = call(
+                &e,
+                Request::SaveState {
+                    run_id: run_id.into(),
+                    record: Box::new(record("p", "running", &utc_text(chrono::Duration::zero()))),
+                    expected_updated_at: None,
+                },
+            );
+            (outcome, started.elapsed())
+        })
+    };
+    let first = timed_save("first");
+    std::thread::sleep(Duration::from_millis(200));
+    let second = timed_save("second").join().unwrap();
+    let first = first.join().unwrap();
+    holder.execute_batch("ROLLBACK").unwrap();
+
+    for (outcome, took) in [&first, &second] {
+        match outcome {
+            Err(Error::Locked { waited, .. }) => {
+                assert!(*waited >= Duration::from_secs(2), "{waited:?}");
+                assert!(waited.as_secs_f64() <= took.as_secs_f64() + 0.01);
+            }
+            other => panic!("expected a lock error, got {other:?}"),
+        }
+    }
+    // Queued behind the first's full 2 s, the second used to wait 2 s more (3.8 s in all).
+    assert!(
+        second.1 < Duration::from_secs(3),
+        "the second call took {:?}",
+        second.1
+    );
+}
+
 #[test]
 fn a_closed_engine_refuses_work_and_close_is_idempotent() {
     let db = temp_db();

@@ -1,7 +1,7 @@
 //! Opening connections and translating SQLite's failures into the core's error type.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{ffi, Connection, ErrorCode, OpenFlags};
 
@@ -192,19 +192,20 @@ fn cannot_open_hint(path: &Path, detail: String) -> String {
     }
 }
 
-/// Runs `attempt` until it stops failing with `Error::Locked`, backing off between tries, for
-/// at most `options.lock_wait` in all (each try may itself wait up to `busy_timeout` inside
-/// SQLite). The final error reports how long we waited.
+/// Runs `attempt` until it stops failing with `Error::Locked`, backing off between tries, until
+/// `options.lock_wait` has passed since `since`: when the caller's call was made, so that a call
+/// queued behind others that waited for the same lock does not wait that long again. Each try
+/// waits at most `busy_timeout` inside SQLite, a short slice. The error reports the whole wait.
 pub(crate) fn retry_while_locked<T>(
     options: &SqliteOptions,
+    since: Instant,
     mut attempt: impl FnMut() -> Result<T, Error>,
 ) -> Result<T, Error> {
-    let started = std::time::Instant::now();
     let mut pause = Duration::from_millis(5);
     loop {
         match attempt() {
             Err(Error::Locked { .. }) => {
-                let waited = started.elapsed();
+                let waited = since.elapsed();
                 if waited >= options.lock_wait {
                     return Err(Error::Locked {
                         path: options.path.clone(),
@@ -215,8 +216,8 @@ pub(crate) fn retry_while_locked<T>(
                     "{} is locked; retrying in {pause:?}",
                     options.path.display()
                 );
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(250));
+                std::thread::sleep(pause.min(options.lock_wait - waited));
+                pause = (pause * 2).min(Duration::from_millis(100));
             }
             other => return other,
         }

@@ -17,6 +17,7 @@ mod writer;
 
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crossbeam_channel::Sender;
 use rusqlite::Connection;
@@ -34,6 +35,8 @@ use schema::Layout;
 pub(crate) struct Job {
     request: Request,
     done: Completion,
+    /// When the caller made the call; its wait for a lock counts from here.
+    submitted: Instant,
 }
 
 /// What every engine thread shares: the options and the file's layout, prepared once.
@@ -48,12 +51,12 @@ pub(crate) struct Shared {
 impl Shared {
     /// The file's layout, preparing the file on first use. A failure is not cached: the next
     /// call tries again (the lock may be gone, the folder may exist by then).
-    fn layout(&self) -> Result<Arc<Layout>> {
+    fn layout(&self, since: Instant) -> Result<Arc<Layout>> {
         let mut layout = self.layout.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(known) = &*layout {
             return Ok(Arc::clone(known));
         }
-        let prepared = connection::retry_while_locked(&self.options, || {
+        let prepared = connection::retry_while_locked(&self.options, since, || {
             let mut conn = connection::open_or_create(&self.options)?;
             schema::prepare(&mut conn, &self.options)
         })?;
@@ -142,13 +145,23 @@ impl StateEngine for SqliteEngine {
         let closed = || Error::Closed {
             path: self.path.clone(),
         };
+        let submitted = Instant::now();
         if matches!(request, Request::WorkflowStats) {
-            stats::submit(&queues.reads, done, &self.path);
+            stats::submit(&queues.reads, done, &self.path, submitted);
         } else if request.is_write() {
-            if let Err(refused) = queues.writes.send(Job { request, done }) {
+            let job = Job {
+                request,
+                done,
+                submitted,
+            };
+            if let Err(refused) = queues.writes.send(job) {
                 (refused.0.done)(Err(closed()));
             }
-        } else if let Err(refused) = queues.reads.send(ReadJob::Request(Job { request, done })) {
+        } else if let Err(refused) = queues.reads.send(ReadJob::Request(Job {
+            request,
+            done,
+            submitted,
+        })) {
             if let ReadJob::Request(job) = refused.0 {
                 (job.done)(Err(closed()));
             }

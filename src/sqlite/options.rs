@@ -23,7 +23,9 @@ pub struct SqliteOptions {
     /// changed its working directory, where a relative path would name another file.
     pub path: PathBuf,
     pub durability: Durability,
-    /// How long one statement waits for another connection's lock before we back off and retry.
+    /// How long one statement waits inside SQLite for another connection's lock before we look
+    /// at the caller's deadline, back off and retry: a short slice, so no call overshoots
+    /// `lock_wait` by much.
     pub busy_timeout: Duration,
     /// How long a call may wait, in total, for a lock before failing with `Error::Locked`.
     pub lock_wait: Duration,
@@ -40,7 +42,7 @@ impl SqliteOptions {
             // Only an empty path, or a working directory that no longer exists, stays relative.
             path: std::path::absolute(&path).unwrap_or(path),
             durability: Durability::Full,
-            busy_timeout: Duration::from_secs(5),
+            busy_timeout: Duration::from_millis(100),
             lock_wait: Duration::from_secs(30),
             readers: 2,
             fresh_layout: FreshLayout::default(),

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crossbeam_channel::Receiver;
 use rusqlite::Connection;
@@ -16,8 +17,8 @@ pub(super) enum ReadJob {
     /// A caller's read request, answered through its completion.
     Request(Job),
     /// One part of a caller's request that is split so that two readers work on it at once
-    /// (see `stats`).
-    Part(ReadPart),
+    /// (see `stats`), and when the caller made that request.
+    Part { run: ReadPart, submitted: Instant },
 }
 
 /// Handed this reader's connection, or why there is none; reports its outcome itself.
@@ -40,7 +41,11 @@ pub(super) fn spawn(
 fn serve(shared: &Shared, jobs: &Receiver<ReadJob>) {
     let mut conn: Option<Connection> = None;
     while let Some(job) = spin::next(jobs) {
-        let ready = shared.layout().and_then(|layout| {
+        let submitted = match &job {
+            ReadJob::Request(job) => job.submitted,
+            ReadJob::Part { submitted, .. } => *submitted,
+        };
+        let ready = shared.layout(submitted).and_then(|layout| {
             let conn = match &mut conn {
                 Some(conn) => conn,
                 slot => slot.insert(shared.open(Role::Reader)?),
@@ -50,13 +55,13 @@ fn serve(shared: &Shared, jobs: &Receiver<ReadJob>) {
         match job {
             ReadJob::Request(job) => {
                 let outcome = ready.and_then(|(conn, layout)| {
-                    connection::retry_while_locked(&shared.options, || {
+                    connection::retry_while_locked(&shared.options, job.submitted, || {
                         execute_read(conn, &layout, shared, &job.request)
                     })
                 });
                 (job.done)(outcome);
             }
-            ReadJob::Part(part) => part(shared, ready.map(|(conn, _)| conn)),
+            ReadJob::Part { run, .. } => run(shared, ready.map(|(conn, _)| conn)),
         }
     }
 }

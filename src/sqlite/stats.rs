@@ -13,6 +13,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crossbeam_channel::Sender;
 use rusqlite::Connection;
@@ -25,7 +26,7 @@ use crate::engine::{Completion, Response};
 use crate::error::{Error, Result};
 
 /// Queues both parts; the one that finishes second answers `done`.
-pub(super) fn submit(reads: &Sender<ReadJob>, done: Completion, path: &Path) {
+pub(super) fn submit(reads: &Sender<ReadJob>, done: Completion, path: &Path, submitted: Instant) {
     let join = Arc::new(Mutex::new(Parts {
         counts: None,
         average: None,
@@ -34,14 +35,20 @@ pub(super) fn submit(reads: &Sender<ReadJob>, done: Completion, path: &Path) {
     let counts = Arc::clone(&join);
     let average = Arc::clone(&join);
     let parts = [
-        ReadJob::Part(Box::new(move |shared, conn| {
-            let outcome = run(shared, conn, queries::workflow_counts);
-            finish(&counts, |parts| parts.counts = Some(outcome));
-        })),
-        ReadJob::Part(Box::new(move |shared, conn| {
-            let outcome = run(shared, conn, queries::average_execution_time);
-            finish(&average, |parts| parts.average = Some(outcome));
-        })),
+        ReadJob::Part {
+            run: Box::new(move |shared, conn| {
+                let outcome = run(shared, conn, submitted, queries::workflow_counts);
+                finish(&counts, |parts| parts.counts = Some(outcome));
+            }),
+            submitted,
+        },
+        ReadJob::Part {
+            run: Box::new(move |shared, conn| {
+                let outcome = run(shared, conn, submitted, queries::average_execution_time);
+                finish(&average, |parts| parts.average = Some(outcome));
+            }),
+            submitted,
+        },
     ];
     for part in parts {
         if reads.send(part).is_err() {
@@ -61,10 +68,11 @@ pub(super) fn submit(reads: &Sender<ReadJob>, done: Completion, path: &Path) {
 fn run<T>(
     shared: &Shared,
     conn: Result<&Connection>,
+    submitted: Instant,
     query: impl Fn(&Connection) -> rusqlite::Result<T>,
 ) -> Result<T> {
     let conn = conn?;
-    retry_while_locked(&shared.options, || {
+    retry_while_locked(&shared.options, submitted, || {
         query(conn).map_err(|e| classify(&shared.options.path, e))
     })
 }

@@ -105,8 +105,8 @@ impl Writer<'_> {
         batch
     }
 
-    fn ready(&mut self) -> Result<(&mut Connection, Arc<Layout>)> {
-        let layout = self.shared.layout()?;
+    fn ready(&mut self, since: Instant) -> Result<(&mut Connection, Arc<Layout>)> {
+        let layout = self.shared.layout(since)?;
         let conn = match &mut self.conn {
             Some(conn) => conn,
             slot => slot.insert(self.shared.open(Role::Writer)?),
@@ -114,19 +114,41 @@ impl Writer<'_> {
         Ok((conn, layout))
     }
 
-    fn commit(&mut self, batch: Vec<Job>) {
+    fn commit(&mut self, mut batch: Vec<Job>) {
         let shared = self.shared;
         let options = &shared.options;
-        let (conn, layout) = match self.ready() {
+        let oldest = |batch: &[Job]| batch.iter().map(|job| job.submitted).min();
+        let (conn, layout) = match self.ready(oldest(&batch).unwrap_or_else(Instant::now)) {
             Ok(ready) => ready,
             Err(error) => return fail_all(batch, &error),
         };
-        let begin = retry_while_locked(options, || {
-            conn.execute_batch("BEGIN IMMEDIATE")
-                .map_err(|e| classify(&options.path, e))
-        });
-        if let Err(error) = begin {
-            return fail_all(batch, &error);
+        // Each caller waits for another connection's lock for `lock_wait` from its own call:
+        // when the oldest has waited that long, it alone fails and the rest go on waiting.
+        while let Some(since) = oldest(&batch) {
+            let begin = retry_while_locked(options, since, || {
+                conn.execute_batch("BEGIN IMMEDIATE")
+                    .map_err(|e| classify(&options.path, e))
+            });
+            match begin {
+                Ok(()) => break,
+                Err(Error::Locked { .. }) => {
+                    let (expired, waiting) = batch
+                        .into_iter()
+                        .partition(|job| job.submitted.elapsed() >= options.lock_wait);
+                    batch = waiting;
+                    for job in expired {
+                        let waited = job.submitted.elapsed();
+                        (job.done)(Err(Error::Locked {
+                            path: options.path.clone(),
+                            waited,
+                        }));
+                    }
+                }
+                Err(error) => return fail_all(batch, &error),
+            }
+        }
+        if batch.is_empty() {
+            return;
         }
         // A savepoint per write lets one write fail without undoing the others in its batch. A
         // write alone in its transaction (every sequential save) does without: rolling the
@@ -202,7 +224,7 @@ impl Writer<'_> {
         // Checkpointing after every batch would copy the same index pages back into the file
         // again and again; one checkpoint at the end, off this thread, copies each page once.
         let outcome = self
-            .pause_autocheckpoint()
+            .pause_autocheckpoint(job.submitted)
             .and_then(|()| self.delete_old(&window, jobs));
         match &outcome {
             Ok(0) if self.checkpoint.is_none() => self.restore_autocheckpoint(),
@@ -250,8 +272,11 @@ impl Writer<'_> {
     fn delete_batch(&mut self, window: &TimeWindow, rows: usize) -> Result<usize> {
         let shared = self.shared;
         let options = &shared.options;
-        let (conn, _) = self.ready()?;
-        retry_while_locked(options, || {
+        // The cleanup goes on for as long as it has rows to delete; a lock met by one of its
+        // batches is waited for from the moment that batch starts.
+        let since = Instant::now();
+        let (conn, _) = self.ready(since)?;
+        retry_while_locked(options, since, || {
             let tx = conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(|e| classify(&options.path, e))?;
@@ -263,16 +288,16 @@ impl Writer<'_> {
         })
     }
 
-    fn pause_autocheckpoint(&mut self) -> Result<()> {
+    fn pause_autocheckpoint(&mut self, since: Instant) -> Result<()> {
         let path = self.shared.options.path.clone();
-        let (conn, _) = self.ready()?;
+        let (conn, _) = self.ready(since)?;
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(|e| classify(&path, e))
     }
 
     fn restore_autocheckpoint(&mut self) {
         let path = self.shared.options.path.clone();
-        let restored = self.ready().and_then(|(conn, _)| {
+        let restored = self.ready(Instant::now()).and_then(|(conn, _)| {
             connection::autocheckpoint_pages(conn)
                 .and_then(|pages| conn.pragma_update(None, "wal_autocheckpoint", pages))
                 .map_err(|e| classify(&path, e))
