@@ -67,8 +67,9 @@ pub enum Error {
     )]
     FileReplaced { path: PathBuf },
 
-    /// `close()` was called; the engine accepts no more work.
-    #[error("this SQLiteBackend is closed; create a new one to keep working with {path}")]
+    /// `close()` was called; the engine accepts no more work. (The Python layer opens a new
+    /// engine for calls made after `close()`; this reaches calls that raced it.)
+    #[error("this SQLiteBackend was closed while the call was being made; call again to open {path} again")]
     Closed { path: PathBuf },
 
     /// Any other SQLite failure (disk full, read-only file, I/O error...).

@@ -50,6 +50,7 @@ from conftest import (
 )
 from flujo_sqlite import SQLiteBackend, recover
 from flujo_sqlite._native import wait_for_dropped_backends
+from flujo_sqlite.backend import _port
 from flujo_sqlite.errors import (
     BackendClosedError,
     CorruptDatabaseError,
@@ -58,6 +59,7 @@ from flujo_sqlite.errors import (
     FlujoSQLiteError,
     InvalidStateError,
     InvalidTypeError,
+    MissingKeyError,
     SerializationError,
 )
 
@@ -88,6 +90,7 @@ async def stored_row(backend: SQLiteBackend, run_id: str) -> sqlite3.Row:
 
 def test_error_classes_subclass_the_stdlib_exceptions_they_replace() -> None:
     assert issubclass(InvalidStateError, ValueError)
+    assert issubclass(MissingKeyError, InvalidStateError) and issubclass(MissingKeyError, KeyError)
     assert issubclass(SerializationError, TypeError)
     assert issubclass(DatabaseError, sqlite3.DatabaseError)
     assert issubclass(DatabaseLockedError, sqlite3.OperationalError)
@@ -462,6 +465,20 @@ async def test_listed_times_of_naive_timestamps_are_utc(backend: SQLiteBackend) 
     assert loaded is not None and loaded["created_at"] == naive  # loads round-trip, naive
 
 
+async def test_a_negative_limit_means_no_limit_as_in_flujo(backend: SQLiteBackend) -> None:
+    """Flujo hands ``limit`` to SQLite, where -1 is the usual way of saying "no limit"."""
+    for i in range(3):
+        await backend.save_state(f"r{i}", build_state())
+        await backend.save_run_start({"run_id": f"r{i}", "pipeline_name": "p"})
+
+    assert run_ids(await backend.list_workflows(limit=-1)) == run_ids(
+        await backend.list_workflows()
+    )
+    assert len(await backend.list_workflows(limit=-1, offset=1)) == 2
+    assert len(await backend.list_runs(limit=-1)) == 3
+    assert len(await backend.list_background_tasks(limit=-1)) == 0
+
+
 async def test_list_workflows_filters(backend: SQLiteBackend) -> None:
     now = utc_now()
     specs = []
@@ -516,13 +533,13 @@ async def test_list_workflows_limit_and_offset(backend: SQLiteBackend) -> None:
     assert await backend.list_workflows(limit=5, offset=60) == []
 
 
-@pytest.mark.parametrize("kwargs", [{"limit": -1}, {"limit": -5}, {"offset": -1}])
-async def test_list_workflows_rejects_negative_paging(
-    backend: SQLiteBackend, kwargs: dict[str, int]
+@pytest.mark.parametrize("offset", [-1, -5])
+async def test_list_workflows_rejects_a_negative_offset(
+    backend: SQLiteBackend, offset: int
 ) -> None:
     await backend.save_state("r", build_state())
     with pytest.raises(InvalidStateError):
-        await backend.list_workflows(**kwargs)
+        await backend.list_workflows(offset=offset)
 
 
 @pytest.mark.parametrize("status", [None, "failed"])
@@ -803,47 +820,95 @@ async def test_a_relative_path_keeps_naming_the_same_file_after_a_chdir(
     assert [row["run_id"] for row in rows] == ["after", "before"]
 
 
-async def test_async_with_closes_on_exit(db_path: Path) -> None:
+def engine_threads() -> list[str]:
+    """Names of this process's engine threads, the writer's and the readers' (Linux truncates
+    them to 15 characters). The helper thread that runs a ``close()`` may still be on its way
+    out when the close is awaited, so it is not counted."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            names.append((task / "comm").read_text().strip())
+    return sorted(n for n in names if n.startswith(("flujo-sqlite-wr", "flujo-sqlite-re")))
+
+
+needs_proc = pytest.mark.skipif(
+    not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc"
+)
+
+
+@needs_proc
+async def test_async_with_closes_on_exit_and_a_later_call_opens_the_file_again(
+    db_path: Path,
+) -> None:
+    """Flujo's backend opens its file again on the next call after close(), and code written
+    for it (a fixture closing a shared backend, two ``async with`` blocks on one instance)
+    relies on that."""
+    before = engine_threads()
     async with SQLiteBackend(db_path) as backend:
         assert isinstance(backend, SQLiteBackend)
         await backend.save_state("r", build_state())
+        assert len(engine_threads()) > len(before)
+    assert engine_threads() == before  # closed: the engine's threads are gone
 
-    with pytest.raises(BackendClosedError):
-        await backend.load_state("r")
-    async with SQLiteBackend(db_path) as reopened:
-        assert (await reopened.load_state("r")) is not None
+    assert (await backend.load_state("r")) is not None
+    async with backend:
+        await backend.save_state("r2", build_state())
+    assert engine_threads() == before
+    async with SQLiteBackend(db_path) as other:
+        assert run_ids(await other.list_workflows()) == ["r2", "r"]
 
 
+@needs_proc
 async def test_async_with_lets_the_body_exception_through_and_closes(db_path: Path) -> None:
+    before = engine_threads()
     with pytest.raises(KeyError, match="from the body"):
         async with SQLiteBackend(db_path) as backend:
             await backend.save_state("r", build_state())
             raise KeyError("from the body")
-    with pytest.raises(BackendClosedError):
-        await backend.list_workflows()
+    assert engine_threads() == before
+    assert run_ids(await backend.list_workflows()) == ["r"]
+    await backend.close()
 
 
-async def test_close_is_idempotent_and_shutdown_is_an_alias(db_path: Path) -> None:
+@needs_proc
+async def test_close_is_idempotent_and_shutdown_close_sync_and_shutdown_all_close_too(
+    db_path: Path,
+) -> None:
+    before = engine_threads()
     backend = SQLiteBackend(db_path)
     await backend.save_state("r", build_state())
     await backend.close()
     await backend.close()
     await backend.shutdown()
+    assert engine_threads() == before
 
     other = SQLiteBackend(db_path)
     await other.load_state("r")
     await other.shutdown()
-    with pytest.raises(BackendClosedError):
-        await other.load_state("r")
-    await other.close()
+    assert engine_threads() == before
+    assert await other.load_state("r") is not None  # opens it again
+    other.close_sync()
+    other.close_sync()
+    assert engine_threads() == before
+
+    third = SQLiteBackend(db_path)
+    await third.load_state("r")
+    await other.load_state("r")
+    SQLiteBackend.shutdown_all()
+    assert engine_threads() == before
+    assert await third.load_state("r") is not None
+    await third.close()
 
 
 async def test_close_before_any_use(db_path: Path) -> None:
     backend = SQLiteBackend(db_path)
     await backend.close()
-    with pytest.raises(BackendClosedError):
-        await backend.save_state("r", build_state())
     assert not db_path.exists()
+    await backend.save_state("r", build_state())
+    await backend.close()
+    assert [row["run_id"] for row in raw_rows(db_path, "SELECT run_id FROM workflow_state")] == [
+        "r"
+    ]
 
 
 CALLS_AFTER_CLOSE = {
@@ -859,17 +924,17 @@ CALLS_AFTER_CLOSE = {
 
 
 @pytest.mark.parametrize("call", CALLS_AFTER_CLOSE.values(), ids=CALLS_AFTER_CLOSE.keys())
-async def test_every_call_after_close_raises(db_path: Path, call: Any) -> None:
+async def test_every_call_after_close_opens_the_file_again(db_path: Path, call: Any) -> None:
     backend = SQLiteBackend(db_path)
     await backend.save_state("r", build_state(created_at=utc_now() - 90 * DAY))
+    await backend.save_state("kept", build_state())
     await backend.close()
 
-    with pytest.raises(BackendClosedError):
-        await call(backend)
+    await call(backend)
+    await backend.close()
 
-    # Nothing happened to the data.
     async with SQLiteBackend(db_path) as check:
-        assert run_ids(await check.list_workflows()) == ["r"]
+        assert "kept" in run_ids(await check.list_workflows())
 
 
 async def test_two_backends_on_one_file_see_each_other(db_path: Path) -> None:
@@ -952,11 +1017,20 @@ async def test_every_call_lets_other_tasks_run(db_path: Path, durability: str) -
     assert starved == []
 
 
-async def test_an_error_ready_at_once_still_lets_other_tasks_run(db_path: Path) -> None:
-    # A call on a closed backend fails before the loop thread even starts waiting, so it always
-    # takes the path that answers at once; the error must still cost one turn of the loop.
+async def closed_engine(db_path: Path) -> Any:
+    """The engine of a backend whose close() has finished. A call on it fails with
+    BackendClosedError before the loop thread even starts waiting, as a call racing close()
+    does; the backend itself would open the file again instead."""
     backend = SQLiteBackend(db_path)
+    engine = backend._native
     await backend.close()
+    return engine
+
+
+async def test_an_error_ready_at_once_still_lets_other_tasks_run(db_path: Path) -> None:
+    # Such a call always takes the path that answers at once; the error must still cost one
+    # turn of the loop.
+    engine = await closed_engine(db_path)
     other_task_turns = 0
 
     async def other_task() -> None:
@@ -970,7 +1044,7 @@ async def test_an_error_ready_at_once_still_lets_other_tasks_run(db_path: Path) 
     for _ in range(20):
         turns_before = other_task_turns
         with pytest.raises(BackendClosedError):
-            await backend.load_state("r")
+            await engine.load_state(_port(), "r")
         assert other_task_turns > turns_before
     other.cancel()
 
@@ -1215,12 +1289,15 @@ def test_dropping_an_unclosed_backend_does_not_wait_for_its_queued_writes_nor_lo
 async def test_cancelling_a_call_whose_error_is_ready_at_once_reports_nothing(
     db_path: Path,
 ) -> None:
-    backend = SQLiteBackend(db_path)
-    await backend.close()
+    engine = await closed_engine(db_path)
     reported: list[dict[str, Any]] = []
     asyncio.get_running_loop().set_exception_handler(lambda _, context: reported.append(context))
+
+    async def load() -> Any:
+        return await engine.load_state(_port(), "r")
+
     for _ in range(20):
-        task = asyncio.ensure_future(backend.load_state("r"))
+        task = asyncio.ensure_future(load())
         await asyncio.sleep(0)  # it ran: its BackendClosedError is handed over a turn later
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, BackendClosedError):
@@ -1365,11 +1442,24 @@ async def test_missing_required_key_is_named_and_nothing_written(
     state = build_state()
     del state[key]
 
-    with pytest.raises(InvalidStateError) as excinfo:
+    # Also a KeyError, as Flujo's backend raises there, so `except KeyError` still works.
+    with pytest.raises(KeyError) as excinfo:
         await backend.save_state("r", state)
 
-    assert key in str(excinfo.value)
+    assert isinstance(excinfo.value, MissingKeyError)
+    assert isinstance(excinfo.value, InvalidStateError)
+    assert str(excinfo.value).startswith(f'state is missing the required key "{key}"')
     assert await backend.load_state("r") is None
+
+
+async def test_run_and_step_records_missing_a_key_raise_a_key_error_too(
+    backend: SQLiteBackend,
+) -> None:
+    with pytest.raises(KeyError, match='run_data needs the key "run_id"') as excinfo:
+        await backend.save_run_start({"pipeline_name": "p"})
+    assert isinstance(excinfo.value, MissingKeyError)
+    with pytest.raises(MissingKeyError, match='step_data needs the key "step_name"'):
+        await backend.save_step_result({"run_id": "r", "step_index": 0})
 
 
 @pytest.mark.parametrize("field", ["created_at", "updated_at"])

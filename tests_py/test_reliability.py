@@ -1000,7 +1000,8 @@ async def test_cancelled_saves_are_all_or_nothing(tmp_path: Path) -> None:
 
 async def test_close_with_500_calls_in_flight(tmp_path: Path) -> None:
     """``close()`` races 500 saves, loads and listings: each call completes or fails with
-    BackendClosedError, nothing hangs, and every save that reported success is in the file."""
+    BackendClosedError (or runs on the engine opened again after the close), nothing hangs,
+    and every save that reported success is in the file."""
     db_path = tmp_path / "close.db"
     rng = random.Random(SEED)
     for attempt in range(5):
@@ -1023,10 +1024,10 @@ async def test_close_with_500_calls_in_flight(tmp_path: Path) -> None:
         results = await asyncio.wait_for(
             asyncio.gather(*(f for _, _, f in calls), return_exceptions=True), 60
         )
-        with pytest.raises(BackendClosedError):
-            await backend.save_state("late", state_for("late", 0))
-        with pytest.raises(BackendClosedError):
-            await backend.load_state("seed")
+        # A call after close() opens the file again, as with Flujo's backend.
+        await backend.save_state(f"late-{attempt}", state_for(f"late-{attempt}", 0))
+        assert matches(await backend.load_state("seed"), "seed", 0)
+        await backend.close()
         await backend.close()  # closing twice is harmless
         saved = []
         for (kind, run_id, _), result in zip(calls, results):

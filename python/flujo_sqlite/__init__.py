@@ -19,6 +19,7 @@ from .errors import (
     FlujoSQLiteError,
     InvalidStateError,
     InvalidTypeError,
+    MissingKeyError,
     SerializationError,
 )
 from .recovery import RecoveryReport, recover
@@ -33,6 +34,7 @@ __all__ = [
     "FlujoSQLiteError",
     "InvalidStateError",
     "InvalidTypeError",
+    "MissingKeyError",
     "RecoveryReport",
     "SQLiteBackend",
     "SerializationError",

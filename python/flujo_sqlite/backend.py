@@ -21,9 +21,13 @@ from ._native import CompletionPort, NativeBackend, wait_for_dropped_backends
 from .errors import DatabaseError, InvalidStateError, InvalidTypeError
 
 if TYPE_CHECKING:
-    from .recovery import RecoveryReport
+    # Type checkers see Flujo's interface as the base too, so `Flujo(..., state_backend=ours)`
+    # type-checks; without Flujo installed the base is `Any`.
+    from flujo.state.backends.base import (  # type: ignore[import-not-found, unused-ignore]
+        StateBackend as _Base,
+    )
 
-    _Base = object
+    from .recovery import RecoveryReport
 else:
     try:  # Subclass Flujo's interface when Flujo is installed, so isinstance checks hold.
         from flujo.state.backends.base import StateBackend as _Base
@@ -37,7 +41,10 @@ __all__ = ["SQLiteBackend"]
 _PORTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, CompletionPort] = (
     weakref.WeakKeyDictionary()
 )
-_OPEN_BACKENDS: weakref.WeakSet[SQLiteBackend] = weakref.WeakSet()
+# Engines not closed yet, whichever backend they belong to (a closing backend's engine stays
+# here until it is done), so that exit and recover() find them all.
+_OPEN_ENGINES: weakref.WeakSet[NativeBackend] = weakref.WeakSet()
+_BACKENDS: weakref.WeakSet[SQLiteBackend] = weakref.WeakSet()
 
 
 def _port() -> CompletionPort:
@@ -90,9 +97,23 @@ def _installed_flujo_layout() -> str:
 @atexit.register
 def _close_open_backends() -> None:
     # Acknowledged writes are already durable; this lets queued ones finish and threads stop.
-    for backend in list(_OPEN_BACKENDS):
-        backend._native.close_blocking()
+    for engine in list(_OPEN_ENGINES):
+        engine.close_blocking()
     wait_for_dropped_backends()
+
+
+class _ReopenOnUse:
+    """Stands in for the engine of a closed backend. Flujo's backend opens its file again on
+    the next call after ``close()``, and code written for it relies on that (a fixture that
+    closes a shared backend, two ``async with`` blocks on one instance): so does ours."""
+
+    __slots__ = ("_backend",)
+
+    def __init__(self, backend: SQLiteBackend) -> None:
+        self._backend = backend
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend._open_engine(), name)
 
 
 class SQLiteBackend(_Base):
@@ -119,13 +140,19 @@ class SQLiteBackend(_Base):
             )
         _make_folder(path)
         self.db_path = path
-        self._native = NativeBackend(
-            os.fspath(path),
-            durability=durability,
-            lock_timeout=lock_timeout,
-            fresh_layout=_installed_flujo_layout(),
-        )
-        _OPEN_BACKENDS.add(self)
+        self._engine_options: dict[str, Any] = {
+            "durability": durability,
+            "lock_timeout": lock_timeout,
+            "fresh_layout": _installed_flujo_layout(),
+        }
+        self._native: NativeBackend | _ReopenOnUse = self._open_engine()
+        _BACKENDS.add(self)
+
+    def _open_engine(self) -> NativeBackend:
+        engine = NativeBackend(os.fspath(self.db_path), **self._engine_options)
+        _OPEN_ENGINES.add(engine)
+        self._native = engine
+        return engine
 
     def __repr__(self) -> str:
         return f"SQLiteBackend({str(self.db_path)!r})"
@@ -320,10 +347,30 @@ class SQLiteBackend(_Base):
     # Lifecycle.
 
     async def close(self) -> None:
-        """Finish queued work and release the file. Idempotent; later calls raise
-        ``BackendClosedError``."""
-        await self._native.close(_port())
-        _OPEN_BACKENDS.discard(self)
+        """Finish queued work and release the file. Idempotent. A later call opens the file
+        again, as with Flujo's backend."""
+        engine = self._native
+        if isinstance(engine, _ReopenOnUse):
+            return
+        self._native = _ReopenOnUse(self)
+        await engine.close(_port())
+        _OPEN_ENGINES.discard(engine)
+
+    def close_sync(self) -> None:
+        """:meth:`close` for synchronous code (Flujo 0.6's name); waits without the GIL."""
+        engine = self._native
+        if isinstance(engine, _ReopenOnUse):
+            return
+        self._native = _ReopenOnUse(self)
+        engine.close_blocking()
+        _OPEN_ENGINES.discard(engine)
+
+    @classmethod
+    def shutdown_all(cls) -> None:
+        """Closes every backend of this process, from synchronous code (Flujo 0.6's name;
+        the interpreter's exit does the same)."""
+        for backend in list(_BACKENDS):
+            backend.close_sync()
 
     async def shutdown(self) -> None:
         """Flujo's name for :meth:`close`."""
@@ -332,7 +379,7 @@ class SQLiteBackend(_Base):
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: object, exc_val: object, exc_tb: object) -> None:
         await self.close()
 
     # Recovery of a damaged file (an explicit request; nothing else here moves a file).

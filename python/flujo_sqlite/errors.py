@@ -19,6 +19,7 @@ __all__ = [
     "FlujoSQLiteError",
     "InvalidStateError",
     "InvalidTypeError",
+    "MissingKeyError",
     "SerializationError",
 ]
 
@@ -29,6 +30,14 @@ class FlujoSQLiteError(Exception):
 
 class InvalidStateError(FlujoSQLiteError, ValueError):
     """An argument or a state field has a value the store cannot accept. Nothing was written."""
+
+
+class MissingKeyError(InvalidStateError, KeyError):
+    """A state (or run or step record) lacks a key it needs. Also a ``KeyError``, which is
+    what Flujo's backend raises there. Nothing was written."""
+
+    # KeyError's own str() would show the message in quotes.
+    __str__ = BaseException.__str__
 
 
 class InvalidTypeError(InvalidStateError, TypeError):
@@ -56,7 +65,9 @@ class CorruptDatabaseError(DatabaseError):
 
 
 class BackendClosedError(FlujoSQLiteError, RuntimeError):
-    """The backend was closed; create a new one."""
+    """The backend cannot serve this call: the call raced its ``close()`` (call again: a call
+    after ``close()`` opens the file again), or the backend was inherited by a process made with
+    ``fork()`` (create a new one there)."""
 
 
 class ConfigurationError(FlujoSQLiteError, ValueError):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TypedDict, cast
 
 from . import _native
-from .backend import _OPEN_BACKENDS, _file_path, _installed_flujo_layout
+from .backend import _OPEN_ENGINES, _file_path, _installed_flujo_layout
 from .errors import InvalidStateError
 
 __all__ = ["RecoveryReport", "TableRecovery", "recover"]
@@ -79,9 +79,9 @@ async def recover(
 
 def _refuse_if_open(path: Path) -> None:
     target = path.resolve()
-    for backend in list(_OPEN_BACKENDS):
-        if Path(backend._native.path).resolve() == target:
+    for engine in list(_OPEN_ENGINES):
+        if Path(engine.path).resolve() == target:
             raise InvalidStateError(
-                f"{path} is open in {backend!r}; close it first (`await backend.close()`, or "
-                "leave its `async with` block), then call recover() again"
+                f"{path} is open in a SQLiteBackend of this process; close it first (`await "
+                "backend.close()`, or leave its `async with` block), then call recover() again"
             )

@@ -5,7 +5,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple, PyType};
 
-use super::errors::{invalid_state, invalid_type};
+use super::errors::{invalid_state, invalid_type, missing_key};
 use super::from_python::encode_json;
 use crate::model::{BackgroundFields, StateRecord, WorkflowQuery, WORKFLOW_STATUSES};
 use crate::sqlite::FreshLayout;
@@ -64,7 +64,7 @@ pub(crate) fn state_record(state: &Bound<'_, PyAny>) -> PyResult<StateRecord> {
     })?;
     let required = |key: &str| -> PyResult<Bound<'_, PyAny>> {
         state.get_item(key)?.ok_or_else(|| {
-            invalid_state(
+            missing_key(
                 py,
                 format!(
                     "state is missing the required key {key:?}; every state needs \
@@ -146,10 +146,11 @@ pub(crate) fn workflow_query(
     Ok(WorkflowQuery {
         status: optional_filter(status, "status")?,
         pipeline_id: optional_filter(pipeline_id, "pipeline_id")?,
-        limit: limit
-            .filter(|v| !v.is_none())
-            .map(|v| count(v, "limit"))
-            .transpose()?,
+        // A negative limit means "no limit", as in SQLite, which Flujo hands it to.
+        limit: match limit.filter(|v| !v.is_none()) {
+            Some(v) => u64::try_from(integer(v, "limit")?).ok(),
+            None => None,
+        },
         offset: offset
             .filter(|v| !v.is_none())
             .map(|v| count(v, "offset"))

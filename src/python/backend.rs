@@ -25,7 +25,8 @@ const LONE_READ_WAIT: Duration = Duration::from_micros(50);
 /// The same for a write when commits skip the fsync (`durability="normal"`: ~40-80 us).
 const LONE_QUICK_WRITE_WAIT: Duration = Duration::from_micros(150);
 
-#[pyclass(frozen, module = "flujo_sqlite._native")]
+// `weakref`: the Python layer keeps a weak set of the engines not closed yet.
+#[pyclass(frozen, weakref, module = "flujo_sqlite._native")]
 pub(crate) struct NativeBackend {
     engine: Arc<dyn StateEngine>,
     path: PathBuf,

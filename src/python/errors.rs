@@ -29,6 +29,7 @@ macro_rules! exception_class {
 
 exception_class!(invalid_state, "InvalidStateError");
 exception_class!(invalid_type, "InvalidTypeError");
+exception_class!(missing_key, "MissingKeyError");
 exception_class!(serialization_error, "SerializationError");
 exception_class!(database_error, "DatabaseError");
 exception_class!(database_locked, "DatabaseLockedError");

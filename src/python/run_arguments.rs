@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
 
 use super::arguments::{integer, real, run_id, text, timestamp_text, type_name};
-use super::errors::{invalid_state, invalid_type};
+use super::errors::{invalid_state, invalid_type, missing_key};
 use super::from_python::encode_json;
 use crate::model::{Evaluation, MetadataCondition, RunEnd, RunStart, SpanRecord, StepRecord};
 use crate::timestamp::now_text;
@@ -58,7 +58,7 @@ fn loose_text(value: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
 
 fn required<'py>(dict: &Bound<'py, PyDict>, key: &str, what: &str) -> PyResult<Bound<'py, PyAny>> {
     get(dict, &[key])?
-        .ok_or_else(|| invalid_state(dict.py(), format!("{what} needs the key {key:?}")))
+        .ok_or_else(|| missing_key(dict.py(), format!("{what} needs the key {key:?}")))
 }
 
 fn time_or_now(dict: &Bound<'_, PyDict>, keys: &[&str]) -> PyResult<String> {
