@@ -72,6 +72,11 @@ pub enum Error {
     #[error("this SQLiteBackend was closed while the call was being made; call again to open {path} again")]
     Closed { path: PathBuf },
 
+    /// A long request had done part of its work, which stays done, when `cause` stopped it.
+    /// Reported as `cause` is, with what was done added to the message.
+    #[error("{cause} ({done} before this, and that stays done)")]
+    Interrupted { done: String, cause: Box<Error> },
+
     /// Any other SQLite failure (disk full, read-only file, I/O error...).
     #[error("SQLite error on {path}: {detail}")]
     Storage { path: PathBuf, detail: String },

@@ -1190,3 +1190,57 @@ fn writes_to_a_file_moved_or_deleted_while_open_are_refused_not_acknowledged() {
         }
     }
 }
+
+/// Batches a cleanup committed stay committed when a later one fails; the error says how many.
+#[test]
+fn a_cleanup_stopped_by_an_error_says_how_many_states_it_had_deleted() {
+    let db = temp_db();
+    let e = engine(&db.path);
+    let (tx, rx) = mpsc::channel();
+    for i in 0..2500 {
+        let request = Request::SaveState {
+            run_id: format!("r{i}"),
+            record: Box::new(record(
+                "p",
+                "completed",
+                &utc_text(chrono::Duration::days(40)),
+            )),
+            expected_updated_at: None,
+        };
+        let tx = tx.clone();
+        e.submit(
+            request,
+            Box::new(move |outcome| tx.send(outcome.is_ok()).unwrap()),
+        );
+    }
+    drop(tx);
+    assert!(rx.iter().all(|ok| ok));
+    // Old, but the newest of the old ones, so that a later batch than the first meets it.
+    save(
+        &e,
+        "poison",
+        record("p", "completed", &utc_text(chrono::Duration::days(31))),
+    );
+    Connection::open(&db.path)
+        .unwrap()
+        .execute_batch(
+            "CREATE TRIGGER refuse BEFORE DELETE ON workflow_state WHEN old.run_id = 'poison' \
+             BEGIN SELECT RAISE(ABORT, 'this one stays'); END;",
+        )
+        .unwrap();
+
+    let error = call(&e, Request::CleanupOldWorkflows { days_old: 30.0 }).unwrap_err();
+    let Error::Interrupted { cause, .. } = &error else {
+        panic!("expected the deleted count with the error, got {error:?}")
+    };
+    assert!(cause.to_string().contains("this one stays"), "{cause}");
+    let remaining = stored_run_ids(&db.path).len();
+    let deleted = 2501 - remaining;
+    assert!(deleted > 0 && remaining > 1, "deleted {deleted}");
+    assert!(
+        error
+            .to_string()
+            .contains(&format!("had deleted {deleted} old states")),
+        "{error}"
+    );
+}

@@ -38,8 +38,13 @@ exception_class!(backend_closed, "BackendClosedError");
 exception_class!(conflict, "ConflictError");
 
 pub(crate) fn to_py_err(py: Python<'_>, error: &Error) -> PyErr {
-    let message = error.to_string();
-    match error {
+    raised_as(py, error, error.to_string())
+}
+
+/// The exception for `kind` of error, with `message`.
+fn raised_as(py: Python<'_>, kind: &Error, message: String) -> PyErr {
+    match kind {
+        Error::Interrupted { cause, .. } => raised_as(py, cause, message),
         Error::InvalidInput(_) => invalid_state(py, message),
         Error::Locked { .. } => database_locked(py, message),
         Error::Corrupt { .. } => corrupt_database(py, message),

@@ -246,7 +246,16 @@ impl Writer<'_> {
         let mut rows = CLEANUP_ROWS_FIRST;
         loop {
             let started = Instant::now();
-            let count = self.delete_batch(window, rows)?;
+            let count = match self.delete_batch(window, rows) {
+                Ok(count) => count,
+                Err(error) if deleted == 0 => return Err(error),
+                Err(error) => {
+                    return Err(Error::Interrupted {
+                        done: format!("cleanup_old_workflows had deleted {deleted} old states"),
+                        cause: Box::new(error),
+                    })
+                }
+            };
             deleted += count as u64;
             if count < rows {
                 return Ok(deleted);
