@@ -77,7 +77,11 @@ pub enum Error {
     #[error("{cause} ({done} before this, and that stays done)")]
     Interrupted { done: String, cause: Box<Error> },
 
-    /// Any other SQLite failure (disk full, read-only file, I/O error...).
+    /// The disk (or the file system's quota) has no room for what a write needs.
+    #[error("SQLite error on {path}: {detail}: free some space on the disk that holds it")]
+    DiskFull { path: PathBuf, detail: String },
+
+    /// Any other SQLite failure (read-only file, I/O error...).
     #[error("SQLite error on {path}: {detail}")]
     Storage { path: PathBuf, detail: String },
 }

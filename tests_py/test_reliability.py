@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -859,6 +860,54 @@ async def test_a_full_disk_that_leaves_no_room_for_the_shm_file_says_so(tmp_path
             assert matches(await backend.load_state("r"), "r", 0)
         finally:
             await backend.close()
+
+
+async def test_a_cleanup_on_a_nearly_full_disk_makes_room_as_it_goes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cleanup's WAL grows until its end (one checkpoint then copies each page back once). On
+    a disk with little room left it used to fail partway, where plain small deletes with
+    checkpoints between them get through; now it checkpoints when the disk is full and goes on
+    in smaller batches."""
+    mount_point = tmp_path / "tiny"
+    with tiny_tmpfs(mount_point, "64m"):
+        db_path = mount_point / "wf.db"
+        now = datetime.now(UTC)
+        context = {"notes": "x" * 1500}  # ~14 MB of file in all
+        # Random run ids and spread times: each batch touches pages all over the indexes.
+        old = {hashlib.sha1(str(i).encode()).hexdigest(): i for i in range(6000)}
+        async with SQLiteBackend(db_path) as backend:
+            items = list(old.items())
+            for start in range(0, len(items), 500):
+                await asyncio.gather(
+                    *(
+                        backend.save_state(
+                            run_id,
+                            {
+                                **state_for("old", 0),
+                                "pipeline_context": context,
+                                "created_at": now - timedelta(days=60, minutes=i * 7919 % 6000),
+                            },
+                        )
+                        for run_id, i in items[start : start + 500]
+                    )
+                )
+            for i in range(20):
+                await backend.save_state(
+                    f"new-{i}", {**state_for(f"new-{i}", 0), "created_at": now}
+                )
+        free = os.statvfs(mount_point).f_bavail * os.statvfs(mount_point).f_frsize
+        filler = mount_point / "other-files"
+        filler.write_bytes(b"\0" * max(0, free - 1500 * 1024))
+        caplog.set_level("WARNING", logger="flujo_sqlite")
+        async with SQLiteBackend(db_path) as backend:
+            assert await backend.cleanup_old_workflows(30) == 6000
+            assert sorted(r["run_id"] for r in await backend.list_workflows()) == sorted(
+                f"new-{i}" for i in range(20)
+            )
+        assert "the disk is full" in caplog.text  # the path under test was taken
+        filler.unlink()
+        assert integrity(db_path) == "ok"
 
 
 async def test_a_full_disk_under_concurrent_saves_fails_exactly_the_saves_it_reports(

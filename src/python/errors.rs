@@ -53,6 +53,7 @@ fn raised_as(py: Python<'_>, kind: &Error, message: String) -> PyErr {
         Error::CannotOpen { .. }
         | Error::SchemaTooNew { .. }
         | Error::FileReplaced { .. }
+        | Error::DiskFull { .. }
         | Error::Storage { .. } => database_error(py, message),
     }
 }

@@ -143,6 +143,10 @@ pub(crate) fn classify(path: &Path, error: rusqlite::Error) -> Error {
             path: path.to_owned(),
             detail,
         },
+        Some(ErrorCode::DiskFull) => Error::DiskFull {
+            path: path.to_owned(),
+            detail,
+        },
         Some(ErrorCode::CannotOpen) => Error::CannotOpen {
             path: path.to_owned(),
             detail: cannot_open_hint(path, detail),
@@ -174,7 +178,6 @@ fn storage_hint(path: &Path, extended_code: i32, detail: String) -> String {
             "{detail}: the folder {folder} must be writable, as SQLite keeps the -wal and -shm \
              files beside the database"
         ),
-        ffi::SQLITE_FULL => format!("{detail}: free some space on the disk that holds {folder}"),
         _ => detail,
     }
 }

@@ -244,10 +244,25 @@ impl Writer<'_> {
     fn delete_old(&mut self, window: &TimeWindow, jobs: &Receiver<Job>) -> Result<u64> {
         let mut deleted: u64 = 0;
         let mut rows = CLEANUP_ROWS_FIRST;
+        let mut checkpointed_for_room = false;
         loop {
             let started = Instant::now();
             let count = match self.delete_batch(window, rows) {
                 Ok(count) => count,
+                // The WAL grows through a cleanup, as its checkpoint waits for the end: on a disk
+                // that fills up, copy it back now, so that the next, smaller batches reuse its
+                // space (run ids are random, so even a few hundred deletions touch thousands of
+                // index pages). Only a full disk for a batch of one row stops the cleanup.
+                Err(Error::DiskFull { .. }) if !checkpointed_for_room || rows > 1 => {
+                    log::warn!(
+                        "cleanup: the disk is full after {deleted} deletions; checkpointing \
+                         the WAL to reuse its space and going on in smaller batches"
+                    );
+                    self.checkpoint_here();
+                    checkpointed_for_room = true;
+                    rows = (rows / 4).max(1);
+                    continue;
+                }
                 Err(error) if deleted == 0 => return Err(error),
                 Err(error) => {
                     return Err(Error::Interrupted {
@@ -257,6 +272,7 @@ impl Writer<'_> {
                 }
             };
             deleted += count as u64;
+            checkpointed_for_room = false;
             if count < rows {
                 return Ok(deleted);
             }
@@ -313,6 +329,19 @@ impl Writer<'_> {
         });
         if let Err(error) = restored {
             log::warn!("cannot turn automatic checkpoints back on: {error}");
+        }
+    }
+
+    /// Copies the WAL back into the database file on the writer's own connection, so that the
+    /// next write starts the WAL over (PASSIVE: readers are not waited for).
+    fn checkpoint_here(&mut self) {
+        let path = self.shared.options.path.clone();
+        let checkpointed = self.ready(Instant::now()).and_then(|(conn, _)| {
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                .map_err(|e| classify(&path, e))
+        });
+        if let Err(error) = checkpointed {
+            log::warn!("checkpoint during cleanup failed: {error}");
         }
     }
 
