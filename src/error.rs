@@ -44,6 +44,14 @@ pub enum Error {
         supported: i64,
     },
 
+    /// The file holds a `workflow_state` table that is not Flujo's; nothing was changed.
+    #[error(
+        "{path} has a table named workflow_state that is not Flujo's (it has no run_id column), \
+         so it belongs to another application; flujo-sqlite changed nothing in the file. Give \
+         the backend a file of its own"
+    )]
+    NotFlujo { path: PathBuf },
+
     /// A conditional save found the run changed (or gone) since the caller read it.
     #[error(
         "run {run_id:?} was changed by another writer: its stored updated_at is {found}, not \

@@ -810,6 +810,41 @@ fn a_newer_schema_version_is_refused() {
     );
 }
 
+/// Completing another application's `workflow_state` with Flujo's 19 columns damaged it and
+/// then failed anyway ("no such column: run_id").
+#[test]
+fn a_workflow_state_table_that_is_not_flujos_is_refused_and_the_file_left_unchanged() {
+    let db = temp_db();
+    Connection::open(&db.path)
+        .unwrap()
+        .execute_batch(
+            "CREATE TABLE workflow_state (id INTEGER PRIMARY KEY, step TEXT, payload BLOB);
+             INSERT INTO workflow_state (step, payload) VALUES ('draft', x'00ff');",
+        )
+        .unwrap();
+    let before = std::fs::read(&db.path).unwrap();
+    let e = engine(&db.path);
+    for request in [
+        Request::LoadState { run_id: "r".into() },
+        Request::SaveState {
+            run_id: "r".into(),
+            record: Box::new(record("p", "running", &utc_text(chrono::Duration::zero()))),
+            expected_updated_at: None,
+        },
+    ] {
+        let error = call(&e, request).unwrap_err();
+        assert!(matches!(error, Error::NotFlujo { .. }), "{error:?}");
+        assert!(error.to_string().contains("changed nothing"), "{error}");
+    }
+    e.close();
+    assert_eq!(std::fs::read(&db.path).unwrap(), before);
+    let (tables, _, mode) = tables_and_version(&db.path);
+    assert_eq!(
+        (tables, mode.as_str()),
+        (vec!["workflow_state".to_string()], "delete")
+    );
+}
+
 #[test]
 fn a_lock_held_too_long_gives_a_locked_error() {
     let db = temp_db();

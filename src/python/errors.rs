@@ -54,6 +54,7 @@ fn raised_as(py: Python<'_>, kind: &Error, message: String) -> PyErr {
         | Error::SchemaTooNew { .. }
         | Error::FileReplaced { .. }
         | Error::DiskFull { .. }
+        | Error::NotFlujo { .. }
         | Error::Storage { .. } => database_error(py, message),
     }
 }

@@ -373,6 +373,14 @@ pub(crate) fn prepare(conn: &mut Connection, options: &SqliteOptions) -> Result<
             supported: NEWEST_KNOWN_USER_VERSION,
         });
     }
+    // Every Flujo release keys its states by run_id. A table of that name without it belongs
+    // to some other application, and completing it with Flujo's columns would damage it.
+    let state_columns = columns(conn, "workflow_state").map_err(fail)?;
+    if !state_columns.is_empty() && !state_columns.contains("run_id") {
+        return Err(Error::NotFlujo {
+            path: options.path.clone(),
+        });
+    }
     let journal_mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .map_err(fail)?;
