@@ -388,14 +388,28 @@ pub(crate) fn list_runs(
     values.push(Value::Integer(
         i64::try_from(query.offset).unwrap_or(i64::MAX),
     ));
+    let (end_time, total_cost) = if c.contains("start_time") {
+        (
+            column_or_null_prefixed(c, "end_time"),
+            column_or_null_prefixed(c, "total_cost"),
+        )
+    } else {
+        // Flujo 0.6.11's layout, whose list always gives a number and a time there: 0.0 for
+        // a run without a cost, and the run's last update for one without an end.
+        (
+            format!(
+                "coalesce(nullif({}, ''), r.updated_at)",
+                column_or_null_prefixed(c, "end_time")
+            ),
+            format!("coalesce({}, 0.0)", column_or_null_prefixed(c, "total_cost")),
+        )
+    };
     let sql = format!(
         "SELECT r.run_id, {SHOWN_PIPELINE_NAME}, \
          coalesce(w.pipeline_version, r.pipeline_version), coalesce(w.status, r.status), \
-         {started}, {}, {}, {}, {}, w.metadata \
+         {started}, {end_time}, {total_cost}, {}, {}, w.metadata \
          FROM runs r LEFT JOIN workflow_state w ON w.run_id = r.run_id {filter} \
          ORDER BY {started} DESC, r.rowid DESC LIMIT ?{} OFFSET ?{}",
-        column_or_null_prefixed(c, "end_time"),
-        column_or_null_prefixed(c, "total_cost"),
         first_present(c, "r.", &["created_at", "start_time"]),
         first_present(c, "r.", &["updated_at", "end_time", "start_time"]),
         values.len() - 1,
