@@ -145,6 +145,10 @@ pub trait StateEngine: Send + Sync {
     /// After `close`, `done` is called at once with `Error::Closed`.
     fn submit(&self, request: Request, done: Completion);
 
-    /// Finish the work already queued, then stop the engine's threads. Idempotent; blocks.
+    /// Finish the work already queued, then stop the engine's threads. Idempotent; blocks
+    /// until the work is done, also when another `close` is already under way.
     fn close(&self);
+
+    /// Whether a `close` has finished: the queued work is done and the file released.
+    fn is_closed(&self) -> bool;
 }

@@ -68,10 +68,10 @@ pub enum Error {
     /// it. Writes are refused from then on, since they would go into a file nobody will find.
     #[error(
         "database {path} was moved, replaced or deleted while this backend had it open, so \
-         this write was not stored (nor written anywhere else). flujo-sqlite never moves your \
-         file; another program did (Flujo's own backend moves a file it cannot open aside as \
-         `<name>.corrupt.<timestamp>`). Put the file back or decide which one to keep, then \
-         create a new backend"
+         this write was not stored (nor written anywhere else). A backend never moves its own \
+         file: another program did, or a `recover()` you ran elsewhere (Flujo's own backend \
+         moves a file it cannot open aside as `<name>.corrupt.<timestamp>`). Put the file back \
+         or decide which one to keep, then create a new backend"
     )]
     FileReplaced { path: PathBuf },
 

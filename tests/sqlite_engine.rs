@@ -939,7 +939,9 @@ fn a_closed_engine_refuses_work_and_close_is_idempotent() {
         "r1",
         record("p", "running", &utc_text(chrono::Duration::zero())),
     );
+    assert!(!e.is_closed());
     e.close();
+    assert!(e.is_closed());
     e.close();
     assert!(matches!(
         call(&e, Request::WorkflowStats),
@@ -1202,13 +1204,15 @@ fn writes_to_a_file_moved_or_deleted_while_open_are_refused_not_acknowledged() {
             "{how}: {cleanup:?}"
         );
         for _ in 0..4 {
-            // Whichever reader serves it, a load must not create a file at the path.
-            let _ = call(
-                &e,
-                Request::LoadState {
-                    run_id: "before".into(),
-                },
-            );
+            // Whichever reader serves it, a load must not create a file at the path. A reader
+            // that connects only now says why it cannot; one connected before reads on.
+            let load = Request::LoadState {
+                run_id: "before".into(),
+            };
+            match call(&e, load) {
+                Ok(_) | Err(Error::FileReplaced { .. }) => {}
+                Err(other) => panic!("{how}: a load after the move failed with {other:?}"),
+            }
         }
         e.close();
 
@@ -1278,4 +1282,71 @@ fn a_cleanup_stopped_by_an_error_says_how_many_states_it_had_deleted() {
             .contains(&format!("had deleted {deleted} old states")),
         "{error}"
     );
+}
+
+/// The same while the file is being prepared: jobs that land in one batch behind a caller that
+/// gave up each wait for their own `lock_wait`, not the oldest one's.
+#[test]
+fn jobs_batched_while_the_file_cannot_be_prepared_each_wait_their_own_lock_wait() {
+    let db = temp_db();
+    let holder = Connection::open(&db.path).unwrap();
+    holder
+        .execute_batch(
+            "CREATE TABLE unrelated (x); BEGIN EXCLUSIVE; INSERT INTO unrelated VALUES (1);",
+        )
+        .unwrap();
+    let mut options = SqliteOptions::new(&db.path);
+    options.lock_wait = Duration::from_secs(1);
+    let e = std::sync::Arc::new(SqliteEngine::start(options).unwrap());
+    let timed_save = |run_id: &'static str| {
+        let e = std::sync::Arc::clone(&e);
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let outcome = call(
+                &e,
+                Request::SaveState {
+                    run_id: run_id.into(),
+                    record: Box::new(record("p", "running", &utc_text(chrono::Duration::zero()))),
+                    expected_updated_at: None,
+                },
+            );
+            (outcome, started.elapsed())
+        })
+    };
+    let first = timed_save("first");
+    std::thread::sleep(Duration::from_millis(500));
+    let second = timed_save("second");
+    std::thread::sleep(Duration::from_millis(450));
+    let third = timed_save("third");
+    let results = [first, second, third].map(|t| t.join().unwrap());
+    holder.execute_batch("ROLLBACK").unwrap();
+
+    for (outcome, took) in &results {
+        match outcome {
+            Err(Error::Locked { waited, .. }) => {
+                assert!(*waited >= Duration::from_secs(1), "reported {waited:?}");
+                // The third used to fail with the second, after ~0.55 s of its own.
+                assert!(*took >= Duration::from_millis(950), "failed after {took:?}");
+            }
+            other => panic!("expected a lock error, got {other:?}"),
+        }
+    }
+}
+
+/// Column names are case-insensitive in SQLite: a `RUN_ID` column is Flujo's `run_id`.
+#[test]
+fn a_run_id_column_spelled_in_capitals_is_still_flujos() {
+    let db = temp_db();
+    Connection::open(&db.path)
+        .unwrap()
+        .execute_batch("CREATE TABLE workflow_state (RUN_ID TEXT PRIMARY KEY)")
+        .unwrap();
+    let e = engine(&db.path);
+    save(
+        &e,
+        "r",
+        record("p", "running", &utc_text(chrono::Duration::zero())),
+    );
+    e.close();
+    assert_eq!(stored_run_ids(&db.path), ["r"]);
 }

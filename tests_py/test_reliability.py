@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flujo_sqlite import SQLiteBackend
+from flujo_sqlite import SQLiteBackend, recover
 from flujo_sqlite.errors import (
     BackendClosedError,
     CorruptDatabaseError,
     DatabaseError,
     DatabaseLockedError,
     FlujoSQLiteError,
+    InvalidStateError,
 )
 
 PROGRAMS = Path(__file__).parent / "programs"
@@ -381,6 +382,57 @@ async def test_lock_held_shorter_than_lock_timeout_is_waited_for(tmp_path: Path)
             await asyncio.wait_for(saving, 30)
             assert matches(await backend.load_state("waits"), "waits", 0)
     assert corrupt_siblings(tmp_path) == []
+
+
+async def test_a_call_after_close_never_overtakes_one_made_before_it(tmp_path: Path) -> None:
+    """A save queued (waiting for another process's lock) when ``close()`` is called, then a
+    save of the same run after it, on the engine the second call opens: the later one must be
+    what is stored, as with Flujo's backend, whose calls all go through one lock. The new
+    engine used to race the closing one for the lock, and won in 14 of 20 rounds."""
+    db_path = tmp_path / "wf.db"
+    await seed_database(db_path, "seed")
+    backend = SQLiteBackend(db_path, lock_timeout=30)
+    await backend.load_state("seed")  # the file is prepared
+    with lock_held(db_path) as holder:
+        first = asyncio.ensure_future(backend.save_state("run", state_for("run", 1)))
+        await asyncio.sleep(0.2)
+        closing = asyncio.ensure_future(backend.close())
+        await asyncio.sleep(0)
+        # On the engine that the call opens: it must see the save made before the close.
+        loaded = asyncio.ensure_future(backend.load_state("run"))
+        second = asyncio.ensure_future(backend.save_state("run", state_for("run", 2)))
+        await asyncio.sleep(0.3)
+        assert not first.done() and not loaded.done() and not second.done()
+        holder.release()
+        await asyncio.wait_for(asyncio.gather(first, closing, loaded, second), 30)
+    assert loaded.result() is not None, "a load after close() missed a save made before it"
+    assert matches(await backend.load_state("run"), "run", 2)
+    await backend.close()
+
+
+async def test_close_while_another_close_is_under_way_waits_for_it_too(tmp_path: Path) -> None:
+    """The README promises that close() finishes the queued writes; a second close() (or
+    close_sync) during the first used to return at once, and recover() then still found the
+    file open. A close that was cancelled keeps the file counted as open until it is done."""
+    db_path = tmp_path / "wf.db"
+    await seed_database(db_path, "seed")
+    backend = SQLiteBackend(db_path, lock_timeout=30)
+    await backend.load_state("seed")
+    with lock_held(db_path) as holder:
+        queued = asyncio.ensure_future(backend.save_state("queued", state_for("queued", 0)))
+        await asyncio.sleep(0.2)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(backend.close(), 0.2)  # cancelled; the close goes on
+        with pytest.raises(InvalidStateError, match="close it first"):
+            await recover(db_path)
+        second = asyncio.ensure_future(backend.close())
+        await asyncio.sleep(0.3)
+        assert not second.done(), "a second close() returned before the queued save was done"
+        holder.release()
+        await asyncio.wait_for(second, 30)
+        assert queued.done() and queued.exception() is None
+    async with SQLiteBackend(db_path) as check:
+        assert matches(await check.load_state("queued"), "queued", 0)
 
 
 async def test_lock_on_a_fresh_file_is_not_mistaken_for_corruption(tmp_path: Path) -> None:

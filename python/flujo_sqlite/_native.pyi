@@ -37,9 +37,12 @@ class NativeBackend:
         lock_timeout: float,
         readers: int = 2,
         fresh_layout: str = "flujo-0.6",
+        after: NativeBackend | None = None,
     ) -> NativeBackend: ...
     @property
     def path(self) -> str: ...
+    @property
+    def closed(self) -> bool: ...
     def save_state(
         self,
         port: CompletionPort,

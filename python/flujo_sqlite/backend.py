@@ -41,8 +41,8 @@ __all__ = ["SQLiteBackend"]
 _PORTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, CompletionPort] = (
     weakref.WeakKeyDictionary()
 )
-# Engines not closed yet, whichever backend they belong to (a closing backend's engine stays
-# here until it is done), so that exit and recover() find them all.
+# Every engine still in use or closing, whichever backend it belongs to, so that exit and
+# recover() find them all (`engine.closed` tells which have released their file).
 _OPEN_ENGINES: weakref.WeakSet[NativeBackend] = weakref.WeakSet()
 _BACKENDS: weakref.WeakSet[SQLiteBackend] = weakref.WeakSet()
 
@@ -103,17 +103,20 @@ def _close_open_backends() -> None:
 
 
 class _ReopenOnUse:
-    """Stands in for the engine of a closed backend. Flujo's backend opens its file again on
-    the next call after ``close()``, and code written for it relies on that (a fixture that
-    closes a shared backend, two ``async with`` blocks on one instance): so does ours."""
+    """Stands in for the engine of a closed (or closing) backend. Flujo's backend opens its
+    file again on the next call after ``close()``, and code written for it relies on that (a
+    fixture that closes a shared backend, two ``async with`` blocks on one instance): so does
+    ours. The new engine serves nothing before the closing one has done its queued work, so a
+    call never overtakes one made before the ``close()``."""
 
-    __slots__ = ("_backend",)
+    __slots__ = ("_backend", "closing")
 
-    def __init__(self, backend: SQLiteBackend) -> None:
+    def __init__(self, backend: SQLiteBackend, closing: NativeBackend) -> None:
         self._backend = backend
+        self.closing = closing
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._backend._open_engine(), name)
+        return getattr(self._backend._open_engine(after=self.closing), name)
 
 
 class SQLiteBackend(_Base):
@@ -148,8 +151,8 @@ class SQLiteBackend(_Base):
         self._native: NativeBackend | _ReopenOnUse = self._open_engine()
         _BACKENDS.add(self)
 
-    def _open_engine(self) -> NativeBackend:
-        engine = NativeBackend(os.fspath(self.db_path), **self._engine_options)
+    def _open_engine(self, after: NativeBackend | None = None) -> NativeBackend:
+        engine = NativeBackend(os.fspath(self.db_path), after=after, **self._engine_options)
         _OPEN_ENGINES.add(engine)
         self._native = engine
         return engine
@@ -351,19 +354,19 @@ class SQLiteBackend(_Base):
         again, as with Flujo's backend."""
         engine = self._native
         if isinstance(engine, _ReopenOnUse):
-            return
-        self._native = _ReopenOnUse(self)
+            engine = engine.closing  # closed, or closing: wait for it to be done
+        else:
+            self._native = _ReopenOnUse(self, engine)
         await engine.close(_port())
-        _OPEN_ENGINES.discard(engine)
 
     def close_sync(self) -> None:
         """:meth:`close` for synchronous code (Flujo 0.6's name); waits without the GIL."""
         engine = self._native
         if isinstance(engine, _ReopenOnUse):
-            return
-        self._native = _ReopenOnUse(self)
+            engine = engine.closing  # closed, or closing: wait for it to be done
+        else:
+            self._native = _ReopenOnUse(self, engine)
         engine.close_blocking()
-        _OPEN_ENGINES.discard(engine)
 
     @classmethod
     def shutdown_all(cls) -> None:

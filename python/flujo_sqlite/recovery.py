@@ -80,7 +80,7 @@ async def recover(
 def _refuse_if_open(path: Path) -> None:
     target = path.resolve()
     for engine in list(_OPEN_ENGINES):
-        if Path(engine.path).resolve() == target:
+        if not engine.closed and Path(engine.path).resolve() == target:
             raise InvalidStateError(
                 f"{path} is open in a SQLiteBackend of this process; close it first (`await "
                 "backend.close()`, or leave its `async with` block), then call recover() again"

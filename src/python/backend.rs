@@ -130,8 +130,10 @@ impl NativeBackend {
 
 #[pymethods]
 impl NativeBackend {
+    /// `after`: the engine this one replaces on the same file (a backend used again after
+    /// `close()`); nothing is served until the work queued on it is done.
     #[new]
-    #[pyo3(signature = (path, *, durability, lock_timeout, readers = 2, fresh_layout = "flujo-0.6"))]
+    #[pyo3(signature = (path, *, durability, lock_timeout, readers = 2, fresh_layout = "flujo-0.6", after = None))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
@@ -139,6 +141,7 @@ impl NativeBackend {
         lock_timeout: &Bound<'_, PyAny>,
         readers: usize,
         fresh_layout: &str,
+        after: Option<PyRef<'_, NativeBackend>>,
     ) -> PyResult<Self> {
         let durability = match arguments::text(durability, "durability")?.as_str() {
             "full" => Durability::Full,
@@ -166,7 +169,9 @@ impl NativeBackend {
         options.readers = readers;
         options.fresh_layout = fresh_layout;
         let path = options.path.clone();
-        let engine = SqliteEngine::start(options).map_err(|e| to_py_err(py, &e))?;
+        let predecessor = after.map(|previous| Arc::clone(&previous.engine));
+        let engine =
+            SqliteEngine::start_after(options, predecessor).map_err(|e| to_py_err(py, &e))?;
         Ok(NativeBackend {
             engine: Arc::new(engine),
             path,
@@ -179,6 +184,12 @@ impl NativeBackend {
     #[getter]
     fn path(&self) -> PathBuf {
         self.path.clone()
+    }
+
+    /// Whether a `close()` has finished: the queued writes are done and the file released.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.engine.is_closed()
     }
 
     #[pyo3(signature = (port, run_id, state, expected_updated_at = None))]

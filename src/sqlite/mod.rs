@@ -15,6 +15,7 @@ mod system;
 mod traces;
 mod writer;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -46,6 +47,9 @@ pub(crate) struct Shared {
     /// The file the layout was prepared on; every later connection and commit must find it
     /// still at the path.
     file: OnceLock<FileIdentity>,
+    /// An engine on the same file whose queued work must be done before this one serves any:
+    /// calls made after a backend's `close()` must not overtake the calls made before it.
+    predecessor: Mutex<Option<Arc<dyn StateEngine>>>,
 }
 
 impl Shared {
@@ -69,9 +73,24 @@ impl Shared {
 
     /// A connection to the database file, once the layout is prepared on it.
     fn open(&self, role: Role) -> Result<Connection> {
+        self.check_same_file()?; // a file gone since then was moved or deleted
         let conn = connection::open(&self.options, role)?;
         self.check_same_file()?;
         Ok(conn)
+    }
+
+    /// Waits until the predecessor, if any, has finished its queued work and released the file.
+    /// Every thread of this engine calls it before serving.
+    fn wait_for_predecessor(&self) {
+        let predecessor = self
+            .predecessor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(predecessor) = predecessor {
+            predecessor.close();
+            *self.predecessor.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
     }
 
     /// Fails when the path no longer names the file the layout was prepared on.
@@ -101,12 +120,22 @@ pub struct SqliteEngine {
     queues: RwLock<Option<Queues>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     path: std::path::PathBuf,
+    closed: AtomicBool,
 }
 
 impl SqliteEngine {
     /// Starts the engine's threads. The file is opened (and created or migrated) by the first
     /// request, so a problem with it is reported to that request's caller.
     pub fn start(options: SqliteOptions) -> Result<Self> {
+        Self::start_after(options, None)
+    }
+
+    /// Starts an engine that serves nothing until `predecessor`, an engine on the same file
+    /// that is being closed, has finished the work queued on it (closing it if need be).
+    pub fn start_after(
+        options: SqliteOptions,
+        predecessor: Option<Arc<dyn StateEngine>>,
+    ) -> Result<Self> {
         if options.readers == 0 {
             return Err(Error::InvalidInput("readers must be at least 1".into()));
         }
@@ -116,6 +145,7 @@ impl SqliteEngine {
             options,
             layout: Mutex::new(None),
             file: OnceLock::new(),
+            predecessor: Mutex::new(predecessor),
         });
         let (write_tx, write_rx) = crossbeam_channel::unbounded();
         let (read_tx, read_rx) = crossbeam_channel::unbounded();
@@ -130,6 +160,7 @@ impl SqliteEngine {
             })),
             threads: Mutex::new(threads),
             path,
+            closed: AtomicBool::new(false),
         })
     }
 }
@@ -181,6 +212,11 @@ impl StateEngine for SqliteEngine {
                 log::error!("a flujo-sqlite engine thread panicked while closing");
             }
         }
+        self.closed.store(true, Ordering::Release);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 }
 

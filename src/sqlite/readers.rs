@@ -39,6 +39,7 @@ pub(super) fn spawn(
 }
 
 fn serve(shared: &Shared, jobs: &Receiver<ReadJob>) {
+    shared.wait_for_predecessor();
     let mut conn: Option<Connection> = None;
     while let Some(job) = spin::next(jobs) {
         let submitted = match &job {

@@ -401,7 +401,10 @@ pub(crate) fn list_runs(
                 "coalesce(nullif({}, ''), r.updated_at)",
                 column_or_null_prefixed(c, "end_time")
             ),
-            format!("coalesce({}, 0.0)", column_or_null_prefixed(c, "total_cost")),
+            format!(
+                "coalesce({}, 0.0)",
+                column_or_null_prefixed(c, "total_cost")
+            ),
         )
     };
     let sql = format!(

@@ -376,7 +376,10 @@ pub(crate) fn prepare(conn: &mut Connection, options: &SqliteOptions) -> Result<
     // Every Flujo release keys its states by run_id. A table of that name without it belongs
     // to some other application, and completing it with Flujo's columns would damage it.
     let state_columns = columns(conn, "workflow_state").map_err(fail)?;
-    if !state_columns.is_empty() && !state_columns.contains("run_id") {
+    let has_run_id = state_columns
+        .iter()
+        .any(|c| c.eq_ignore_ascii_case("run_id"));
+    if !state_columns.is_empty() && !has_run_id {
         return Err(Error::NotFlujo {
             path: options.path.clone(),
         });

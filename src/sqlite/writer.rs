@@ -71,6 +71,7 @@ struct Writer<'a> {
 
 impl Writer<'_> {
     fn serve(mut self, jobs: &Receiver<Job>) {
+        self.shared.wait_for_predecessor();
         loop {
             let first = match self.cleanups.pop_front() {
                 Some(job) => job,
@@ -118,23 +119,29 @@ impl Writer<'_> {
         let shared = self.shared;
         let options = &shared.options;
         let oldest = |batch: &[Job]| batch.iter().map(|job| job.submitted).min();
-        let (conn, layout) = match self.ready(oldest(&batch).unwrap_or_else(Instant::now)) {
-            Ok(ready) => ready,
-            Err(error) => return fail_all(batch, &error),
-        };
-        // Each caller waits for another connection's lock for `lock_wait` from its own call:
-        // when the oldest has waited that long, it alone fails and the rest go on waiting.
-        while let Some(since) = oldest(&batch) {
-            let begin = retry_while_locked(options, since, || {
-                conn.execute_batch("BEGIN IMMEDIATE")
-                    .map_err(|e| classify(&options.path, e))
+        // Each caller waits for another connection's lock (to prepare the file, or to begin)
+        // for `lock_wait` from its own call: when the oldest has waited that long, it alone
+        // fails and the rest go on waiting.
+        let layout = loop {
+            let Some(since) = oldest(&batch) else {
+                return;
+            };
+            let begun = self.ready(since).and_then(|(conn, layout)| {
+                retry_while_locked(options, since, || {
+                    conn.execute_batch("BEGIN IMMEDIATE")
+                        .map_err(|e| classify(&options.path, e))
+                })?;
+                Ok(layout)
             });
-            match begin {
-                Ok(()) => break,
-                Err(Error::Locked { .. }) => {
-                    let (expired, waiting) = batch
+            match begun {
+                Ok(layout) => break layout,
+                Err(error @ Error::Locked { .. }) => {
+                    let (expired, waiting): (Vec<Job>, Vec<Job>) = batch
                         .into_iter()
                         .partition(|job| job.submitted.elapsed() >= options.lock_wait);
+                    if expired.is_empty() {
+                        return fail_all(waiting, &error); // not from a wait: no retry helps
+                    }
                     batch = waiting;
                     for job in expired {
                         let waited = job.submitted.elapsed();
@@ -146,10 +153,8 @@ impl Writer<'_> {
                 }
                 Err(error) => return fail_all(batch, &error),
             }
-        }
-        if batch.is_empty() {
-            return;
-        }
+        };
+        let conn = self.conn.as_mut().expect("opened by `ready`");
         // A savepoint per write lets one write fail without undoing the others in its batch. A
         // write alone in its transaction (every sequential save) does without: rolling the
         // transaction back undoes it as well, and skipping the savepoint's statements and the
