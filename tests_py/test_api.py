@@ -900,6 +900,24 @@ async def test_close_is_idempotent_and_shutdown_close_sync_and_shutdown_all_clos
     await third.close()
 
 
+@needs_proc
+async def test_calls_that_reopen_at_once_open_one_engine(db_path: Path) -> None:
+    """Two threads may both hold the closed backend's stand-in when they call: the second must
+    use the engine the first opened, not open another."""
+    before = engine_threads()
+    backend = SQLiteBackend(db_path)
+    await backend.save_state("r", build_state())
+    await backend.close()
+    stand_in = backend._native
+    await backend.load_state("r")  # the first caller opens the file again
+    opened = engine_threads()
+    assert stand_in.load_state is not None  # the second, late, through the old stand-in
+    assert backend._native is not stand_in
+    assert engine_threads() == opened and len(opened) > len(before)
+    await backend.close()
+    assert engine_threads() == before
+
+
 async def test_close_before_any_use(db_path: Path) -> None:
     backend = SQLiteBackend(db_path)
     await backend.close()

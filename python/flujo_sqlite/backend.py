@@ -12,6 +12,7 @@ import asyncio
 import atexit
 import importlib.metadata
 import os
+import threading
 import weakref
 from datetime import datetime
 from pathlib import Path
@@ -45,6 +46,7 @@ _PORTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, CompletionPort] = (
 # recover() find them all (`engine.closed` tells which have released their file).
 _OPEN_ENGINES: weakref.WeakSet[NativeBackend] = weakref.WeakSet()
 _BACKENDS: weakref.WeakSet[SQLiteBackend] = weakref.WeakSet()
+_REOPENING = threading.RLock()
 
 
 def _port() -> CompletionPort:
@@ -116,7 +118,7 @@ class _ReopenOnUse:
         self.closing = closing
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._backend._open_engine(after=self.closing), name)
+        return getattr(self._backend._reopen(self), name)
 
 
 class SQLiteBackend(_Base):
@@ -150,6 +152,14 @@ class SQLiteBackend(_Base):
         }
         self._native: NativeBackend | _ReopenOnUse = self._open_engine()
         _BACKENDS.add(self)
+
+    def _reopen(self, closed: _ReopenOnUse) -> NativeBackend:
+        """The engine that replaces ``closed``, opened once however many threads ask at once."""
+        with _REOPENING:
+            current = self._native
+            if current is not closed:
+                return current if isinstance(current, NativeBackend) else self._reopen(current)
+            return self._open_engine(after=closed.closing)
 
     def _open_engine(self, after: NativeBackend | None = None) -> NativeBackend:
         engine = NativeBackend(os.fspath(self.db_path), after=after, **self._engine_options)
