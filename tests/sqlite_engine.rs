@@ -65,6 +65,25 @@ fn save(engine: &SqliteEngine, run_id: &str, record: StateRecord) {
     .unwrap();
 }
 
+/// Queues every save at once, so that they commit in groups, and waits until all are stored.
+fn save_all(engine: &SqliteEngine, runs: impl Iterator<Item = (String, StateRecord)>) {
+    let (tx, rx) = mpsc::channel();
+    for (run_id, record) in runs {
+        let request = Request::SaveState {
+            run_id,
+            record: Box::new(record),
+            expected_updated_at: None,
+        };
+        let tx = tx.clone();
+        engine.submit(
+            request,
+            Box::new(move |outcome| tx.send(outcome.is_ok()).unwrap()),
+        );
+    }
+    drop(tx);
+    assert!(rx.iter().all(|ok| ok));
+}
+
 fn listed_ids(response: Response) -> Vec<String> {
     let Response::Workflows(items) = response else {
         panic!("not a list: {response:?}")
@@ -93,6 +112,11 @@ fn temp_db() -> TempDb {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("wf.db");
     TempDb { _dir: dir, path }
+}
+
+/// Runs `sql` on the file at `path` with a connection of its own (as another program would).
+fn run_sql(path: &Path, sql: &str) {
+    Connection::open(path).unwrap().execute_batch(sql).unwrap();
 }
 
 fn tables_and_version(path: &Path) -> (Vec<String>, i64, String) {
@@ -471,26 +495,17 @@ fn time_windows_are_exact_for_our_format_and_flujos() {
 fn cleanup_deletes_in_batches_and_counts_every_row() {
     let db = temp_db();
     let e = engine(&db.path);
-    let (tx, rx) = mpsc::channel();
-    for i in 0..5000 {
-        let age = if i % 2 == 0 {
-            chrono::Duration::days(40)
-        } else {
-            chrono::Duration::days(1)
-        };
-        let request = Request::SaveState {
-            run_id: format!("r{i}"),
-            record: Box::new(record("p", "completed", &utc_text(age))),
-            expected_updated_at: None,
-        };
-        let tx = tx.clone();
-        e.submit(
-            request,
-            Box::new(move |outcome| tx.send(outcome.is_ok()).unwrap()),
-        );
-    }
-    drop(tx);
-    assert!(rx.iter().all(|ok| ok));
+    save_all(
+        &e,
+        (0..5000).map(|i| {
+            let age = if i % 2 == 0 {
+                chrono::Duration::days(40)
+            } else {
+                chrono::Duration::days(1)
+            };
+            (format!("r{i}"), record("p", "completed", &utc_text(age)))
+        }),
+    );
     assert_eq!(
         call(&e, Request::CleanupOldWorkflows { days_old: 30.0 }).unwrap(),
         Response::Count(2500)
@@ -798,10 +813,7 @@ fn a_file_that_is_not_a_database_is_reported_and_left_untouched() {
 #[test]
 fn a_newer_schema_version_is_refused() {
     let db = temp_db();
-    Connection::open(&db.path)
-        .unwrap()
-        .execute_batch("PRAGMA user_version = 7")
-        .unwrap();
+    run_sql(&db.path, "PRAGMA user_version = 7");
     let e = engine(&db.path);
     let error = call(&e, Request::WorkflowStats).unwrap_err();
     assert!(
@@ -815,13 +827,11 @@ fn a_newer_schema_version_is_refused() {
 #[test]
 fn a_workflow_state_table_that_is_not_flujos_is_refused_and_the_file_left_unchanged() {
     let db = temp_db();
-    Connection::open(&db.path)
-        .unwrap()
-        .execute_batch(
-            "CREATE TABLE workflow_state (id INTEGER PRIMARY KEY, step TEXT, payload BLOB);
+    run_sql(
+        &db.path,
+        "CREATE TABLE workflow_state (id INTEGER PRIMARY KEY, step TEXT, payload BLOB);
              INSERT INTO workflow_state (step, payload) VALUES ('draft', x'00ff');",
-        )
-        .unwrap();
+    );
     let before = std::fs::read(&db.path).unwrap();
     let e = engine(&db.path);
     for request in [
@@ -845,13 +855,13 @@ fn a_workflow_state_table_that_is_not_flujos_is_refused_and_the_file_left_unchan
     );
 }
 
-#[test]
-fn a_lock_held_too_long_gives_a_locked_error() {
+/// An engine that gives up on a lock after `lock_wait`, with one run saved, and another
+/// connection holding the file's write lock.
+fn engine_behind_a_lock(lock_wait: Duration) -> (TempDb, std::sync::Arc<SqliteEngine>, Connection) {
     let db = temp_db();
     let mut options = SqliteOptions::new(&db.path);
-    options.lock_wait = Duration::from_millis(300);
-    options.busy_timeout = Duration::from_millis(100);
-    let e = SqliteEngine::start(options).unwrap();
+    options.lock_wait = lock_wait;
+    let e = std::sync::Arc::new(SqliteEngine::start(options).unwrap());
     save(
         &e,
         "r1",
@@ -859,6 +869,12 @@ fn a_lock_held_too_long_gives_a_locked_error() {
     );
     let holder = Connection::open(&db.path).unwrap();
     holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    (db, e, holder)
+}
+
+#[test]
+fn a_lock_held_too_long_gives_a_locked_error() {
+    let (_db, e, holder) = engine_behind_a_lock(Duration::from_millis(300));
     let error = call(
         &e,
         Request::SaveState {
@@ -877,36 +893,32 @@ fn a_lock_held_too_long_gives_a_locked_error() {
     );
 }
 
+/// Saves `run_id` on a thread of its own; joining it gives the outcome and how long it took.
+fn save_on_a_thread(
+    e: &std::sync::Arc<SqliteEngine>,
+    run_id: &'static str,
+) -> std::thread::JoinHandle<(Result<Response, Error>, Duration)> {
+    let e = std::sync::Arc::clone(e);
+    std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let outcome = call(
+            &e,
+            Request::SaveState {
+                run_id: run_id.into(),
+                record: Box::new(record("p", "running", &utc_text(chrono::Duration::zero()))),
+                expected_updated_at: None,
+            },
+        );
+        (outcome, started.elapsed())
+    })
+}
+
 /// `lock_wait` bounds each call from the moment it was made. A call queued behind another that
 /// was waiting for the same lock used to start its own full wait only when that one gave up.
 #[test]
 fn a_call_queued_behind_one_waiting_for_a_lock_waits_lock_wait_in_all_not_twice() {
-    let db = temp_db();
-    let mut options = SqliteOptions::new(&db.path);
-    options.lock_wait = Duration::from_secs(2);
-    let e = std::sync::Arc::new(SqliteEngine::start(options).unwrap());
-    save(
-        &e,
-        "r1",
-        record("p", "running", &utc_text(chrono::Duration::zero())),
-    );
-    let holder = Connection::open(&db.path).unwrap();
-    holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
-    let timed_save = |run_id: &'static str| {
-        let e = std::sync::Arc::clone(&e);
-        std::thread::spawn(move || {
-            let started = std::time::Instant::now();
-            let outcome = call(
-                &e,
-                Request::SaveState {
-                    run_id: run_id.into(),
-                    record: Box::new(record("p", "running", &utc_text(chrono::Duration::zero()))),
-                    expected_updated_at: None,
-                },
-            );
-            (outcome, started.elapsed())
-        })
-    };
+    let (_db, e, holder) = engine_behind_a_lock(Duration::from_secs(2));
+    let timed_save = |run_id: &'static str| save_on_a_thread(&e, run_id);
     let first = timed_save("first");
     std::thread::sleep(Duration::from_millis(200));
     let second = timed_save("second").join().unwrap();
@@ -1180,10 +1192,7 @@ fn writes_to_a_file_moved_or_deleted_while_open_are_refused_not_acknowledged() {
             _ => {
                 // What Flujo's own backend does to a file it cannot open.
                 std::fs::rename(&db.path, &aside).unwrap();
-                Connection::open(&db.path)
-                    .unwrap()
-                    .execute_batch("CREATE TABLE fresh (x)")
-                    .unwrap();
+                run_sql(&db.path, "CREATE TABLE fresh (x)");
             }
         }
 
@@ -1235,38 +1244,22 @@ fn writes_to_a_file_moved_or_deleted_while_open_are_refused_not_acknowledged() {
 fn a_cleanup_stopped_by_an_error_says_how_many_states_it_had_deleted() {
     let db = temp_db();
     let e = engine(&db.path);
-    let (tx, rx) = mpsc::channel();
-    for i in 0..2500 {
-        let request = Request::SaveState {
-            run_id: format!("r{i}"),
-            record: Box::new(record(
-                "p",
-                "completed",
-                &utc_text(chrono::Duration::days(40)),
-            )),
-            expected_updated_at: None,
-        };
-        let tx = tx.clone();
-        e.submit(
-            request,
-            Box::new(move |outcome| tx.send(outcome.is_ok()).unwrap()),
-        );
-    }
-    drop(tx);
-    assert!(rx.iter().all(|ok| ok));
+    let old = utc_text(chrono::Duration::days(40));
+    save_all(
+        &e,
+        (0..2500).map(|i| (format!("r{i}"), record("p", "completed", &old))),
+    );
     // Old, but the newest of the old ones, so that a later batch than the first meets it.
     save(
         &e,
         "poison",
         record("p", "completed", &utc_text(chrono::Duration::days(31))),
     );
-    Connection::open(&db.path)
-        .unwrap()
-        .execute_batch(
-            "CREATE TRIGGER refuse BEFORE DELETE ON workflow_state WHEN old.run_id = 'poison' \
+    run_sql(
+        &db.path,
+        "CREATE TRIGGER refuse BEFORE DELETE ON workflow_state WHEN old.run_id = 'poison' \
              BEGIN SELECT RAISE(ABORT, 'this one stays'); END;",
-        )
-        .unwrap();
+    );
 
     let error = call(&e, Request::CleanupOldWorkflows { days_old: 30.0 }).unwrap_err();
     let Error::Interrupted { cause, .. } = &error else {
@@ -1298,21 +1291,7 @@ fn jobs_batched_while_the_file_cannot_be_prepared_each_wait_their_own_lock_wait(
     let mut options = SqliteOptions::new(&db.path);
     options.lock_wait = Duration::from_secs(1);
     let e = std::sync::Arc::new(SqliteEngine::start(options).unwrap());
-    let timed_save = |run_id: &'static str| {
-        let e = std::sync::Arc::clone(&e);
-        std::thread::spawn(move || {
-            let started = std::time::Instant::now();
-            let outcome = call(
-                &e,
-                Request::SaveState {
-                    run_id: run_id.into(),
-                    record: Box::new(record("p", "running", &utc_text(chrono::Duration::zero()))),
-                    expected_updated_at: None,
-                },
-            );
-            (outcome, started.elapsed())
-        })
-    };
+    let timed_save = |run_id: &'static str| save_on_a_thread(&e, run_id);
     let first = timed_save("first");
     std::thread::sleep(Duration::from_millis(500));
     let second = timed_save("second");
@@ -1337,10 +1316,10 @@ fn jobs_batched_while_the_file_cannot_be_prepared_each_wait_their_own_lock_wait(
 #[test]
 fn a_run_id_column_spelled_in_capitals_is_still_flujos() {
     let db = temp_db();
-    Connection::open(&db.path)
-        .unwrap()
-        .execute_batch("CREATE TABLE workflow_state (RUN_ID TEXT PRIMARY KEY)")
-        .unwrap();
+    run_sql(
+        &db.path,
+        "CREATE TABLE workflow_state (RUN_ID TEXT PRIMARY KEY)",
+    );
     let e = engine(&db.path);
     save(
         &e,
