@@ -1067,6 +1067,61 @@ async def test_an_error_ready_at_once_still_lets_other_tasks_run(db_path: Path) 
     other.cancel()
 
 
+class _InterruptOnce(asyncio.SelectorEventLoop):
+    """Raises KeyboardInterrupt from the first ``call_soon`` made while armed, as a SIGINT
+    handler does when it runs inside the callbacks that ``Future.set_result`` schedules."""
+
+    armed = False
+
+    def call_soon(self, callback: Any, *args: Any, context: Any = None) -> asyncio.Handle:
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+        return super().call_soon(callback, *args, context=context)
+
+
+# The thread method: a regression leaves the loop waiting for good, which a signal cannot end.
+@pytest.mark.timeout(120, method="thread")
+def test_a_ctrl_c_while_results_are_handed_over_reaches_the_program(tmp_path: Path) -> None:
+    """It used to be reported as "Exception ignored" and lost, with the loop then waiting
+    forever for a task whose future was done but never woke it. Now it reaches
+    ``run_until_complete`` as with asyncio's own callbacks, and the other results are kept for
+    the next turns of the loop."""
+    loop = _InterruptOnce()
+    try:
+        backend = SQLiteBackend(tmp_path / "wf.db")
+        loop.run_until_complete(backend.save_state("r", build_state()))
+
+        async def this_loops_port() -> Any:
+            return _port()
+
+        port = loop.run_until_complete(this_loops_port())
+
+        def armed_drain() -> None:
+            loop.armed = True
+            try:
+                port.drain()
+            finally:
+                loop.armed = False
+
+        loop.remove_reader(port.fileno())
+        loop.add_reader(port.fileno(), armed_drain)
+
+        async def loads() -> list[Any]:
+            return await asyncio.gather(*(backend.load_state("r") for _ in range(16)))
+
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(asyncio.wait_for(loads(), 10))
+        loop.remove_reader(port.fileno())
+        loop.add_reader(port.fileno(), port.drain)
+        # The program goes on: the loop still delivers every later call.
+        again = loop.run_until_complete(asyncio.wait_for(loads(), 10))
+        assert all(state is not None for state in again)
+        loop.run_until_complete(backend.close())
+    finally:
+        loop.close()
+
+
 def test_calls_finishing_around_the_loops_wait_are_all_delivered(tmp_path: Path) -> None:
     # The loop thread waits ~50-150 us for a lone call and, while it waits, engine threads skip
     # the socket wake-up. Rows from 1 KB to 400 KB make calls finish before, around and after

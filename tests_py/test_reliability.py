@@ -753,11 +753,16 @@ async def test_a_backend_inherited_through_fork_refuses_work_and_the_child_exits
     assert done.returncode == 0, done.stderr
     assert lines[0].startswith("child inherited: BackendClosedError:"), lines
     assert "fork()" in lines[0] and "spawn" in lines[0], lines[0]
-    assert lines[1:] == ["child own backend: saved", "child exit status 0", "parent: done"]
+    assert lines[1:] == [
+        "child inherited, closed and used again: saved",
+        "child own backend: saved",
+        "child exit status 0",
+        "parent: done",
+    ]
     assert "panicked" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
     backend = SQLiteBackend(db_path)
     try:
-        for run_id in ("parent-before", "child", "parent-after"):
+        for run_id in ("parent-before", "reopened", "child", "parent-after"):
             assert matches(await backend.load_state(run_id), run_id, 0), run_id
         assert await backend.load_state("inherited") is None
     finally:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
@@ -1067,6 +1068,27 @@ async def test_evaluations(backend: SQLiteBackend) -> None:
     assert [e["score"] for e in await backend.list_evaluations(run_id="a")] == [0.3, 0.1]
     assert [e["score"] for e in await backend.list_evaluations(limit=1, run_id="b")] == [0.4]
     assert await backend.list_evaluations(run_id="nobody") == []
+
+
+async def test_evaluation_times_written_by_flujo_are_listed_with_an_offset(
+    backend: SQLiteBackend, db_path: Path
+) -> None:
+    """Flujo 0.6.11 stores naive whole seconds (UTC); listed, they carry an offset like ours,
+    so one arithmetic on them works for both."""
+    await start_run(backend, "a")
+    await backend.persist_evaluation("a", 0.5)
+    await backend.close()
+    conn = sqlite3.connect(db_path)
+    conn.execute(
+        "INSERT INTO evaluations (run_id, score, created_at) VALUES ('a', 0.9, ?)",
+        ("2026-01-02 03:04:05",),
+    )
+    conn.commit()
+    conn.close()
+
+    listed = {e["score"]: e["created_at"] for e in await backend.list_evaluations()}
+    assert listed[0.9] == "2026-01-02 03:04:05.000000+00:00"
+    assert datetime.fromisoformat(listed[0.5]).utcoffset() == timedelta(0)
 
 
 # --------------------------------------------------------------------------------------------

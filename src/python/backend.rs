@@ -169,7 +169,10 @@ impl NativeBackend {
         options.readers = readers;
         options.fresh_layout = fresh_layout;
         let path = options.path.clone();
-        let predecessor = after.map(|previous| Arc::clone(&previous.engine));
+        // The parent's engine, seen from a child made by fork(), has nothing to wait for here.
+        let predecessor = after
+            .filter(|previous| !previous.forked())
+            .map(|previous| Arc::clone(&previous.engine));
         let engine =
             SqliteEngine::start_after(options, predecessor).map_err(|e| to_py_err(py, &e))?;
         Ok(NativeBackend {

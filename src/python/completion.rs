@@ -36,6 +36,17 @@ struct Inbox {
 }
 
 impl Inbox {
+    /// Puts outcomes a `drain` did not get to back in front, and wakes the loop for them.
+    fn put_back(&self, outcomes: impl Iterator<Item = (u64, Result<Response>)>) {
+        let mut finished = self.finished.lock().unwrap_or_else(|p| p.into_inner());
+        let later = std::mem::take(&mut *finished);
+        finished.extend(outcomes);
+        finished.extend(later);
+        if !finished.is_empty() {
+            let _ = (&self.wake).write(&[1]);
+        }
+    }
+
     fn post(&self, token: u64, outcome: Result<Response>) {
         let was_empty = {
             let mut finished = self.finished.lock().unwrap_or_else(|p| p.into_inner());
@@ -90,7 +101,11 @@ impl CompletionPort {
     }
 
     /// Resolves every future whose work has finished. Runs on the event loop.
-    fn drain(&self, py: Python<'_>) {
+    ///
+    /// A `KeyboardInterrupt` or `SystemExit` from a signal handler that runs meanwhile is
+    /// raised to the loop, which hands it to the program as asyncio does; the outcomes not
+    /// delivered yet go back to the inbox for the next drain.
+    fn drain(&self, py: Python<'_>) -> PyResult<()> {
         // Empty the socket before taking the inbox: a wake-up written after this point belongs
         // to work we have not taken yet, so it must stay.
         let mut sink = [0u8; 64];
@@ -109,7 +124,16 @@ impl CompletionPort {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()),
         );
-        for (token, outcome) in finished {
+        let mut finished = finished.into_iter();
+        while let Some((token, outcome)) = finished.next() {
+            // Run pending signal handlers here, between two futures, rather than inside
+            // `set_result` (which calls back into Python), where an interrupt would leave the
+            // future done with its waiter never woken.
+            if let Err(interrupt) = py.check_signals() {
+                self.inbox
+                    .put_back(std::iter::once((token, outcome)).chain(finished));
+                return Err(interrupt);
+            }
             let future = self
                 .waiting
                 .lock()
@@ -119,18 +143,24 @@ impl CompletionPort {
                 // A bug that panics while turning one outcome into Python objects must not
                 // strand the other callers whose outcomes came in the same batch.
                 let future = future.bind(py);
-                if catch_unwind(AssertUnwindSafe(|| resolve(py, future, outcome))).is_err() {
-                    settle(
-                        py,
-                        future,
-                        Err(PyRuntimeError::new_err(
-                            "flujo-sqlite could not convert this call's result (a bug: please \
-                             report it with the panic message printed above)",
-                        )),
-                    );
+                let resolved = catch_unwind(AssertUnwindSafe(|| resolve(py, future, outcome)))
+                    .unwrap_or_else(|_| {
+                        settle(
+                            py,
+                            future,
+                            Err(PyRuntimeError::new_err(
+                                "flujo-sqlite could not convert this call's result (a bug: \
+                                 please report it with the panic message printed above)",
+                            )),
+                        )
+                    });
+                if let Err(interrupt) = resolved {
+                    self.inbox.put_back(finished);
+                    return Err(interrupt);
                 }
             }
         }
+        Ok(())
     }
 }
 
@@ -176,7 +206,7 @@ impl CompletionPort {
         if !finished_in_time && inbox.posted.load(Ordering::SeqCst) == seen {
             return Ok(future);
         }
-        self.drain(py);
+        self.drain(py)?;
         if !future.call_method0("done")?.is_truthy()? {
             // Resolving it failed and was reported to the loop's handler; nothing to hand over.
             return Ok(future);
@@ -229,28 +259,36 @@ fn running_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
         .call0()
 }
 
-fn resolve(py: Python<'_>, future: &Bound<'_, PyAny>, outcome: Result<Response>) {
+/// Hands `outcome` to `future`; fails only with an interrupt (see `settle`).
+fn resolve(py: Python<'_>, future: &Bound<'_, PyAny>, outcome: Result<Response>) -> PyResult<()> {
     // A cancelled caller no longer wants the outcome (its write still committed or not, whole).
     if future
         .call_method0("done")
         .and_then(|done| done.is_truthy())
         .unwrap_or(true)
     {
-        return;
+        return Ok(());
     }
     let value = outcome
         .map_err(|e| to_py_err(py, &e))
         .and_then(|r| response_to_python(py, r));
-    settle(py, future, value);
+    settle(py, future, value)
 }
 
-fn settle(py: Python<'_>, future: &Bound<'_, PyAny>, value: PyResult<Py<PyAny>>) {
+/// Resolves `future`. A failure to do so is reported to the loop's exception handler, except
+/// `KeyboardInterrupt` and `SystemExit` (a signal handler run by the callbacks `set_result`
+/// schedules), which are returned for the program to see, as asyncio's own callbacks do.
+fn settle(py: Python<'_>, future: &Bound<'_, PyAny>, value: PyResult<Py<PyAny>>) -> PyResult<()> {
     let settled = match value {
         Ok(value) => future.call_method1("set_result", (value,)),
         Err(error) => future.call_method1("set_exception", (error.into_value(py),)),
     };
-    if let Err(error) = settled {
-        // Nothing to hand it to: the loop's exception handler reports it.
-        error.write_unraisable(py, Some(future));
+    match settled {
+        Ok(_) => Ok(()),
+        Err(error) if !error.is_instance_of::<pyo3::exceptions::PyException>(py) => Err(error),
+        Err(error) => {
+            error.write_unraisable(py, Some(future));
+            Ok(())
+        }
     }
 }

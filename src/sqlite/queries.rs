@@ -424,7 +424,7 @@ fn background(row: &Row, first: usize) -> rusqlite::Result<StoredBackground> {
 }
 
 /// A timestamp cell as the lists return it (see [`timestamp::listed_text`]).
-fn listed_time(stored: Cell) -> Cell {
+pub(crate) fn listed_time(stored: Cell) -> Cell {
     match stored {
         Cell::Text(text) => Cell::Text(timestamp::listed_text(text)),
         other => other,

@@ -2,7 +2,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::queries::{cell, json_text};
+use super::queries::{cell, json_text, listed_time};
 use super::run_history::ensure_run;
 use super::schema::Layout;
 use crate::model::{Evaluation, StoredEvaluation, SystemStateEntry};
@@ -72,7 +72,7 @@ pub(crate) fn list_evaluations(
             score: cell(row, 2)?,
             feedback: cell(row, 3)?,
             metadata: json_text(row, 4)?,
-            created_at: cell(row, 5)?,
+            created_at: listed_time(cell(row, 5)?),
         })
     })?;
     rows.collect()

@@ -3,7 +3,8 @@
 Usage: fork_child.py DB_PATH
 
 The child first uses the inherited backend (printing the exception it raises, or "no error"),
-then opens a backend of its own and saves ``child`` with it, and exits normally, so that the
+closes it and saves ``reopened`` through it, then opens a backend of its own and saves ``child``
+with it, and exits normally, so that the
 interpreter's exit hooks run in the child with the parent's backend still in memory. The parent
 waits for the child (reporting "child hung" after 60 s), saves ``parent-after``, and closes.
 Each line is printed as it happens.
@@ -31,6 +32,10 @@ async def in_child(inherited: SQLiteBackend, db_path: str) -> None:
     except Exception as error:  # noqa: BLE001 - the test reads which one
         say(f"child inherited: {type(error).__name__}: {error}")
     await inherited.close()
+    # Closed in the child, it opens the file again for the child, as after any close().
+    await asyncio.wait_for(inherited.save_state("reopened", state_for("reopened", 0)), 20)
+    await inherited.close()
+    say("child inherited, closed and used again: saved")
     own = SQLiteBackend(db_path)
     await own.save_state("child", state_for("child", 0))
     await own.close()
