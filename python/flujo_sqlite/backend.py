@@ -362,21 +362,21 @@ class SQLiteBackend(_Base):
     async def close(self) -> None:
         """Finish queued work and release the file. Idempotent. A later call opens the file
         again, as with Flujo's backend."""
-        engine = self._native
-        if isinstance(engine, _ReopenOnUse):
-            engine = engine.closing  # closed, or closing: wait for it to be done
-        else:
-            self._native = _ReopenOnUse(self, engine)
-        await engine.close(_port())
+        await self._engine_to_close().close(_port())
 
     def close_sync(self) -> None:
         """:meth:`close` for synchronous code (Flujo 0.6's name); waits without the GIL."""
-        engine = self._native
-        if isinstance(engine, _ReopenOnUse):
-            engine = engine.closing  # closed, or closing: wait for it to be done
-        else:
+        self._engine_to_close().close_blocking()
+
+    def _engine_to_close(self) -> NativeBackend:
+        """The engine a close waits for: the open one, which later calls will not use, or the
+        one a close already under way is closing."""
+        with _REOPENING:
+            engine = self._native
+            if isinstance(engine, _ReopenOnUse):
+                return engine.closing
             self._native = _ReopenOnUse(self, engine)
-        engine.close_blocking()
+            return engine
 
     @classmethod
     def shutdown_all(cls) -> None:
