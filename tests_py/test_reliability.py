@@ -435,6 +435,16 @@ async def test_close_while_another_close_is_under_way_waits_for_it_too(tmp_path:
         assert matches(await check.load_state("queued"), "queued", 0)
 
 
+def test_a_real_ctrl_c_under_load_leaves_no_task_that_never_wakes(tmp_path: Path) -> None:
+    """A SIGINT usually lands while results are being turned into Python objects; its handler
+    then ran inside ``set_result``, which left a future done and its task never woken, so the
+    cancel-and-wait that ``asyncio.run`` does at the end waited forever (3 runs of 3)."""
+    done = run_program("ctrl_c_under_load.py", str(tmp_path / "wf.db"), "8", timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("ok "), done.stdout
+    assert int(done.stdout.split()[1]) >= 1, done.stdout  # the signal reached the program
+
+
 async def test_lock_on_a_fresh_file_is_not_mistaken_for_corruption(tmp_path: Path) -> None:
     """Flujo renames a database aside when its first writes meet "database is locked" (spec
     6.3). Here a rollback-journal file with another application's table is locked while our

@@ -36,15 +36,12 @@ struct Inbox {
 }
 
 impl Inbox {
-    /// Puts outcomes a `drain` did not get to back in front, and wakes the loop for them.
+    /// Puts outcomes a `drain` did not get to back in front.
     fn put_back(&self, outcomes: impl Iterator<Item = (u64, Result<Response>)>) {
         let mut finished = self.finished.lock().unwrap_or_else(|p| p.into_inner());
         let later = std::mem::take(&mut *finished);
         finished.extend(outcomes);
         finished.extend(later);
-        if !finished.is_empty() {
-            let _ = (&self.wake).write(&[1]);
-        }
     }
 
     fn post(&self, token: u64, outcome: Result<Response>) {
@@ -72,8 +69,13 @@ pub(crate) struct CompletionPort {
     woken_by: UnixStream,
     /// Futures awaiting an outcome. Only touched with the GIL held, on the loop's thread.
     waiting: Mutex<HashMap<u64, Py<PyAny>>>,
+    /// Results already converted when an interrupt stopped a drain; delivered first next time.
+    converted: Mutex<Vec<Converted>>,
     next_token: AtomicU64,
 }
+
+/// A future and the value (or exception) to resolve it with.
+type Converted = (Py<PyAny>, PyResult<Py<PyAny>>);
 
 #[pymethods]
 impl CompletionPort {
@@ -91,6 +93,7 @@ impl CompletionPort {
             }),
             woken_by,
             waiting: Mutex::new(HashMap::new()),
+            converted: Mutex::new(Vec::new()),
             next_token: AtomicU64::new(0),
         })
     }
@@ -103,8 +106,8 @@ impl CompletionPort {
     /// Resolves every future whose work has finished. Runs on the event loop.
     ///
     /// A `KeyboardInterrupt` or `SystemExit` from a signal handler that runs meanwhile is
-    /// raised to the loop, which hands it to the program as asyncio does; the outcomes not
-    /// delivered yet go back to the inbox for the next drain.
+    /// raised to the loop, which hands it to the program as asyncio does; what is not delivered
+    /// yet waits for the next drain.
     fn drain(&self, py: Python<'_>) -> PyResult<()> {
         // Empty the socket before taking the inbox: a wake-up written after this point belongs
         // to work we have not taken yet, so it must stay.
@@ -117,6 +120,8 @@ impl CompletionPort {
                 Err(_) => break,
             }
         }
+        let converted =
+            std::mem::take(&mut *self.converted.lock().unwrap_or_else(|p| p.into_inner()));
         let finished = std::mem::take(
             &mut *self
                 .inbox
@@ -124,47 +129,80 @@ impl CompletionPort {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()),
         );
+        let mut converted = converted.into_iter();
         let mut finished = finished.into_iter();
-        while let Some((token, outcome)) = finished.next() {
-            // Run pending signal handlers here, between two futures, rather than inside
-            // `set_result` (which calls back into Python), where an interrupt would leave the
-            // future done with its waiter never woken.
+        loop {
+            let (future, value) = match converted.next() {
+                // Its caller may have been cancelled since.
+                Some((future, _)) if is_done(future.bind(py)) => continue,
+                Some(ready) => ready,
+                None => match finished.next() {
+                    Some((token, outcome)) => match self.convert(py, token, outcome) {
+                        Some(ready) => ready,
+                        None => continue,
+                    },
+                    None => return Ok(()),
+                },
+            };
+            // Signal handlers run here, after the (long) conversion and before `set_result`,
+            // which calls back into Python: a handler that raised in there would leave the
+            // future done with its waiter never woken (only a few bytecodes of the loop's
+            // `call_soon` are left for that). What is not delivered waits for the next drain.
             if let Err(interrupt) = py.check_signals() {
-                self.inbox
-                    .put_back(std::iter::once((token, outcome)).chain(finished));
+                self.hold(std::iter::once((future, value)).chain(converted), finished);
                 return Err(interrupt);
             }
-            let future = self
-                .waiting
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&token);
-            if let Some(future) = future {
-                // A bug that panics while turning one outcome into Python objects must not
-                // strand the other callers whose outcomes came in the same batch.
-                let future = future.bind(py);
-                let resolved = catch_unwind(AssertUnwindSafe(|| resolve(py, future, outcome)))
-                    .unwrap_or_else(|_| {
-                        settle(
-                            py,
-                            future,
-                            Err(PyRuntimeError::new_err(
-                                "flujo-sqlite could not convert this call's result (a bug: \
-                                 please report it with the panic message printed above)",
-                            )),
-                        )
-                    });
-                if let Err(interrupt) = resolved {
-                    self.inbox.put_back(finished);
-                    return Err(interrupt);
-                }
+            if let Err(interrupt) = settle(py, future.bind(py), value) {
+                self.hold(converted, finished);
+                return Err(interrupt);
             }
         }
-        Ok(())
     }
 }
 
 impl CompletionPort {
+    /// The future waiting for `token` and its outcome as Python objects; `None` when nobody
+    /// waits any more (a cancelled caller no longer wants the outcome: its write still
+    /// committed or not, whole).
+    fn convert(&self, py: Python<'_>, token: u64, outcome: Result<Response>) -> Option<Converted> {
+        let future = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&token)?;
+        if is_done(future.bind(py)) {
+            return None;
+        }
+        // A bug that panics while turning one outcome into Python objects must not strand the
+        // other callers whose outcomes came in the same batch.
+        let value = catch_unwind(AssertUnwindSafe(|| {
+            outcome
+                .map_err(|e| to_py_err(py, &e))
+                .and_then(|r| response_to_python(py, r))
+        }))
+        .unwrap_or_else(|_| {
+            Err(PyRuntimeError::new_err(
+                "flujo-sqlite could not convert this call's result (a bug: please report it \
+                 with the panic message printed above)",
+            ))
+        });
+        Some((future, value))
+    }
+
+    /// Keeps what an interrupted drain did not deliver for the next one, and wakes the loop.
+    fn hold(
+        &self,
+        converted: impl Iterator<Item = Converted>,
+        finished: impl Iterator<Item = (u64, Result<Response>)>,
+    ) {
+        self.converted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(converted);
+        self.inbox.put_back(finished);
+        let _ = (&self.inbox.wake).write(&[1]);
+    }
+
     /// What the caller should await for the request just queued behind `future`. When it is
     /// the only request in flight on this loop, waits up to `wait` for it; if it finished, the
     /// future is resolved at once and `asyncio.sleep(0, result)` is returned, so the caller
@@ -259,20 +297,11 @@ fn running_loop(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
         .call0()
 }
 
-/// Hands `outcome` to `future`; fails only with an interrupt (see `settle`).
-fn resolve(py: Python<'_>, future: &Bound<'_, PyAny>, outcome: Result<Response>) -> PyResult<()> {
-    // A cancelled caller no longer wants the outcome (its write still committed or not, whole).
-    if future
+fn is_done(future: &Bound<'_, PyAny>) -> bool {
+    future
         .call_method0("done")
         .and_then(|done| done.is_truthy())
         .unwrap_or(true)
-    {
-        return Ok(());
-    }
-    let value = outcome
-        .map_err(|e| to_py_err(py, &e))
-        .and_then(|r| response_to_python(py, r));
-    settle(py, future, value)
 }
 
 /// Resolves `future`. A failure to do so is reported to the loop's exception handler, except
