@@ -105,9 +105,9 @@ impl CompletionPort {
 
     /// Resolves every future whose work has finished. Runs on the event loop.
     ///
-    /// A `KeyboardInterrupt` or `SystemExit` from a signal handler that runs meanwhile is
-    /// raised to the loop, which hands it to the program as asyncio does; what is not delivered
-    /// yet waits for the next drain.
+    /// An exception raised meanwhile by a signal handler (a `KeyboardInterrupt`, usually) is
+    /// raised to the loop, which hands `KeyboardInterrupt` and `SystemExit` to the program as
+    /// asyncio does; what is not delivered yet waits for the next drain.
     fn drain(&self, py: Python<'_>) -> PyResult<()> {
         // Empty the socket before taking the inbox: a wake-up written after this point belongs
         // to work we have not taken yet, so it must stay.

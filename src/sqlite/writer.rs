@@ -341,12 +341,14 @@ impl Writer<'_> {
     /// next write starts the WAL over (PASSIVE: readers are not waited for).
     fn checkpoint_here(&mut self) {
         let path = self.shared.options.path.clone();
-        let checkpointed = self.ready(Instant::now()).and_then(|(conn, _)| {
-            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-                .map_err(|e| classify(&path, e))
-        });
-        if let Err(error) = checkpointed {
-            log::warn!("checkpoint during cleanup failed: {error}");
+        let checkpointed = self
+            .ready(Instant::now())
+            .and_then(|(conn, _)| passive_checkpoint(conn, &path));
+        match checkpointed {
+            Ok((logged, copied)) => {
+                log::debug!("checkpoint during cleanup: {copied} of {logged} WAL pages")
+            }
+            Err(error) => log::warn!("checkpoint during cleanup failed: {error}"),
         }
     }
 
@@ -357,12 +359,8 @@ impl Writer<'_> {
         let spawned = std::thread::Builder::new()
             .name("flujo-sqlite-checkpoint".into())
             .spawn(move || {
-                let outcome = connection::open(&options, Role::Writer).and_then(|conn| {
-                    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
-                        Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
-                    })
-                    .map_err(|e| classify(&options.path, e))
-                });
+                let outcome = connection::open(&options, Role::Writer)
+                    .and_then(|conn| passive_checkpoint(&conn, &options.path));
                 match outcome {
                     Ok((logged, copied)) => {
                         log::debug!("checkpoint after cleanup: {copied} of {logged} WAL pages")
@@ -410,6 +408,15 @@ impl Writer<'_> {
 /// Ends the open transaction unless SQLite already has (it rolls back by itself on some errors,
 /// such as a full disk). Returns whether the connection can go on: one left inside a transaction
 /// would fail every later `BEGIN`, so it must be closed instead.
+/// Copies what it can of the WAL back into the file without waiting for anyone; returns the
+/// pages in the WAL and the pages copied.
+fn passive_checkpoint(conn: &Connection, path: &Path) -> Result<(i64, i64)> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+        Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+    })
+    .map_err(|e| classify(path, e))
+}
+
 fn roll_back(conn: &Connection, path: &Path) -> bool {
     if conn.is_autocommit() {
         return true;
