@@ -405,9 +405,6 @@ impl Writer<'_> {
     }
 }
 
-/// Ends the open transaction unless SQLite already has (it rolls back by itself on some errors,
-/// such as a full disk). Returns whether the connection can go on: one left inside a transaction
-/// would fail every later `BEGIN`, so it must be closed instead.
 /// Copies what it can of the WAL back into the file without waiting for anyone; returns the
 /// pages in the WAL and the pages copied.
 fn passive_checkpoint(conn: &Connection, path: &Path) -> Result<(i64, i64)> {
@@ -417,6 +414,9 @@ fn passive_checkpoint(conn: &Connection, path: &Path) -> Result<(i64, i64)> {
     .map_err(|e| classify(path, e))
 }
 
+/// Ends the open transaction unless SQLite already has (it rolls back by itself on some errors,
+/// such as a full disk). Returns whether the connection can go on: one left inside a transaction
+/// would fail every later `BEGIN`, so it must be closed instead.
 fn roll_back(conn: &Connection, path: &Path) -> bool {
     if conn.is_autocommit() {
         return true;
