@@ -12,6 +12,7 @@ use crate::model::{
     StoredEvaluation, StoredSpan, StoredState, SystemStateEntry, WorkflowQuery, WorkflowStats,
     WorkflowSummary,
 };
+use crate::timestamp::Age;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
@@ -34,10 +35,10 @@ pub enum Request {
     ListWorkflows(WorkflowQuery),
     WorkflowStats,
     FailedWorkflows {
-        hours_back: f64,
+        hours_back: Age,
     },
     CleanupOldWorkflows {
-        days_old: f64,
+        days_old: Age,
     },
     SaveRunStart(Box<RunStart>),
     SaveStepResult(Box<StepRecord>),
@@ -92,10 +93,10 @@ pub enum Request {
     ListBackgroundTasks(BackgroundTaskQuery),
     FailedBackgroundTasks {
         parent_run_id: Option<String>,
-        hours_back: f64,
+        hours_back: Age,
     },
     CleanupStaleBackgroundTasks {
-        stale_hours: f64,
+        stale_hours: Age,
     },
 }
 

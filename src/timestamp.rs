@@ -98,20 +98,39 @@ impl TimeWindow {
     }
 }
 
-/// Converts a caller's "N hours/days back" into a duration, rejecting values that are not a
-/// finite, non-negative number. `unit_seconds` is 3600 for hours, 86400 for days.
-pub fn age_from(amount: f64, unit_seconds: f64, what: &str) -> Result<Duration, String> {
-    if !amount.is_finite() || amount < 0.0 {
-        return Err(format!("{what} must be a finite number >= 0, got {amount}"));
+/// How far back a query or cleanup reaches: "N hours/days back", already checked to be a
+/// finite, non-negative number. Requests carry this rather than the caller's number, so a bad
+/// one is refused where it comes in, before a file is opened or a lock waited for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Age(Duration);
+
+impl Age {
+    pub fn hours(amount: f64, what: &str) -> Result<Age, String> {
+        Age::from_units(amount, 3600.0, what)
     }
-    let micros = amount * unit_seconds * 1e6;
-    // Anything beyond chrono's range reaches back before year 0: clamp to "everything".
-    let micros = if micros > i64::MAX as f64 / 2.0 {
-        i64::MAX / 2
-    } else {
-        micros as i64
-    };
-    Ok(Duration::microseconds(micros))
+
+    pub fn days(amount: f64, what: &str) -> Result<Age, String> {
+        Age::from_units(amount, 86_400.0, what)
+    }
+
+    fn from_units(amount: f64, unit_seconds: f64, what: &str) -> Result<Age, String> {
+        if !amount.is_finite() || amount < 0.0 {
+            return Err(format!("{what} must be a finite number >= 0, got {amount}"));
+        }
+        let micros = amount * unit_seconds * 1e6;
+        // Anything beyond chrono's range reaches back before year 0: clamp to "everything".
+        let micros = if micros > i64::MAX as f64 / 2.0 {
+            i64::MAX / 2
+        } else {
+            micros as i64
+        };
+        Ok(Age(Duration::microseconds(micros)))
+    }
+
+    /// The window of stored times older than this age, as of now.
+    pub fn window(self) -> TimeWindow {
+        TimeWindow::before(Utc::now(), self.0)
+    }
 }
 
 #[cfg(test)]
@@ -176,11 +195,14 @@ mod tests {
 
     #[test]
     fn absurd_ages_are_rejected_or_clamped() {
-        assert!(age_from(-1.0, 3600.0, "hours_back").is_err());
-        assert!(age_from(f64::NAN, 3600.0, "hours_back").is_err());
-        assert!(age_from(f64::INFINITY, 3600.0, "hours_back").is_err());
-        let huge = age_from(1e300, 86400.0, "days_old").unwrap();
-        let w = TimeWindow::before(Utc::now(), huge);
-        assert_eq!(w.cutoff, "0000-01-02 00:00:00.000000");
+        assert!(Age::hours(-1.0, "hours_back").is_err());
+        assert!(Age::hours(f64::NAN, "hours_back").is_err());
+        assert!(Age::hours(f64::INFINITY, "hours_back").is_err());
+        assert_eq!(
+            Age::hours(1.5, "hours_back"),
+            Ok(Age(Duration::minutes(90)))
+        );
+        let huge = Age::days(1e300, "days_old").unwrap();
+        assert_eq!(huge.window().cutoff, "0000-01-02 00:00:00.000000");
     }
 }

@@ -699,6 +699,27 @@ async def test_failed_workflows_rejects_bad_windows(
         await backend.get_failed_workflows(hours_back=hours_back)
 
 
+async def test_bad_time_windows_are_refused_before_the_file_is_opened(tmp_path: Path) -> None:
+    """A wrong "how far back" number is the caller's mistake whatever the file holds: it is
+    refused at the call, not after the engine has opened the file or waited for its lock."""
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"not a database\n" * 100)
+    backend = SQLiteBackend(path)
+    calls = {
+        "hours_back": lambda: backend.get_failed_workflows(hours_back=-1),
+        "days_old": lambda: backend.cleanup_old_workflows(days_old=math.nan),
+        "stale_hours": lambda: backend.cleanup_stale_background_tasks(stale_hours=-0.5),
+    }
+    for name, call in calls.items():
+        with pytest.raises(InvalidStateError, match=f"{name} must be a finite number >= 0"):
+            await call()
+    with pytest.raises(InvalidStateError, match="hours_back"):
+        await backend.get_failed_background_tasks(hours_back=math.inf)
+    with pytest.raises(CorruptDatabaseError):  # the file is only read for a valid call
+        await backend.get_failed_workflows(hours_back=1)
+    await backend.close()
+
+
 @pytest.mark.parametrize("hours_back", ["24", "abc", None, [24]])
 async def test_failed_workflows_rejects_non_numbers(
     backend: SQLiteBackend, hours_back: Any

@@ -9,6 +9,7 @@ use super::errors::{invalid_state, invalid_type, missing_key};
 use super::from_python::encode_json;
 use crate::model::{BackgroundFields, StateRecord, WorkflowQuery, WORKFLOW_STATUSES};
 use crate::sqlite::FreshLayout;
+use crate::timestamp::Age;
 
 pub(crate) fn type_name(value: &Bound<'_, PyAny>) -> String {
     value
@@ -170,8 +171,17 @@ pub(crate) fn optional_filter(
         .transpose()
 }
 
-/// "How far back" arguments: a real number of hours or days (range checked by the core).
-pub(crate) fn amount(value: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
+/// A "how far back" argument: a real number of hours or days, given to `unit` (`Age::hours` or
+/// `Age::days`) to check and convert.
+pub(crate) fn age(
+    value: &Bound<'_, PyAny>,
+    what: &str,
+    unit: fn(f64, &str) -> Result<Age, String>,
+) -> PyResult<Age> {
+    unit(amount(value, what)?, what).map_err(|message| invalid_state(value.py(), message))
+}
+
+fn amount(value: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
     if value.is_instance_of::<PyBool>()
         || !(value.is_instance_of::<PyInt>() || value.is_instance_of::<PyFloat>())
     {

@@ -17,6 +17,7 @@ use super::run_arguments;
 use crate::engine::{Request, Response, StateEngine};
 use crate::model::{BackgroundTaskQuery, RunQuery};
 use crate::sqlite::{Durability, SqliteEngine, SqliteOptions};
+use crate::timestamp::Age;
 
 /// How long a caller waits on the loop thread for a lone point read (~10-30 us on a reader)
 /// before letting the loop sleep; parking the loop and waking it through the socket costs
@@ -281,7 +282,7 @@ impl NativeBackend {
         hours_back: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let request = Request::FailedWorkflows {
-            hours_back: arguments::amount(hours_back, "hours_back")?,
+            hours_back: arguments::age(hours_back, "hours_back", Age::hours)?,
         };
         self.submit(py, port, request)
     }
@@ -293,7 +294,7 @@ impl NativeBackend {
         days_old: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let request = Request::CleanupOldWorkflows {
-            days_old: arguments::amount(days_old, "days_old")?,
+            days_old: arguments::age(days_old, "days_old", Age::days)?,
         };
         self.submit(py, port, request)
     }
@@ -561,7 +562,7 @@ impl NativeBackend {
     ) -> PyResult<Bound<'py, PyAny>> {
         let request = Request::FailedBackgroundTasks {
             parent_run_id: arguments::optional_filter(parent_run_id, "parent_run_id")?,
-            hours_back: arguments::amount(hours_back, "hours_back")?,
+            hours_back: arguments::age(hours_back, "hours_back", Age::hours)?,
         };
         self.submit(py, port, request)
     }
@@ -573,7 +574,7 @@ impl NativeBackend {
         stale_hours: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let request = Request::CleanupStaleBackgroundTasks {
-            stale_hours: arguments::amount(stale_hours, "stale_hours")?,
+            stale_hours: arguments::age(stale_hours, "stale_hours", Age::hours)?,
         };
         self.submit(py, port, request)
     }

@@ -28,7 +28,6 @@ pub use recovery::{recover, RecoveryReport, TableRecovery};
 
 use crate::engine::{Completion, Request, Response, StateEngine};
 use crate::error::{Error, Result};
-use crate::timestamp::{age_from, TimeWindow};
 use connection::{classify, FileIdentity, Role};
 use readers::ReadJob;
 use schema::Layout;
@@ -246,10 +245,9 @@ fn execute_read(
         Request::ListWorkflows(query) => {
             Response::Workflows(queries::list_workflows(conn, query).map_err(fail)?)
         }
-        Request::FailedWorkflows { hours_back } => {
-            let window = window_back(*hours_back, 3600.0, "hours_back")?;
-            Response::Workflows(queries::failed_workflows(conn, &window).map_err(fail)?)
-        }
+        Request::FailedWorkflows { hours_back } => Response::Workflows(
+            queries::failed_workflows(conn, &hours_back.window()).map_err(fail)?,
+        ),
         Request::GetRunDetails { run_id } => Response::RunDetails(
             run_history::get_run_details(conn, layout, run_id)
                 .map_err(fail)?
@@ -290,20 +288,11 @@ fn execute_read(
         Request::FailedBackgroundTasks {
             parent_run_id,
             hours_back,
-        } => {
-            let window = window_back(*hours_back, 3600.0, "hours_back")?;
-            Response::Workflows(
-                queries::failed_background_tasks(conn, parent_run_id.as_deref(), &window)
-                    .map_err(fail)?,
-            )
-        }
+        } => Response::Workflows(
+            queries::failed_background_tasks(conn, parent_run_id.as_deref(), &hours_back.window())
+                .map_err(fail)?,
+        ),
         other => unreachable!("writes go to the writer, stats to `stats`, not here: {other:?}"),
     };
     Ok(response)
-}
-
-/// The window reaching `amount` units back from now, or the caller's mistake explained.
-fn window_back(amount: f64, unit_seconds: f64, what: &str) -> Result<TimeWindow> {
-    let age = age_from(amount, unit_seconds, what).map_err(Error::InvalidInput)?;
-    Ok(TimeWindow::before(chrono::Utc::now(), age))
 }

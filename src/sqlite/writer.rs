@@ -22,7 +22,7 @@ use super::schema::Layout;
 use super::{queries, run_history, spin, system, traces, Job, Shared};
 use crate::engine::{Completion, Request, Response};
 use crate::error::{Error, Result};
-use crate::timestamp::{age_from, same_instant, TimeWindow};
+use crate::timestamp::{same_instant, TimeWindow};
 
 /// Writes committed in one transaction at most; bounds the latency a batch adds to its first caller.
 const MAX_BATCH: usize = 256;
@@ -222,10 +222,7 @@ impl Writer<'_> {
         let Request::CleanupOldWorkflows { days_old } = job.request else {
             unreachable!("only cleanups are passed here")
         };
-        let window = match age_from(days_old, 86_400.0, "days_old") {
-            Ok(age) => TimeWindow::before(chrono::Utc::now(), age),
-            Err(message) => return (job.done)(Err(Error::InvalidInput(message))),
-        };
+        let window = days_old.window();
         // Checkpointing after every batch would copy the same index pages back into the file
         // again and again; one checkpoint at the end, off this thread, copies each page once.
         let outcome = self
@@ -509,9 +506,8 @@ fn execute_write(
             system::persist_evaluation(conn, layout, evaluation).map_err(fail)?;
         }
         Request::CleanupStaleBackgroundTasks { stale_hours } => {
-            let age = age_from(*stale_hours, 3600.0, "stale_hours").map_err(Error::InvalidInput)?;
-            let window = TimeWindow::before(chrono::Utc::now(), age);
-            let marked = queries::cleanup_stale_background_tasks(conn, &window).map_err(fail)?;
+            let marked = queries::cleanup_stale_background_tasks(conn, &stale_hours.window())
+                .map_err(fail)?;
             return Ok(Response::Count(marked as u64));
         }
         other => unreachable!("not a batched write: {other:?}"),
