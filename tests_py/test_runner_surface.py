@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -39,7 +40,8 @@ from conftest import (
     sql_in_another_process,
     utc_now,
 )
-from flujo_sqlite import InvalidStateError, SQLiteBackend
+import flujo_sqlite
+from flujo_sqlite import InvalidStateError, SerializationError, SQLiteBackend
 
 LAYOUTS = ("flujo-0.4", "flujo-0.6")
 
@@ -894,6 +896,40 @@ async def test_save_spans_appends(backend: SQLiteBackend) -> None:
     assert spans[1]["name"] == "span" and spans[1]["attributes"] == {}
     trace = await backend.get_trace("r")
     assert trace is not None and [c["span_id"] for c in trace["children"]] == ["a", "b"]
+
+
+async def test_save_spans_skips_only_spans_whose_times_are_not_numbers(
+    backend: SQLiteBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Flujo 0.6.11 drops a span with unparsable times; any other span that cannot be stored,
+    or an interrupt while reading it, must reach the caller rather than become a warning."""
+    with caplog.at_level(logging.WARNING, logger="flujo_sqlite"):
+        await backend.save_spans(
+            "r",
+            [
+                {"span_id": "root", "name": "p", "start_time": T0},
+                {"span_id": "late", "name": "p", "start_time": T0, "end_time": "tomorrow"},
+            ],
+        )
+    assert [s["span_id"] for s in await backend.get_spans("r")] == ["root"]
+    assert "span skipped" in caplog.text and "end_time must be a number" in caplog.text
+
+    class Opaque:
+        pass
+
+    class Interrupting:
+        pass
+
+    def interrupt(_: object) -> object:
+        raise KeyboardInterrupt
+
+    flujo_sqlite.register_serializer(Interrupting, interrupt)
+    for value, raised in ((Opaque(), SerializationError), (Interrupting(), KeyboardInterrupt)):
+        stored = {"span_id": "kept", "name": "p", "start_time": T0}
+        unstorable = {"span_id": "x", "name": "p", "start_time": T0, "attributes": {"v": value}}
+        with pytest.raises(raised):
+            await backend.save_spans("r", [stored, unstorable])
+        assert [s["span_id"] for s in await backend.get_spans("r")] == ["root"]
 
 
 async def test_get_spans_filters(backend: SQLiteBackend) -> None:

@@ -130,48 +130,60 @@ pub(crate) fn step_record(step_data: &Bound<'_, PyAny>) -> PyResult<StepRecord> 
     })
 }
 
-/// One span from a dict of the trace tree or of a `save_spans` list.
-fn span(node: &Bound<'_, PyDict>, parent_span_id: Option<String>) -> PyResult<SpanRecord> {
-    let py = node.py();
+/// A span whose start or end time is not a number of seconds: what is wrong with it.
+struct BadSpanTime(String);
+
+/// One span from a dict of the trace tree or of a `save_spans` list. A time that is not a
+/// number is the inner error, which the two callers treat differently; anything else the dict
+/// holds that cannot be stored (or an interrupt while reading it) is the outer one.
+fn span(
+    node: &Bound<'_, PyDict>,
+    parent_span_id: Option<String>,
+) -> PyResult<Result<SpanRecord, BadSpanTime>> {
     let span_id = loose_text(&required(node, "span_id", "a span")?, "span_id")?;
-    let seconds = |key: &str| -> PyResult<Option<f64>> {
-        get(node, &[key])?
-            .map(|v| {
-                v.extract::<f64>().map_err(|_| {
-                    invalid_state(
-                        py,
-                        format!(
-                            "span {span_id:?}: {key} must be a number of seconds, got a {}",
-                            type_name(&v)
-                        ),
-                    )
-                })
-            })
-            .transpose()
+    let seconds = |key: &str| -> PyResult<Result<Option<f64>, BadSpanTime>> {
+        Ok(match get(node, &[key])? {
+            None => Ok(None),
+            Some(v) => v.extract::<f64>().map(Some).map_err(|_| {
+                BadSpanTime(format!(
+                    "span {span_id:?}: {key} must be a number of seconds, got a {}",
+                    type_name(&v)
+                ))
+            }),
+        })
+    };
+    let start_time = match seconds("start_time")? {
+        Ok(start) => start.unwrap_or(0.0),
+        Err(bad) => return Ok(Err(bad)),
+    };
+    let end_time = match seconds("end_time")? {
+        Ok(end) => end,
+        Err(bad) => return Ok(Err(bad)),
     };
     let attributes = match get(node, &["attributes"])? {
         Some(value) if value.is_instance_of::<PyDict>() => encode_json(&value, "attributes")?,
         _ => "{}".to_owned(),
     };
     let name = text_or(node, "name", "span")?;
-    Ok(SpanRecord {
+    Ok(Ok(SpanRecord {
         parent_span_id,
         name: if name.is_empty() {
             "span".to_owned()
         } else {
             name
         },
-        start_time: seconds("start_time")?.unwrap_or(0.0),
-        end_time: seconds("end_time")?,
+        start_time,
+        end_time,
         status: text_or(node, "status", "running")?,
         attributes,
         span_id,
-    })
+    }))
 }
 
 /// Flattens a trace tree pre-order; parent ids come from the tree's shape. A node that is not a
 /// dict with `span_id` and `name` is skipped with its subtree, as in Flujo.
 pub(crate) fn trace_spans(trace: &Bound<'_, PyAny>) -> PyResult<Vec<SpanRecord>> {
+    let py = trace.py();
     let mut spans = Vec::new();
     let mut pending: Vec<(Bound<'_, PyAny>, Option<String>, usize)> =
         vec![(trace.clone(), None, 0)];
@@ -186,7 +198,7 @@ pub(crate) fn trace_spans(trace: &Bound<'_, PyAny>) -> PyResult<Vec<SpanRecord>>
             log::warn!("trace deeper than {MAX_TRACE_DEPTH} levels: deeper spans were not stored");
             continue;
         }
-        let record = span(node, parent)?;
+        let record = span(node, parent)?.map_err(|BadSpanTime(why)| invalid_state(py, why))?;
         let id = record.span_id.clone();
         spans.push(record);
         if let Some(children) = get(node, &["children"])? {
@@ -202,7 +214,8 @@ pub(crate) fn trace_spans(trace: &Bound<'_, PyAny>) -> PyResult<Vec<SpanRecord>>
 }
 
 /// `save_spans`' flat list. Spans without an id are skipped; so are spans whose times are not
-/// numbers (with a warning), as Flujo 0.6.11 does. Returns the pipeline name and version found
+/// numbers (with a warning), as Flujo 0.6.11 does; any other span that cannot be stored fails
+/// the call. Returns the pipeline name and version found
 /// in the spans' `flujo.pipeline.*` attributes, for the placeholder run.
 pub(crate) fn span_list(
     spans: &Bound<'_, PyAny>,
@@ -238,9 +251,9 @@ pub(crate) fn span_list(
             }
         }
         let parent = optional(item, &["parent_span_id"], loose_text)?;
-        match span(item, parent) {
+        match span(item, parent)? {
             Ok(record) => records.push(record),
-            Err(error) => log::warn!("span skipped: {error}"),
+            Err(BadSpanTime(why)) => log::warn!("span skipped: {why}"),
         }
     }
     Ok((records, pipeline_name, pipeline_version))
