@@ -639,6 +639,25 @@ async def test_stats_average_is_int_zero_when_no_execution_times(backend: SQLite
     assert stats["recent_workflows_24h"] == 1
 
 
+
+async def test_stats_count_a_status_another_program_stored_as_bytes_under_its_text(
+    db_path: Path,
+) -> None:
+    async with SQLiteBackend(db_path) as backend:
+        for run_id in ("text", "bytes", "number"):
+            await backend.save_state(run_id, build_state(status="paused", is_background_task=True))
+    with contextlib.closing(sqlite3.connect(db_path)) as other, other:
+        other.execute("PRAGMA ignore_check_constraints = ON")
+        other.execute(
+            "UPDATE workflow_state SET status = CAST('paused' AS BLOB) WHERE run_id = 'bytes'"
+        )
+        other.execute("UPDATE workflow_state SET status = 3 WHERE run_id = 'number'")
+    async with SQLiteBackend(db_path) as backend:
+        stats = await backend.get_workflow_stats()
+    assert stats["status_counts"] == {"paused": 2, "3": 1}
+    assert stats["background_status_counts"] == {"paused": 2, "3": 1}
+
+
 # --------------------------------------------------------------------------------------------
 # get_failed_workflows
 

@@ -252,7 +252,7 @@ pub(crate) fn workflow_counts(conn: &Connection) -> rusqlite::Result<WorkflowCou
              AND julianday(created_at) >= julianday(?2)",
         )?
         .query_row(params![day.text_low, day.cutoff], |r| r.get(0))?;
-    let (background_status_counts, _) = counts_by_status(conn, BACKGROUND_STATUS_COUNTS)?;
+    let background_status_counts = background_status_counts(conn)?;
     snapshot.commit()?;
     Ok(WorkflowCounts {
         total_workflows: total,
@@ -340,7 +340,8 @@ fn counts_of_every_status(conn: &Connection) -> rusqlite::Result<(BTreeMap<Strin
     Ok((counts, total))
 }
 
-/// A status stored as a number or bytes by some other writer still counts under its text.
+/// A status stored as bytes by some other program still counts under its text (the column's
+/// TEXT affinity already turns numbers into text).
 fn status_text(value: &Value) -> String {
     match value {
         Value::Text(text) => text.clone(),
@@ -349,26 +350,20 @@ fn status_text(value: &Value) -> String {
     }
 }
 
-/// Counts per non-NULL status, and the total of all rows counted.
-fn counts_by_status(
-    conn: &Connection,
-    sql: &str,
-) -> rusqlite::Result<(BTreeMap<String, u64>, u64)> {
-    let mut stmt = conn.prepare_cached(sql)?;
+/// Background tasks per non-NULL status.
+fn background_status_counts(conn: &Connection) -> rusqlite::Result<BTreeMap<String, u64>> {
+    let mut stmt = conn.prepare_cached(BACKGROUND_STATUS_COUNTS)?;
     let mut rows = stmt.query([])?;
-    let (mut counts, mut total) = (BTreeMap::new(), 0);
+    let mut counts = BTreeMap::new();
     while let Some(row) = rows.next()? {
-        let count = row.get::<_, i64>(1)?.max(0) as u64;
-        total += count;
-        // A status stored as a number by some other writer still counts under its text.
-        let status = match row.get_ref(0)? {
-            ValueRef::Null => continue,
-            ValueRef::Text(t) => owned_text(t),
-            other => format!("{other:?}"),
-        };
-        counts.insert(status, count);
+        let status: Value = row.get(0)?;
+        if status == Value::Null {
+            continue;
+        }
+        // The same status stored as text and as bytes counts under one key.
+        *counts.entry(status_text(&status)).or_default() += row.get::<_, i64>(1)?.max(0) as u64;
     }
-    Ok((counts, total))
+    Ok(counts)
 }
 
 /// Failed runs updated at or after the window's cutoff, most recently updated first.
