@@ -639,7 +639,6 @@ async def test_stats_average_is_int_zero_when_no_execution_times(backend: SQLite
     assert stats["recent_workflows_24h"] == 1
 
 
-
 async def test_stats_count_a_status_another_program_stored_as_bytes_under_its_text(
     db_path: Path,
 ) -> None:

@@ -29,6 +29,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import flujo_sqlite
 import flujo_sqlite.backend as backend_module
 import pytest
 from conftest import (
@@ -40,7 +41,6 @@ from conftest import (
     sql_in_another_process,
     utc_now,
 )
-import flujo_sqlite
 from flujo_sqlite import InvalidStateError, SerializationError, SQLiteBackend
 
 LAYOUTS = ("flujo-0.4", "flujo-0.6")
