@@ -246,7 +246,7 @@ impl CompletionPort {
         }
         self.drain(py)?;
         if !future.call_method0("done")?.is_truthy()? {
-            // Resolving it failed and was reported to the loop's handler; nothing to hand over.
+            // Resolving it failed and went to `sys.unraisablehook`; nothing to hand over.
             return Ok(future);
         }
         // Never cancelled: nobody else has seen it yet.
@@ -304,7 +304,7 @@ fn is_done(future: &Bound<'_, PyAny>) -> bool {
         .unwrap_or(true)
 }
 
-/// Resolves `future`. A failure to do so is reported to the loop's exception handler, except
+/// Resolves `future`. A failure to do so goes to `sys.unraisablehook` (naming the future), except
 /// `KeyboardInterrupt` and `SystemExit` (a signal handler run by the callbacks `set_result`
 /// schedules), which are returned for the program to see, as asyncio's own callbacks do.
 fn settle(py: Python<'_>, future: &Bound<'_, PyAny>, value: PyResult<Py<PyAny>>) -> PyResult<()> {

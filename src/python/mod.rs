@@ -17,10 +17,11 @@ use std::sync::OnceLock;
 
 use pyo3::prelude::*;
 
-/// Clears the logger levels pyo3-log caches (so that a debug record costs no trip through the
-/// GIL), once per new backend: logging configured since the last one then takes effect.
+/// The handle to the logger levels pyo3-log caches, set once the module is registered.
 static LOG_LEVELS: OnceLock<pyo3_log::ResetHandle> = OnceLock::new();
 
+/// Clears the logger levels pyo3-log caches (so that a debug record costs no trip through the
+/// GIL), once per new backend: logging configured since the last one then takes effect.
 pub(crate) fn refresh_log_levels() {
     if let Some(levels) = LOG_LEVELS.get() {
         levels.reset();

@@ -2,8 +2,9 @@
 //!
 //! Statements are built only from the constant fragments below (never from caller text; all
 //! values are bound) and go through rusqlite's prepared-statement cache.
-//! Lists order by `created_at DESC, rowid DESC`: Flujo's order plus a tie-breaker, so paging
-//! sees every row exactly once, and both columns come straight from our composite indexes.
+//! Lists order by `created_at DESC, rowid DESC` (failed runs and background tasks by
+//! `updated_at DESC, rowid DESC`): Flujo's order plus a tie-breaker, so paging sees every row
+//! exactly once, and both columns come straight from our indexes.
 
 use std::collections::BTreeMap;
 
