@@ -92,4 +92,22 @@ pub enum Error {
     /// Any other SQLite failure (read-only file, I/O error...).
     #[error("SQLite error on {path}: {detail}")]
     Storage { path: PathBuf, detail: String },
+
+    /// The operating system refused something outside SQLite: a file operation of
+    /// `recover()`, or a thread the engine needs. `what` reads "cannot ...".
+    #[error("{what} {path}: {detail}")]
+    System {
+        path: PathBuf,
+        what: String,
+        detail: String,
+    },
+
+    /// The engine dropped a call without answering it, which only a bug can do (an engine
+    /// thread that panicked). Better an error than a caller waiting forever.
+    #[error(
+        "flujo-sqlite stopped working on this call without finishing it (an internal error, \
+         logged above if an engine thread failed; please report it). A write may or may not \
+         have been stored: load it to check"
+    )]
+    Unanswered,
 }

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from flujo_sqlite import (
     CorruptDatabaseError,
+    DatabaseError,
     InvalidStateError,
     InvalidTypeError,
     SQLiteBackend,
@@ -190,6 +191,20 @@ async def test_paths_that_cannot_name_a_file_are_refused_clearly(tmp_path: Path)
     with pytest.raises(InvalidStateError, match="NUL"):
         await recover(str(tmp_path / "wf.db") + "\0x")
     assert names(tmp_path) == set()
+
+
+async def test_a_backup_that_cannot_be_written_is_reported_as_the_file_system_s_refusal(
+    tmp_path: Path,
+) -> None:
+    db_path = tmp_path / "wf.db"
+    db_path.write_bytes(b"garbage" * 100)
+    backup = tmp_path / "no-such-folder" / "wf.bak"
+    with pytest.raises(DatabaseError) as raised:
+        await recover(db_path, backup_path=backup)
+    message = str(raised.value)
+    assert message.startswith(f"cannot write the backup {backup}: ")
+    assert "No such file or directory" in message and "SQLite" not in message
+    assert db_path.read_bytes() == b"garbage" * 100
 
 
 async def test_a_file_open_in_a_backend_is_refused_until_it_is_closed(tmp_path: Path) -> None:

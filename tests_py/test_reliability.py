@@ -708,6 +708,29 @@ def test_a_file_where_a_folder_should_be_is_named_in_the_error(tmp_path: Path) -
     assert (tmp_path / "afile").read_text() == "keep"
 
 
+def test_a_thread_the_engine_cannot_start_is_named_with_its_file(tmp_path: Path) -> None:
+    """Out of address space for thread stacks (set low in a child process, since a limit cannot
+    be raised again), asking for many readers fails on one of them, with the file named."""
+    db_path = tmp_path / "wf.db"
+    program = f"""
+import resource
+from flujo_sqlite import DatabaseError
+from flujo_sqlite._native import NativeBackend
+with open("/proc/self/status") as status:
+    size_kb = next(int(line.split()[1]) for line in status if line.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, ((size_kb + 64 * 1024) * 1024, resource.RLIM_INFINITY))
+try:
+    NativeBackend({str(db_path)!r}, durability="full", lock_timeout=1.0, readers=200)
+except DatabaseError as error:
+    print(error)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"cannot start a reader thread for {db_path}: "), done.stdout
+
+
 async def test_folder_removed_after_construction_is_an_error(tmp_path: Path) -> None:
     db_path = tmp_path / "gone" / "wf.db"
     backend = SQLiteBackend(db_path)

@@ -14,7 +14,8 @@ use super::errors::{backend_closed, invalid_state, to_py_err};
 use super::from_python::encode_json;
 use super::results::response_to_python;
 use super::run_arguments;
-use crate::engine::{Request, Response, StateEngine};
+use crate::engine::{Completion, Request, Response, StateEngine};
+use crate::error::Error;
 use crate::model::{BackgroundTaskQuery, RunQuery};
 use crate::sqlite::{Durability, SqliteEngine, SqliteOptions};
 use crate::timestamp::Age;
@@ -591,7 +592,7 @@ impl NativeBackend {
                     let _ = sender.send(outcome);
                 }),
             );
-            receiver.recv().expect("the engine completes every request")
+            receiver.recv().unwrap_or(Err(Error::Unanswered))
         });
         let response = outcome.map_err(|e| to_py_err(py, &e))?;
         response_to_python(py, response)
@@ -609,12 +610,27 @@ impl NativeBackend {
             return Ok(future);
         }
         let engine = Arc::clone(&self.engine);
-        std::thread::Builder::new()
+        // `done` is handed over once the thread exists, so it is still ours if it cannot start.
+        let (hand_over, take) = std::sync::mpsc::channel::<Completion>();
+        let spawned = std::thread::Builder::new()
             .name("flujo-sqlite-close".into())
             .spawn(move || {
                 engine.close();
+                if let Ok(done) = take.recv() {
+                    done(Ok(Response::Done));
+                }
+            });
+        match spawned {
+            Ok(_) => {
+                let _ = hand_over.send(done);
+            }
+            Err(error) => {
+                // No thread to spare: close here rather than leave queued writes unfinished.
+                log::warn!("cannot start a thread to close on ({error}); closing on this one");
+                self.close_blocking(py);
                 done(Ok(Response::Done));
-            })?;
+            }
+        }
         Ok(future)
     }
 

@@ -22,7 +22,7 @@ use pyo3::sync::PyOnceLock;
 use super::errors::to_py_err;
 use super::results::response_to_python;
 use crate::engine::{Completion, Response};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Finished work waiting for the event loop; shared with engine threads (no Python inside).
 struct Inbox {
@@ -276,8 +276,36 @@ impl CompletionPort {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(token, future.clone().unbind());
-        let inbox = Arc::clone(&self.inbox);
-        Ok((future, Box::new(move |outcome| inbox.post(token, outcome))))
+        let answer = Answer {
+            inbox: Arc::clone(&self.inbox),
+            token,
+            given: false,
+        };
+        Ok((future, Box::new(move |outcome| answer.give(outcome))))
+    }
+}
+
+/// The outcome of one tracked call, owed to its future. Dropped without being given (which
+/// only an engine bug does), it answers `Error::Unanswered`, so the caller gets an error
+/// rather than waiting forever.
+struct Answer {
+    inbox: Arc<Inbox>,
+    token: u64,
+    given: bool,
+}
+
+impl Answer {
+    fn give(mut self, outcome: Result<Response>) {
+        self.given = true;
+        self.inbox.post(self.token, outcome);
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if !self.given {
+            self.inbox.post(self.token, Err(Error::Unanswered));
+        }
     }
 }
 

@@ -55,6 +55,8 @@ fn raised_as(py: Python<'_>, kind: &Error, message: String) -> PyErr {
         | Error::FileReplaced { .. }
         | Error::DiskFull { .. }
         | Error::NotFlujo { .. }
-        | Error::Storage { .. } => database_error(py, message),
+        | Error::Storage { .. }
+        | Error::System { .. }
+        | Error::Unanswered => database_error(py, message),
     }
 }

@@ -29,12 +29,14 @@ pub(super) fn spawn(
     jobs: Receiver<ReadJob>,
     index: usize,
 ) -> Result<JoinHandle<()>> {
+    let path = shared.options.path.clone();
     std::thread::Builder::new()
         .name(format!("flujo-sqlite-reader-{index}"))
         .spawn(move || serve(&shared, &jobs))
-        .map_err(|e| Error::Storage {
-            path: std::path::PathBuf::new(),
-            detail: format!("cannot start a reader thread: {e}"),
+        .map_err(|e| Error::System {
+            path: path.clone(),
+            what: "cannot start a reader thread for".to_owned(),
+            detail: e.to_string(),
         })
 }
 

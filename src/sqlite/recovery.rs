@@ -152,9 +152,10 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 }
 
 fn io_error<'a>(path: &'a Path, what: &'a str) -> impl FnOnce(io::Error) -> Error + 'a {
-    move |error| Error::Storage {
+    move |error| Error::System {
         path: path.to_owned(),
-        detail: format!("{what}: {error}"),
+        what: what.to_owned(),
+        detail: error.to_string(),
     }
 }
 

@@ -39,6 +39,7 @@ const CLEANUP_ROWS_MAX: usize = 16_000;
 const CLEANUP_BATCH_BUDGET: Duration = Duration::from_millis(100);
 
 pub(super) fn spawn(shared: Arc<Shared>, jobs: Receiver<Job>) -> Result<JoinHandle<()>> {
+    let path = shared.options.path.clone();
     std::thread::Builder::new()
         .name("flujo-sqlite-writer".into())
         .spawn(move || {
@@ -51,9 +52,10 @@ pub(super) fn spawn(shared: Arc<Shared>, jobs: Receiver<Job>) -> Result<JoinHand
             }
             .serve(&jobs)
         })
-        .map_err(|e| Error::Storage {
-            path: std::path::PathBuf::new(),
-            detail: format!("cannot start the writer thread: {e}"),
+        .map_err(|e| Error::System {
+            path: path.clone(),
+            what: "cannot start the writer thread for".to_owned(),
+            detail: e.to_string(),
         })
 }
 
