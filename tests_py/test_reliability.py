@@ -43,6 +43,7 @@ from flujo_sqlite.errors import (
 PROGRAMS = Path(__file__).parent / "programs"
 sys.path.insert(0, str(PROGRAMS))
 
+from conftest import build_state
 from state_factory import loaded_version, matches, state_for
 
 SOAK_KILLS = int(os.environ.get("FLUJO_SQLITE_SOAK_KILLS", "50"))
@@ -725,10 +726,34 @@ except DatabaseError as error:
     print(error)
 """
     done = subprocess.run(
-        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", program], check=False, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"cannot start a reader thread for {db_path}: "), done.stdout
+
+
+async def test_after_close_the_file_alone_holds_every_save(tmp_path: Path) -> None:
+    """The last connection to close copies the WAL into the file and deletes it; the engine's
+    connections used to close at the same moment and each leave it to the other (4 closes in
+    10 left a 50 MB WAL), so a copy of the closed file lacked acknowledged saves."""
+    for attempt in range(5):
+        db_path = tmp_path / f"wf{attempt}.db"
+        async with SQLiteBackend(db_path) as backend:
+            for run_id, size in (("a", 50), ("b", 30)):
+                await backend.save_state(
+                    run_id, build_state(pipeline_context={"blob": "x" * (size << 20)})
+                )
+                assert await backend.load_state(run_id) is not None
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(db_path.name)) == [
+            db_path.name
+        ], f"attempt {attempt}: the WAL was left beside the closed file"
+        copy = tmp_path / "copy.db"
+        shutil.copyfile(db_path, copy)
+        with contextlib.closing(sqlite3.connect(copy)) as conn:
+            stored = sorted(row[0] for row in conn.execute("SELECT run_id FROM workflow_state"))
+        assert stored == ["a", "b"], f"attempt {attempt}"
+        for leftover in (db_path, copy):
+            leftover.unlink()
 
 
 async def test_folder_removed_after_construction_is_an_error(tmp_path: Path) -> None:
