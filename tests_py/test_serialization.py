@@ -297,7 +297,11 @@ def test_str_subclass_is_a_str() -> None:
 # --- dict keys ---
 
 
-def test_non_str_keys_are_converted_like_json_dumps() -> None:
+def test_non_str_keys_are_stored_as_flujo_stores_them() -> None:
+    """Both Flujo releases store ``str()`` of the key as they would store it as a value, so
+    ``None`` is "None" (``json.dumps`` would write "null") and NaN is "nan"."""
+    moment = datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+    key = uuid.UUID("12345678-1234-5678-1234-567812345678")
     value = {
         True: 1,
         False: 2,
@@ -310,8 +314,30 @@ def test_non_str_keys_are_converted_like_json_dumps() -> None:
         math.nan: 9,
         math.inf: 10,
         -math.inf: 11,
+        moment: 12,
+        moment.date(): 13,
+        moment.time(): 14,
+        key: 15,
+        decimal.Decimal("2.50"): 16,
     }
-    assert encode_json(value) == json.dumps(value, separators=(",", ":"))
+    assert json.loads(encode_json(value)) == {
+        "True": 1,
+        "False": 2,
+        "None": 3,
+        "7": 4,
+        str(-(2**80)): 5,
+        "1.5": 6,
+        "1e+16": 7,
+        "1e-05": 8,
+        "nan": 9,
+        "inf": 10,
+        "-inf": 11,
+        "2024-01-02T03:04:05+00:00": 12,
+        "2024-01-02": 13,
+        "03:04:05": 14,
+        "12345678-1234-5678-1234-567812345678": 15,
+        "2.50": 16,
+    }
 
 
 def test_enum_keys_use_their_value() -> None:

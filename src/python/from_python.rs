@@ -183,7 +183,8 @@ impl Failure {
             ),
             Reason::BadKey { key_type } => format!(
                 "cannot store {path}: the dict key is a {key_type}; keys must be str, int, \
-                 float, bool, None or an Enum of those"
+                 float, bool, None, a date, time or datetime, a UUID, a Decimal, or an Enum of \
+                 those (convert other keys to str yourself)"
             ),
             Reason::Cycle => format!("{root} contains a reference cycle at {path}"),
             Reason::TooDeep => {
@@ -484,14 +485,18 @@ impl<'py> Encoder<'py> {
         Ok(())
     }
 
-    /// Non-str keys become strings the way `json.dumps` makes them, so both read back alike.
+    /// Non-str keys become the text both Flujo releases store for them, `str()` of the key as a
+    /// value would be stored (`None` -> "None", `True` -> "True", NaN -> "nan", a datetime ->
+    /// its isoformat), so a context reads back with the same keys whichever backend saved it.
+    /// Keys Flujo would store as a mangled text (tuples, objects) are refused.
     fn key(&mut self, key: &Bound<'py, PyAny>) -> Step {
         if let Ok(text) = key.cast::<PyString>() {
             return self.string(text);
         }
         self.foreign_calls += 1;
+        let failed = |error| raised(key, error);
         let text = if let Ok(flag) = key.cast_exact::<PyBool>() {
-            if flag.is_true() { "true" } else { "false" }.to_owned()
+            if flag.is_true() { "True" } else { "False" }.to_owned()
         } else if let Ok(int) = key.cast::<PyInt>() {
             match int.extract::<i64>() {
                 Ok(small) => small.to_string(),
@@ -500,24 +505,31 @@ impl<'py> Encoder<'py> {
         } else if let Ok(float) = key.cast::<PyFloat>() {
             let number = float.value();
             if number.is_nan() {
-                "NaN".to_owned()
+                "nan".to_owned()
             } else if number.is_infinite() {
-                if number > 0.0 {
-                    "Infinity"
-                } else {
-                    "-Infinity"
-                }
-                .to_owned()
+                if number > 0.0 { "inf" } else { "-inf" }.to_owned()
             } else {
                 // Python's repr spells exponents differently from Rust ("1e+16"); a key must
-                // match what json.dumps wrote, so ask Python.
+                // match what Flujo wrote, so ask Python.
                 let repr = PyFloat::type_object(key.py())
                     .call_method1("__repr__", (key,))
-                    .map_err(|error| raised(key, error))?;
+                    .map_err(failed)?;
                 repr.to_string()
             }
         } else if key.is_none() {
-            "null".to_owned()
+            "None".to_owned()
+        } else if is_instance_of(key, &DATE, "datetime", "date").map_err(failed)?
+            || is_instance_of(key, &TIME, "datetime", "time").map_err(failed)?
+        {
+            key.call_method0("isoformat")
+                .map_err(failed)?
+                .str()
+                .map_err(failed)?
+                .to_string()
+        } else if is_instance_of(key, &UUID, "uuid", "UUID").map_err(failed)?
+            || is_instance_of(key, &DECIMAL, "decimal", "Decimal").map_err(failed)?
+        {
+            key.str().map_err(failed)?.to_string()
         } else if is_instance_of(key, &ENUM, "enum", "Enum").map_err(|error| raised(key, error))? {
             let inner = key.getattr("value").map_err(|error| raised(key, error))?;
             if is_instance_of(&inner, &ENUM, "enum", "Enum").map_err(|error| raised(key, error))? {
