@@ -152,4 +152,9 @@ pub trait StateEngine: Send + Sync {
 
     /// Whether a `close` has finished: the queued work is done and the file released.
     fn is_closed(&self) -> bool;
+
+    /// Whether the engine has ever tried to connect to its storage (it does on the first
+    /// request). Until then it holds no connection state that a `fork()` could carry into a
+    /// child process, so the child may start a fresh engine on the same storage.
+    fn has_connected(&self) -> bool;
 }

@@ -804,7 +804,7 @@ async def test_a_backend_inherited_through_fork_refuses_work_and_the_child_exits
     """SQLite connections and the engine's threads do not survive fork(): a call in the child
     used to wait forever, and the child's normal exit printed a Rust panic from joining the
     parent's threads. Now the inherited backend says what to do, the child's own backend works,
-    and both processes go on."""
+    one the parent created but had not used works in the child, and both processes go on."""
     db_path = tmp_path / "wf.db"
     done = run_program("fork_child.py", str(db_path), timeout=120)
     lines = done.stdout.splitlines()
@@ -814,6 +814,7 @@ async def test_a_backend_inherited_through_fork_refuses_work_and_the_child_exits
     assert lines[1:] == [
         "child inherited, closed and used again: saved",
         "child own backend: saved",
+        "child preloaded backend: saved",
         "child exit status 0",
         "parent: done",
     ]
@@ -825,6 +826,9 @@ async def test_a_backend_inherited_through_fork_refuses_work_and_the_child_exits
         assert await backend.load_state("inherited") is None
     finally:
         await backend.close()
+    async with SQLiteBackend(f"{db_path}-preloaded.db") as preloaded:
+        for run_id in ("child", "parent-after"):
+            assert matches(await preloaded.load_state(run_id), run_id, 0), run_id
 
 
 def make_read_only(path: Path) -> str | None:

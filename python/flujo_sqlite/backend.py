@@ -104,6 +104,23 @@ def _close_open_backends() -> None:
     wait_for_dropped_backends()
 
 
+def _start_afresh_in_a_forked_child() -> None:
+    """A backend created before ``fork()`` but not used yet holds no connection state that the
+    child could inherit (its engine opens the file on the first call), so in the child it opens
+    an engine of its own on first use, as a backend made at import by a pre-forking server
+    (gunicorn ``--preload``, Celery) needs. One already used refuses work in the child."""
+    global _REOPENING
+    _REOPENING = threading.RLock()  # another thread of the parent may have held it
+    for backend in list(_BACKENDS):
+        native = backend._native
+        if isinstance(native, NativeBackend) and not native.has_connected:
+            _OPEN_ENGINES.discard(native)
+            backend._native = _ReopenOnUse(backend, native)
+
+
+os.register_at_fork(after_in_child=_start_afresh_in_a_forked_child)
+
+
 class _ReopenOnUse:
     """Stands in for the engine of a closed (or closing) backend. Flujo's backend opens its
     file again on the next call after ``close()``, and code written for it relies on that (a

@@ -99,9 +99,10 @@ impl NativeBackend {
         Err(backend_closed(
             py,
             format!(
-                "this SQLiteBackend was created in process {} and this is process {}, a fork() \
-                 of it: SQLite connections and the backend's threads do not survive fork(). \
-                 Create a new SQLiteBackend in the child process, or start processes with \
+                "this SQLiteBackend was used in process {} and this is process {}, a fork() of \
+                 it: SQLite connections and the backend's threads do not survive fork(). Create \
+                 a new SQLiteBackend in the child process (one created before the fork but first \
+                 used after it works too, e.g. with gunicorn --preload), or start processes with \
                  multiprocessing's \"spawn\" or \"forkserver\" method",
                 self.owner_pid,
                 std::process::id()
@@ -195,6 +196,12 @@ impl NativeBackend {
     #[getter]
     fn closed(&self) -> bool {
         self.engine.is_closed()
+    }
+
+    /// Whether the engine has ever opened the file (it does on the first call).
+    #[getter]
+    fn has_connected(&self) -> bool {
+        self.engine.has_connected()
     }
 
     #[pyo3(signature = (port, run_id, state, expected_updated_at = None))]

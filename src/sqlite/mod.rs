@@ -55,6 +55,8 @@ pub(crate) struct Shared {
     /// (a copy made after `close()`) could lack the latest saves.
     readers_running: Mutex<usize>,
     reader_finished: Condvar,
+    /// Set before the first connection is opened (see `StateEngine::has_connected`).
+    connected: AtomicBool,
 }
 
 impl Shared {
@@ -91,6 +93,7 @@ impl Shared {
         if let Some(known) = &*layout {
             return Ok(Arc::clone(known));
         }
+        self.connected.store(true, Ordering::Release);
         let prepared = connection::retry_while_locked(&self.options, since, || {
             let mut conn = connection::open_or_create(&self.options)?;
             schema::prepare(&mut conn, &self.options)
@@ -150,6 +153,7 @@ struct Queues {
 pub struct SqliteEngine {
     queues: RwLock<Option<Queues>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    shared: Arc<Shared>,
     path: std::path::PathBuf,
     closed: AtomicBool,
 }
@@ -179,6 +183,7 @@ impl SqliteEngine {
             predecessor: Mutex::new(predecessor),
             readers_running: Mutex::new(0),
             reader_finished: Condvar::new(),
+            connected: AtomicBool::new(false),
         });
         let (write_tx, write_rx) = crossbeam_channel::unbounded();
         let (read_tx, read_rx) = crossbeam_channel::unbounded();
@@ -192,6 +197,7 @@ impl SqliteEngine {
                 reads: read_tx,
             })),
             threads: Mutex::new(threads),
+            shared,
             path,
             closed: AtomicBool::new(false),
         })
@@ -250,6 +256,10 @@ impl StateEngine for SqliteEngine {
 
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    fn has_connected(&self) -> bool {
+        self.shared.connected.load(Ordering::Acquire)
     }
 }
 
