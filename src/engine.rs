@@ -12,6 +12,9 @@ use crate::model::{
     StoredEvaluation, StoredSpan, StoredState, SystemStateEntry, WorkflowQuery, WorkflowStats,
     WorkflowSummary,
 };
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use crate::timestamp::Age;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +42,9 @@ pub enum Request {
     },
     CleanupOldWorkflows {
         days_old: Age,
+        /// Set when the caller stops waiting: the cleanup then stops after its current batch
+        /// (what it deleted stays deleted), rather than going on for nobody, holding up exit.
+        caller_gone: CallerGone,
     },
     SaveRunStart(Box<RunStart>),
     SaveStepResult(Box<StepRecord>),
@@ -98,6 +104,27 @@ pub enum Request {
     CleanupStaleBackgroundTasks {
         stale_hours: Age,
     },
+}
+
+/// A flag the caller of a long request sets once it no longer waits for the answer.
+#[derive(Debug, Clone, Default)]
+pub struct CallerGone(Arc<AtomicBool>);
+
+impl CallerGone {
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Requests compare by what they ask for; whether the caller still waits is not part of that.
+impl PartialEq for CallerGone {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl Request {

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use flujo_sqlite::engine::{Request, Response, StateEngine};
+use flujo_sqlite::engine::{CallerGone, Request, Response, StateEngine};
 use flujo_sqlite::error::Error;
 use flujo_sqlite::model::{BackgroundFields, Cell, SpanRecord, StateRecord, WorkflowQuery};
 use flujo_sqlite::sqlite::{FreshLayout, SqliteEngine, SqliteOptions};
@@ -484,13 +484,7 @@ fn time_windows_are_exact_for_our_format_and_flujos() {
     );
     failed.sort();
     assert_eq!(failed, ["flujo_23h", "offset_23h", "ours_23h"]);
-    let Response::Count(deleted) = call(
-        &e,
-        Request::CleanupOldWorkflows {
-            days_old: age_days(1.0),
-        },
-    )
-    .unwrap() else {
+    let Response::Count(deleted) = call(&e, cleanup_request(1.0)).unwrap() else {
         panic!()
     };
     assert_eq!(deleted, 2);
@@ -512,19 +506,32 @@ fn cleanup_deletes_in_batches_and_counts_every_row() {
         }),
     );
     assert_eq!(
-        call(
-            &e,
-            Request::CleanupOldWorkflows {
-                days_old: age_days(30.0)
-            }
-        )
-        .unwrap(),
+        call(&e, cleanup_request(30.0)).unwrap(),
         Response::Count(2500)
     );
     let Response::Stats(stats) = call(&e, Request::WorkflowStats).unwrap() else {
         panic!()
     };
     assert_eq!(stats.total_workflows, 2500);
+}
+
+#[test]
+fn a_cleanup_whose_caller_is_gone_deletes_nothing_more() {
+    let db = temp_db();
+    let e = engine(&db.path);
+    let old = utc_text(chrono::Duration::days(40));
+    save_all(
+        &e,
+        (0..10).map(|i| (format!("r{i}"), record("p", "completed", &old))),
+    );
+    let caller_gone = CallerGone::default();
+    caller_gone.set();
+    let cleanup = Request::CleanupOldWorkflows {
+        days_old: age_days(30.0),
+        caller_gone,
+    };
+    assert_eq!(call(&e, cleanup).unwrap(), Response::Count(0));
+    assert_eq!(stored_run_ids(&db.path).len(), 10);
 }
 
 #[test]
@@ -551,9 +558,7 @@ fn saves_queued_behind_a_long_cleanup_are_served_between_its_batches() {
     let (order_tx, order_rx) = mpsc::channel();
     let cleanup_tx = order_tx.clone();
     e.submit(
-        Request::CleanupOldWorkflows {
-            days_old: age_days(30.0),
-        },
+        cleanup_request(30.0),
         Box::new(move |outcome| cleanup_tx.send(("cleanup", outcome.unwrap())).unwrap()),
     );
     let now = utc_text(chrono::Duration::zero());
@@ -589,13 +594,7 @@ fn saves_queued_behind_a_long_cleanup_are_served_between_its_batches() {
         save(&e, &format!("again{i}"), record("p", "completed", &old));
     }
     assert_eq!(
-        call(
-            &e,
-            Request::CleanupOldWorkflows {
-                days_old: age_days(30.0)
-            }
-        )
-        .unwrap(),
+        call(&e, cleanup_request(30.0)).unwrap(),
         Response::Count(3000)
     );
     save(&e, "after", record("p", "running", &now));
@@ -1230,12 +1229,7 @@ fn writes_to_a_file_moved_or_deleted_while_open_are_refused_not_acknowledged() {
             "{how}: {error:?}"
         );
         assert!(error.to_string().contains("not stored"), "{error}");
-        let cleanup = call(
-            &e,
-            Request::CleanupOldWorkflows {
-                days_old: age_days(30.0),
-            },
-        );
+        let cleanup = call(&e, cleanup_request(30.0));
         assert!(
             matches!(cleanup, Err(Error::FileReplaced { .. })),
             "{how}: {cleanup:?}"
@@ -1289,13 +1283,7 @@ fn a_cleanup_stopped_by_an_error_says_how_many_states_it_had_deleted() {
              BEGIN SELECT RAISE(ABORT, 'this one stays'); END;",
     );
 
-    let error = call(
-        &e,
-        Request::CleanupOldWorkflows {
-            days_old: age_days(30.0),
-        },
-    )
-    .unwrap_err();
+    let error = call(&e, cleanup_request(30.0)).unwrap_err();
     let Error::Interrupted { cause, .. } = &error else {
         panic!("expected the deleted count with the error, got {error:?}")
     };
@@ -1370,4 +1358,11 @@ fn age_hours(amount: f64) -> Age {
 
 fn age_days(amount: f64) -> Age {
     Age::days(amount, "days_old").unwrap()
+}
+
+fn cleanup_request(days_old: f64) -> Request {
+    Request::CleanupOldWorkflows {
+        days_old: age_days(days_old),
+        caller_gone: CallerGone::default(),
+    }
 }

@@ -369,6 +369,33 @@ async def test_lock_held_longer_than_lock_timeout_raises_locked_error(tmp_path: 
     assert integrity(db_path) == "ok"
 
 
+async def test_a_cleanup_whose_caller_stops_waiting_stops_after_its_batch(tmp_path: Path) -> None:
+    """A timeout or Ctrl-C cancels the await of a long cleanup; the cleanup used to go on
+    deleting for nobody, and `close()` and the program's exit waited for all of it. Here its
+    first batch waits for another process's lock while its caller gives up."""
+    db_path = tmp_path / "wf.db"
+    old = datetime.now(UTC) - timedelta(days=60)
+    async with SQLiteBackend(db_path) as backend:
+        await asyncio.gather(
+            *(
+                backend.save_state(f"old-{i}", build_state(created_at=old, updated_at=old))
+                for i in range(3000)
+            )
+        )
+    backend = SQLiteBackend(db_path, lock_timeout=60)
+    try:
+        assert await backend.load_state("old-0") is not None
+        with lock_held(db_path) as holder:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(backend.cleanup_old_workflows(30), timeout=0.5)
+            holder.release()
+    finally:
+        await asyncio.wait_for(backend.close(), 30)
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        (remaining,) = conn.execute("SELECT count(*) FROM workflow_state").fetchone()
+    assert 0 < remaining < 3000, "the batch under way finishes, and nothing after it runs"
+
+
 async def test_lock_held_shorter_than_lock_timeout_is_waited_for(tmp_path: Path) -> None:
     db_path = tmp_path / "wf.db"
     await seed_database(db_path, "before")

@@ -7,6 +7,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use pyo3::prelude::*;
+use pyo3::types::PyCFunction;
 
 use super::arguments;
 use super::completion::CompletionPort;
@@ -14,7 +15,7 @@ use super::errors::{backend_closed, invalid_state, to_py_err};
 use super::from_python::encode_json;
 use super::results::response_to_python;
 use super::run_arguments;
-use crate::engine::{Completion, Request, Response, StateEngine};
+use crate::engine::{CallerGone, Completion, Request, Response, StateEngine};
 use crate::error::Error;
 use crate::model::{BackgroundTaskQuery, RunQuery};
 use crate::sqlite::{Durability, SqliteEngine, SqliteOptions};
@@ -301,10 +302,22 @@ impl NativeBackend {
         port: &Bound<'py, CompletionPort>,
         days_old: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let caller_gone = CallerGone::default();
         let request = Request::CleanupOldWorkflows {
             days_old: arguments::age(days_old, "days_old", Age::days)?,
+            caller_gone: caller_gone.clone(),
         };
-        self.submit(py, port, request)
+        let future = self.submit(py, port, request)?;
+        // A cleanup of a big file runs for seconds: when its caller is cancelled (a timeout,
+        // Ctrl-C), tell it to stop after its current batch.
+        let on_done = PyCFunction::new_closure(py, None, None, move |args, _| -> PyResult<()> {
+            if args.get_item(0)?.call_method0("cancelled")?.is_truthy()? {
+                caller_gone.set();
+            }
+            Ok(())
+        })?;
+        future.call_method1("add_done_callback", (on_done,))?;
+        Ok(future)
     }
 
     fn save_run_start<'py>(

@@ -20,7 +20,7 @@ use rusqlite::Connection;
 use super::connection::{self, classify, retry_while_locked, Role};
 use super::schema::Layout;
 use super::{queries, run_history, spin, system, traces, Job, Shared};
-use crate::engine::{Completion, Request, Response};
+use crate::engine::{CallerGone, Completion, Request, Response};
 use crate::error::{Error, Result};
 use crate::timestamp::{same_instant, TimeWindow};
 
@@ -225,7 +225,11 @@ impl Writer<'_> {
     }
 
     fn cleanup(&mut self, job: Job, jobs: &Receiver<Job>) {
-        let Request::CleanupOldWorkflows { days_old } = job.request else {
+        let Request::CleanupOldWorkflows {
+            days_old,
+            caller_gone,
+        } = job.request
+        else {
             unreachable!("only cleanups are passed here")
         };
         let window = days_old.window();
@@ -233,7 +237,7 @@ impl Writer<'_> {
         // again and again; one checkpoint at the end, off this thread, copies each page once.
         let outcome = self
             .pause_autocheckpoint(job.submitted)
-            .and_then(|()| self.delete_old(&window, jobs));
+            .and_then(|()| self.delete_old(&window, &caller_gone, jobs));
         match &outcome {
             Ok(0) if self.checkpoint.is_none() => self.restore_autocheckpoint(),
             Ok(0) => {} // turned back on when the running checkpoint is done
@@ -249,11 +253,23 @@ impl Writer<'_> {
 
     /// Deletes in batches that grow while no other write is waiting and shrink as soon as one
     /// is, serving waiting writes between batches.
-    fn delete_old(&mut self, window: &TimeWindow, jobs: &Receiver<Job>) -> Result<u64> {
+    fn delete_old(
+        &mut self,
+        window: &TimeWindow,
+        caller_gone: &CallerGone,
+        jobs: &Receiver<Job>,
+    ) -> Result<u64> {
         let mut deleted: u64 = 0;
         let mut rows = CLEANUP_ROWS_FIRST;
         let mut checkpointed_for_room = false;
         loop {
+            if caller_gone.is_set() {
+                log::info!(
+                    "cleanup_old_workflows stopped after {deleted} deletions: its caller \
+                     stopped waiting (cancelled, timed out or interrupted)"
+                );
+                return Ok(deleted);
+            }
             let started = Instant::now();
             let count = match self.delete_batch(window, rows) {
                 Ok(count) => count,
