@@ -836,6 +836,27 @@ async def test_constructor_accepts_str_paths(tmp_path: Path) -> None:
     await backend.close()
 
 
+@pytest.mark.parametrize(
+    ("spelling", "hint"),
+    [
+        ("", "is empty"),
+        ("sqlite:///state.db", "is a URI"),
+        ("sqlite+aiosqlite:///state.db", "is a URI"),
+        ("~/state.db", "only a shell expands"),
+        ("$HOME/state.db", "only a shell expands"),
+        ("${HOME}/state.db", "only a shell expands"),
+    ],
+)
+def test_paths_only_a_shell_or_uri_parser_understands_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spelling: str, hint: str
+) -> None:
+    """As file paths these would quietly create a folder named "~", "$HOME" or "sqlite:"."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidStateError, match=hint):
+        SQLiteBackend(spelling)
+    assert list(tmp_path.iterdir()) == []
+
+
 async def test_a_relative_path_keeps_naming_the_same_file_after_a_chdir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1563,6 +1584,16 @@ async def test_missing_required_key_is_named_and_nothing_written(
     assert isinstance(excinfo.value, InvalidStateError)
     assert str(excinfo.value).startswith(f'state is missing the required key "{key}"')
     assert await backend.load_state("r") is None
+
+
+async def test_every_missing_required_key_is_named_at_once(backend: SQLiteBackend) -> None:
+    state = {"pipeline_id": "p", "status": "running", "pipeline_context": {}}
+    with pytest.raises(MissingKeyError) as excinfo:
+        await backend.save_state("r", state)
+    assert str(excinfo.value).startswith(
+        'state is missing the required keys "pipeline_name", "pipeline_version", '
+        '"current_step_index", "created_at", "updated_at"; every state needs'
+    )
 
 
 async def test_run_and_step_records_missing_a_key_raise_a_key_error_too(

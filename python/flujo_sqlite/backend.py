@@ -12,6 +12,7 @@ import asyncio
 import atexit
 import importlib.metadata
 import os
+import re
 import threading
 import weakref
 from datetime import datetime
@@ -63,14 +64,34 @@ def _port() -> CompletionPort:
     return port
 
 
+# Path spellings that only a shell or a URI parser understands; as a file path each one would
+# quietly create a folder named "~", "$HOME" or "sqlite:" in the working directory.
+_URI = re.compile(r"(?i)^sqlite(\+aiosqlite)?:")
+_UNEXPANDED = re.compile(r"^(~|\$\{?[A-Za-z_])")
+
+
 def _file_path(value: object, what: str) -> Path:
     """``value`` as a ``Path``, or a clear error for what cannot name a file."""
     if not isinstance(value, str | os.PathLike):
         raise InvalidTypeError(f"{what} must be a str or a path, got {type(value).__name__}")
-    path = Path(value)
-    if "\0" in str(path):
+    text = os.fspath(value)
+    if not isinstance(text, str):
+        raise InvalidTypeError(f"{what} must be a str or a path, got bytes")
+    if "\0" in text:
         raise InvalidStateError(f"{what} must not contain a NUL character")
-    return path
+    if not text:
+        raise InvalidStateError(f"{what} is empty: give the database file's path")
+    if _URI.match(text):
+        raise InvalidStateError(
+            f"{what} {text!r} is a URI, not a file path: pass the file's path itself, or put "
+            "the URI in FLUJO_STATE_URI and call flujo_sqlite.load_backend_from_config()"
+        )
+    if _UNEXPANDED.match(text):
+        raise InvalidStateError(
+            f"{what} {text!r} starts with {text[0]!r}, which only a shell expands: pass "
+            "os.path.expanduser() / os.path.expandvars() of it"
+        )
+    return Path(text)
 
 
 def _make_folder(path: Path) -> None:
