@@ -895,6 +895,7 @@ async def test_read_only_file_is_an_error_and_is_left_alone(tmp_path: Path) -> N
                 raised.value
             )
             assert "read" in str(raised.value).lower(), str(raised.value)
+            assert "check their permissions" in str(raised.value), str(raised.value)
             # Reading what the file holds either works or fails clearly; it never says "absent".
             try:
                 loaded = await asyncio.wait_for(backend.load_state("before"), 30)

@@ -498,6 +498,11 @@ def test_isinstance_lookup_follows_registration_order() -> None:
     assert stored(Both()) == "right"
 
 
+def test_register_serializer_needs_a_class() -> None:
+    with pytest.raises(TypeError, match=r"first argument must be a class.* got a str \('Path'\)"):
+        flujo_sqlite.register_serializer("Path", str)  # type: ignore[arg-type]
+
+
 def test_register_serializer_needs_a_callable() -> None:
     with pytest.raises(TypeError, match="must be callable"):
         flujo_sqlite.register_serializer(NotCallableTarget, 42)

@@ -55,6 +55,17 @@ pub(crate) fn run_id(value: &Bound<'_, PyAny>) -> PyResult<String> {
 }
 
 /// `state` as a record ready to store.
+const REQUIRED_STATE_KEYS: [&str; 8] = [
+    "pipeline_id",
+    "pipeline_name",
+    "pipeline_version",
+    "current_step_index",
+    "pipeline_context",
+    "status",
+    "created_at",
+    "updated_at",
+];
+
 pub(crate) fn state_record(state: &Bound<'_, PyAny>) -> PyResult<StateRecord> {
     let py = state.py();
     let state = state.cast::<PyDict>().map_err(|_| {
@@ -63,17 +74,28 @@ pub(crate) fn state_record(state: &Bound<'_, PyAny>) -> PyResult<StateRecord> {
             format!("state must be a dict, got {}", type_name(state)),
         )
     })?;
+    // All the missing keys at once, so a hand-written state is fixed in one go.
+    let mut missing = Vec::new();
+    for key in REQUIRED_STATE_KEYS {
+        if !state.contains(key)? {
+            missing.push(format!("{key:?}"));
+        }
+    }
+    if !missing.is_empty() {
+        return Err(missing_key(
+            py,
+            format!(
+                "state is missing the required key{} {}; every state needs {}",
+                if missing.len() == 1 { "" } else { "s" },
+                missing.join(", "),
+                REQUIRED_STATE_KEYS.join(", "),
+            ),
+        ));
+    }
     let required = |key: &str| -> PyResult<Bound<'_, PyAny>> {
-        state.get_item(key)?.ok_or_else(|| {
-            missing_key(
-                py,
-                format!(
-                    "state is missing the required key {key:?}; every state needs \
-                 pipeline_id, pipeline_name, pipeline_version, current_step_index, \
-                 pipeline_context, status, created_at and updated_at"
-                ),
-            )
-        })
+        state
+            .get_item(key)?
+            .ok_or_else(|| missing_key(py, format!("state lost its key {key:?} while being read")))
     };
     let optional = |key: &str| -> PyResult<Option<Bound<'_, PyAny>>> {
         Ok(state.get_item(key)?.filter(|v| !v.is_none()))

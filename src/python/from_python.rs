@@ -54,9 +54,17 @@ pub(crate) fn register_serializer(type_: &Bound<'_, PyType>, function: Bound<'_,
 #[pyfunction]
 #[pyo3(name = "register_serializer")]
 pub(crate) fn register_serializer_py(
-    type_: &Bound<'_, PyType>,
+    type_: &Bound<'_, PyAny>,
     function: Bound<'_, PyAny>,
 ) -> PyResult<()> {
+    let Ok(type_) = type_.cast::<PyType>() else {
+        return Err(PyTypeError::new_err(format!(
+            "register_serializer's first argument must be a class, such as pathlib.Path, got \
+             a {} ({:.60})",
+            type_name(&type_.get_type()),
+            type_.repr()?.to_string(),
+        )));
+    };
     if !function.is_callable() {
         return Err(PyTypeError::new_err(format!(
             "the serializer for {} must be callable, got a {}",

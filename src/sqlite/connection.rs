@@ -178,6 +178,12 @@ fn storage_hint(path: &Path, extended_code: i32, detail: String) -> String {
             "{detail}: the folder {folder} must be writable, as SQLite keeps the -wal and -shm \
              files beside the database"
         ),
+        // SQLite opens a file it may not write read-only, and says so only at the first write.
+        ffi::SQLITE_READONLY => format!(
+            "{detail}: this process may not write {} (or its -wal/-shm files); check their \
+             permissions and owner",
+            path.display()
+        ),
         _ => detail,
     }
 }

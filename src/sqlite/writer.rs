@@ -489,7 +489,7 @@ fn execute_write(
                     return Err(Error::Conflict {
                         run_id: run_id.clone(),
                         expected: expected.clone(),
-                        found: found.unwrap_or_else(|| "absent (the run was deleted)".into()),
+                        found: found.unwrap_or_else(|| "absent (never saved, or deleted)".into()),
                     });
                 }
             }
