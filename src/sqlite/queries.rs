@@ -218,11 +218,7 @@ pub(crate) fn list_workflows(
     let status = query.status.as_deref().filter(|s| !s.is_empty());
     let pipeline = query.pipeline_id.as_deref().filter(|s| !s.is_empty());
     let sql = list_workflows_sql(status.is_some(), pipeline.is_some());
-    // SQLite reads a negative LIMIT as "no limit".
-    let limit = query
-        .limit
-        .map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
-    let offset = i64::try_from(query.offset).unwrap_or(i64::MAX);
+    let (limit, offset) = (sql_limit(query.limit), sql_offset(query.offset));
     let mut stmt = conn.prepare_cached(sql)?;
     for (index, value) in [(1, status), (2, pipeline)] {
         if let Some(value) = value {
@@ -463,10 +459,7 @@ pub(crate) fn list_background_tasks(
     conn: &Connection,
     query: &BackgroundTaskQuery,
 ) -> rusqlite::Result<Vec<WorkflowSummary>> {
-    let limit = query
-        .limit
-        .map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
-    let offset = i64::try_from(query.offset).unwrap_or(i64::MAX);
+    let (limit, offset) = (sql_limit(query.limit), sql_offset(query.offset));
     let mut stmt = conn.prepare_cached(BACKGROUND_TASKS)?;
     let rows = stmt.query_map(
         params![
@@ -514,6 +507,16 @@ pub(crate) fn cleanup_stale_background_tasks(
         window.cutoff,
         crate::timestamp::now_text()
     ])
+}
+
+/// A list's `LIMIT`: SQLite reads a negative one as "no limit".
+pub(crate) fn sql_limit(limit: Option<u64>) -> i64 {
+    limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX))
+}
+
+/// A list's `OFFSET`, past the last row when larger than any table can hold.
+pub(crate) fn sql_offset(offset: u64) -> i64 {
+    i64::try_from(offset).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

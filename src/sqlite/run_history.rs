@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use rusqlite::types::Value;
 use rusqlite::{params_from_iter, Connection, OptionalExtension, Row};
 
-use super::queries::{cell, json_text};
+use super::queries::{cell, json_text, sql_limit, sql_offset};
 use super::schema::Layout;
 use crate::model::{
     MetadataCondition, RunDetails, RunEnd, RunQuery, RunStart, RunSummary, StepDetails, StepRecord,
@@ -232,9 +232,9 @@ pub(crate) fn save_step_result(
 }
 
 /// A column, or `NULL` when the layout lacks it, for building SELECT lists.
-fn column_or_null(columns: &HashSet<String>, name: &str) -> String {
+fn column_or_null(columns: &HashSet<String>, prefix: &str, name: &str) -> String {
     if columns.contains(name) {
-        name.to_owned()
+        format!("{prefix}{name}")
     } else {
         "NULL".to_owned()
     }
@@ -263,17 +263,17 @@ pub(crate) fn get_run_details(
     let sql = format!(
         "SELECT run_id, {}, pipeline_name, pipeline_version, status, {}, {}, {}, {}, {}, {}, {}, {}, {}, {} \
          FROM runs WHERE run_id = ?1",
-        column_or_null(c, "pipeline_id"),
+        column_or_null(c, "", "pipeline_id"),
         first_present(c, "", &["start_time", "created_at"]),
-        column_or_null(c, "end_time"),
-        column_or_null(c, "total_cost"),
-        column_or_null(c, "final_context_blob"),
+        column_or_null(c, "", "end_time"),
+        column_or_null(c, "", "total_cost"),
+        column_or_null(c, "", "final_context_blob"),
         first_present(c, "", &["created_at", "start_time"]),
         first_present(c, "", &["updated_at", "end_time", "start_time"]),
-        column_or_null(c, "execution_time_ms"),
-        column_or_null(c, "memory_usage_mb"),
-        column_or_null(c, "total_steps"),
-        column_or_null(c, "error_message"),
+        column_or_null(c, "", "execution_time_ms"),
+        column_or_null(c, "", "memory_usage_mb"),
+        column_or_null(c, "", "total_steps"),
+        column_or_null(c, "", "error_message"),
     );
     conn.prepare_cached(&sql)?
         .query_row([run_id], |row| {
@@ -313,14 +313,14 @@ pub(crate) fn list_run_steps(
         "SELECT step_name, step_index, status, {}, {}, {}, {}, {}, {}, {}, {}, {} FROM steps \
          WHERE run_id = ?1 ORDER BY {order}",
         first_present(c, "", &["start_time", "created_at"]),
-        column_or_null(c, "end_time"),
+        column_or_null(c, "", "end_time"),
         first_present(c, "", &["duration_ms", "execution_time_ms"]),
         first_present(c, "", &["cost", "cost_usd"]),
         first_present(c, "", &["tokens", "token_counts"]),
-        column_or_null(c, "input_blob"),
+        column_or_null(c, "", "input_blob"),
         first_present(c, "", &["output_blob", "output"]),
-        column_or_null(c, "error_blob"),
-        column_or_null(c, "raw_response"),
+        column_or_null(c, "", "error_blob"),
+        column_or_null(c, "", "raw_response"),
     );
     let mut stmt = conn.prepare_cached(&sql)?;
     let rows = stmt.query_map([run_id], |row| {
@@ -380,18 +380,12 @@ pub(crate) fn list_runs(
     } else {
         format!("WHERE {}", conditions.join(" AND "))
     };
-    values.push(Value::Integer(
-        query
-            .limit
-            .map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX)),
-    ));
-    values.push(Value::Integer(
-        i64::try_from(query.offset).unwrap_or(i64::MAX),
-    ));
+    values.push(Value::Integer(sql_limit(query.limit)));
+    values.push(Value::Integer(sql_offset(query.offset)));
     let (end_time, total_cost) = if c.contains("start_time") {
         (
-            column_or_null_prefixed(c, "end_time"),
-            column_or_null_prefixed(c, "total_cost"),
+            column_or_null(c, "r.", "end_time"),
+            column_or_null(c, "r.", "total_cost"),
         )
     } else {
         // Flujo 0.6.11's layout, whose list always gives a number and a time there: 0.0 for
@@ -399,12 +393,9 @@ pub(crate) fn list_runs(
         (
             format!(
                 "coalesce(nullif({}, ''), r.updated_at)",
-                column_or_null_prefixed(c, "end_time")
+                column_or_null(c, "r.", "end_time")
             ),
-            format!(
-                "coalesce({}, 0.0)",
-                column_or_null_prefixed(c, "total_cost")
-            ),
+            format!("coalesce({}, 0.0)", column_or_null(c, "r.", "total_cost")),
         )
     };
     let sql = format!(
@@ -421,14 +412,6 @@ pub(crate) fn list_runs(
     let mut stmt = conn.prepare_cached(&sql)?;
     let rows = stmt.query_map(params_from_iter(values), run_summary)?;
     rows.collect()
-}
-
-fn column_or_null_prefixed(columns: &HashSet<String>, name: &str) -> String {
-    if columns.contains(name) {
-        format!("r.{name}")
-    } else {
-        "NULL".to_owned()
-    }
 }
 
 fn run_summary(row: &Row) -> rusqlite::Result<RunSummary> {

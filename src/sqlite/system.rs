@@ -2,7 +2,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::queries::{cell, json_text, listed_time};
+use super::queries::{cell, json_text, listed_time, sql_limit};
 use super::run_history::ensure_run;
 use super::schema::Layout;
 use crate::model::{Evaluation, StoredEvaluation, SystemStateEntry};
@@ -60,7 +60,7 @@ pub(crate) fn list_evaluations(
     limit: Option<u64>,
     run_id: Option<&str>,
 ) -> rusqlite::Result<Vec<StoredEvaluation>> {
-    let limit = limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
+    let limit = sql_limit(limit);
     let mut stmt = conn.prepare_cached(
         "SELECT run_id, step_name, score, feedback, metadata, created_at FROM evaluations \
          WHERE (?1 IS NULL OR run_id = ?1) ORDER BY julianday(created_at) DESC, id DESC LIMIT ?2",
