@@ -498,6 +498,18 @@ def test_isinstance_lookup_follows_registration_order() -> None:
     assert stored(Both()) == "right"
 
 
+def test_a_serializer_returning_its_own_type_is_named() -> None:
+    class Wrapped:
+        pass
+
+    flujo_sqlite.register_serializer(Wrapped, lambda w: Wrapped())
+    with pytest.raises(
+        SerializationError,
+        match=r"ctx\['w'\]: the serializer registered for .*Wrapped returned another",
+    ):
+        encode_json({"w": Wrapped()}, "ctx")
+
+
 def test_register_serializer_needs_a_class() -> None:
     with pytest.raises(TypeError, match=r"first argument must be a class.* got a str \('Path'\)"):
         flujo_sqlite.register_serializer("Path", str)  # type: ignore[arg-type]

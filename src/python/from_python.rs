@@ -134,6 +134,10 @@ enum Reason {
     },
     Cycle,
     TooDeep,
+    /// A registered serializer returned another instance of the type it serializes.
+    SerializerKeptItsType {
+        type_name: String,
+    },
     LoneSurrogate,
     /// The dict gained or lost keys while it was being walked: code of the user's that the walk
     /// called (a serializer, `model_dump`, ...) changed it.
@@ -195,6 +199,11 @@ impl Failure {
                  those (convert other keys to str yourself)"
             ),
             Reason::Cycle => format!("{root} contains a reference cycle at {path}"),
+            Reason::SerializerKeptItsType { type_name } => format!(
+                "cannot store {path}: the serializer registered for {type_name} returned \
+                 another {type_name}; it must return something storable (a dict, list, str, \
+                 number, bool or None, or an object with a serializer of its own)"
+            ),
             Reason::TooDeep => {
                 format!("cannot store {path}: it is nested more than {MAX_DEPTH} levels deep")
             }
@@ -606,6 +615,12 @@ impl<'py> Encoder<'py> {
         let failed = |error| raised(value, error);
         if let Some(serializer) = registered_serializer(value).map_err(failed)? {
             let replacement = serializer.call1((value,)).map_err(failed)?;
+            if replacement.get_type().is(value.get_type()) {
+                // It would be called again on its own result, until the depth limit said so.
+                return Err(Failure::new(Reason::SerializerKeptItsType {
+                    type_name: type_name(&value.get_type()),
+                }));
+            }
             return Ok(Converted::Replaced(replacement));
         }
         // Subclasses of the fast-path types (IntEnum, StrEnum, OrderedDict, namedtuple...).
