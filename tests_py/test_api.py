@@ -84,6 +84,14 @@ async def stored_row(backend: SQLiteBackend, run_id: str) -> sqlite3.Row:
     return row
 
 
+def test_the_version_is_the_installed_distribution_s() -> None:
+    import importlib.metadata
+
+    import flujo_sqlite
+
+    assert flujo_sqlite.__version__ == importlib.metadata.version("flujo-sqlite")
+
+
 # --------------------------------------------------------------------------------------------
 # Errors
 

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from ._native import register_serializer
+from ._native import __version__, register_serializer
 from .backend import SQLiteBackend
 from .config import load_backend_from_config
 from .errors import (
@@ -38,6 +38,7 @@ __all__ = [
     "RecoveryReport",
     "SQLiteBackend",
     "SerializationError",
+    "__version__",
     "load_backend_from_config",
     "recover",
     "register_serializer",

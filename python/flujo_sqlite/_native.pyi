@@ -8,12 +8,15 @@ from typing import Any, final
 __all__ = [
     "CompletionPort",
     "NativeBackend",
+    "__version__",
     "decode_json",
     "encode_json",
     "recover",
     "register_serializer",
     "wait_for_dropped_backends",
 ]
+
+__version__: str
 
 @final
 class CompletionPort:

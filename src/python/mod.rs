@@ -36,6 +36,7 @@ pub(crate) fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     if let Ok(levels) = installed {
         let _ = LOG_LEVELS.set(levels);
     }
+    module.add("__version__", env!("CARGO_PKG_VERSION"))?;
     module.add_class::<backend::NativeBackend>()?;
     module.add_class::<completion::CompletionPort>()?;
     module.add_function(wrap_pyfunction!(
