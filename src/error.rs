@@ -102,6 +102,17 @@ pub enum Error {
         detail: String,
     },
 
+    /// This process was made by `fork()` from one that had the file open, and SQLite's record of
+    /// the file's locks came along without the locks (see `sqlite::open_files`).
+    #[error(
+        "{path} was open in process {parent}, which this process was forked from; SQLite's \
+         locks do not survive fork(), so a connection opened here would not lock the file \
+         against that process, and saves could be lost. Use this file from processes started \
+         with multiprocessing's \"spawn\" or \"forkserver\" method, or do not open it in the \
+         parent before forking (a backend created there but not used yet is fine)"
+    )]
+    OpenInParent { path: PathBuf, parent: u32 },
+
     /// The engine dropped a call without answering it, which only a bug can do (an engine
     /// thread that panicked). Better an error than a caller waiting forever.
     #[error(

@@ -100,7 +100,7 @@ fn configure(conn: &Connection, options: &SqliteOptions, role: Role) -> rusqlite
 /// Which file a path names. SQLite does not notice (in WAL mode) that its file was renamed or
 /// deleted while open: commits go on into the old file, acknowledged, and are lost to anyone who
 /// opens the path. Comparing this before each commit catches it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct FileIdentity {
     #[cfg(unix)]
     device: u64,

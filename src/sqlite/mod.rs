@@ -3,6 +3,7 @@
 //! No thread here ever touches Python.
 
 mod connection;
+mod open_files;
 mod options;
 mod queries;
 mod readers;
@@ -93,13 +94,16 @@ impl Shared {
         if let Some(known) = &*layout {
             return Ok(Arc::clone(known));
         }
+        open_files::refuse_if_open_in_parent(&self.options.path)?;
         self.connected.store(true, Ordering::Release);
         let prepared = connection::retry_while_locked(&self.options, since, || {
             let mut conn = connection::open_or_create(&self.options)?;
             schema::prepare(&mut conn, &self.options)
         })?;
         let file = connection::identity(&self.options.path).map_err(|_| self.replaced())?;
-        let _ = self.file.set(file);
+        if self.file.set(file).is_ok() {
+            open_files::opened(file);
+        }
         let prepared = Arc::new(prepared);
         *layout = Some(Arc::clone(&prepared));
         Ok(prepared)
@@ -250,6 +254,10 @@ impl StateEngine for SqliteEngine {
             if thread.join().is_err() {
                 log::error!("a flujo-sqlite engine thread panicked while closing");
             }
+        }
+        // Once, by the first close to get here; a later one finds `closed` set.
+        if let (false, Some(file)) = (self.is_closed(), self.shared.file.get()) {
+            open_files::closed(*file, &self.shared.options);
         }
         self.closed.store(true, Ordering::Release);
     }

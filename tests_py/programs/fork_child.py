@@ -2,14 +2,16 @@
 
 Usage: fork_child.py DB_PATH
 
-The child first uses the inherited backend (printing the exception it raises, or "no error"),
-closes it and saves ``reopened`` through it, then opens a backend of its own and saves ``child``
-with it, then saves ``child`` through a second backend, on ``DB_PATH-preloaded.db``, that the
-parent created but had not used before the fork (as a pre-forking server's workers do), and
-exits normally, so that the interpreter's exit hooks run in the child with the parent's
-backends still in memory. The parent waits for the child (reporting "child hung" after 60 s),
-saves ``parent-after`` through both backends, and closes them. Each line is printed as it
-happens.
+Before the fork the parent saves ``parent-before`` through a backend on DB_PATH and creates,
+without using them, a second backend on DB_PATH and one on ``DB_PATH-preloaded.db`` (as a
+pre-forking server's workers inherit one made at import). In the child, each way of reaching
+DB_PATH, which the parent has open, must be refused: the inherited backend, the same backend
+closed and used again, the unused one on the same file, and a new one. The unused backend on the
+other file saves ``child``. Each outcome is printed as a line: "<what>: saved" or
+"<what>: <ExceptionType>: <message>". The child exits normally, so that the interpreter's exit
+hooks run with the parent's backends still in memory. The parent waits for the child (reporting
+"child hung" after 60 s), saves ``parent-after`` through its backend and the preloaded one, and
+closes them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 from flujo_sqlite import SQLiteBackend
 from state_factory import state_for
@@ -27,35 +30,42 @@ def say(line: str) -> None:
     os.write(1, f"{line}\n".encode())
 
 
-async def in_child(inherited: SQLiteBackend, preloaded: SQLiteBackend, db_path: str) -> None:
+async def attempt(what: str, save: Callable[[], Awaitable[None]]) -> None:
     try:
-        await asyncio.wait_for(inherited.save_state("inherited", state_for("inherited", 0)), 20)
-        say("child inherited: no error")
+        await asyncio.wait_for(save(), 20)
+        say(f"{what}: saved")
     except Exception as error:  # noqa: BLE001 - the test reads which one
-        say(f"child inherited: {type(error).__name__}: {error}")
+        say(f"{what}: {type(error).__name__}: {error}")
+
+
+async def in_child(
+    inherited: SQLiteBackend, unused: SQLiteBackend, preloaded: SQLiteBackend, db_path: str
+) -> None:
+    await attempt("inherited", lambda: inherited.save_state("inherited", state_for("x", 0)))
     await inherited.close()
-    # Closed in the child, it opens the file again for the child, as after any close().
-    await asyncio.wait_for(inherited.save_state("reopened", state_for("reopened", 0)), 20)
-    await inherited.close()
-    say("child inherited, closed and used again: saved")
+    await attempt(
+        "closed and used again", lambda: inherited.save_state("reopened", state_for("x", 0))
+    )
+    await attempt("unused, same file", lambda: unused.save_state("unused", state_for("x", 0)))
     own = SQLiteBackend(db_path)
-    await own.save_state("child", state_for("child", 0))
+    await attempt("new, same file", lambda: own.save_state("own", state_for("x", 0)))
     await own.close()
-    say("child own backend: saved")
-    await asyncio.wait_for(preloaded.save_state("child", state_for("child", 0)), 20)
+    await attempt(
+        "unused, other file", lambda: preloaded.save_state("child", state_for("child", 0))
+    )
     await preloaded.close()
-    say("child preloaded backend: saved")
 
 
 def main() -> None:
     db_path = sys.argv[1]
     backend = SQLiteBackend(db_path)
+    unused = SQLiteBackend(db_path)
     preloaded = SQLiteBackend(f"{db_path}-preloaded.db")
     asyncio.run(backend.save_state("parent-before", state_for("parent-before", 0)))
     pid = os.fork()
     if pid == 0:
-        asyncio.run(in_child(backend, preloaded, db_path))
-        sys.exit(0)  # a normal exit: atexit hooks run, the inherited backend is dropped
+        asyncio.run(in_child(backend, unused, preloaded, db_path))
+        sys.exit(0)  # a normal exit: atexit hooks run, the inherited backends are dropped
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
