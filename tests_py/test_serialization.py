@@ -340,6 +340,17 @@ def test_non_str_keys_are_stored_as_flujo_stores_them() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    "colliding",
+    [{None: 1, "None": 2}, {"1": "a", 1: "b"}, {True: 1, "True": 2}, {"red": 1, Color.RED: 2}],
+)
+def test_keys_stored_as_the_same_text_are_refused(colliding: dict[object, object]) -> None:
+    """Both would be stored under one JSON key; Flujo keeps one value and drops the other,
+    and SQLite's JSON functions would see the first where Python sees the last."""
+    with pytest.raises(SerializationError, match="another key of the same dict is also stored"):
+        encode_json({"outer": colliding}, "ctx")
+
+
 def test_enum_keys_use_their_value() -> None:
     assert stored({Color.RED: 1, Number.ONE: 2, Word.HELLO: 3}) == {"red": 1, "1": 2, "hello": 3}
 

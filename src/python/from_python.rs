@@ -6,6 +6,7 @@
 //! registered serializers, then the built-in rules. Errors never carry a placeholder: they name
 //! the path inside the state and the type, so the caller knows what to fix.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::sync::{Mutex, PoisonError};
 
@@ -134,6 +135,10 @@ enum Reason {
     },
     Cycle,
     TooDeep,
+    /// Two keys of one dict are stored as the same text.
+    KeyCollision {
+        stored_as: String,
+    },
     /// A registered serializer returned another instance of the type it serializes.
     SerializerKeptItsType {
         type_name: String,
@@ -199,6 +204,11 @@ impl Failure {
                  those (convert other keys to str yourself)"
             ),
             Reason::Cycle => format!("{root} contains a reference cycle at {path}"),
+            Reason::KeyCollision { stored_as } => format!(
+                "cannot store {path}: another key of the same dict is also stored as \
+                 {stored_as:?} (keys that are not str are stored as their text, as Flujo does, \
+                 and Flujo would keep only one of the two values); rename one of them"
+            ),
             Reason::SerializerKeptItsType { type_name } => format!(
                 "cannot store {path}: the serializer registered for {type_name} returned \
                  another {type_name}; it must return something storable (a dict, list, str, \
@@ -250,6 +260,13 @@ fn raised(value: &Bound<'_, PyAny>, error: PyErr) -> Box<Failure> {
         type_name: type_name(&value.get_type()),
         error,
     })
+}
+
+/// The text of a str key (walked keys are str until the first one that is not).
+fn str_text(key: &Bound<'_, PyAny>) -> String {
+    key.cast::<PyString>()
+        .map(|text| text.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn key_segment(key: &Bound<'_, PyAny>) -> String {
@@ -469,6 +486,10 @@ impl<'py> Encoder<'py> {
         let size = dict.len();
         let foreign_calls_before = self.foreign_calls;
         let walked_from = self.walked_keys.len();
+        // The stored texts of the keys so far, kept from the first key that is not a str on:
+        // two keys stored as one text ({None: .., "None": ..}) would leave two values under one
+        // JSON key, and Flujo keeps only one of them.
+        let mut stored_keys: Option<HashSet<String>> = None;
         let mut items = dict.iter();
         for index in 0..size {
             if self.foreign_calls != foreign_calls_before && dict.len() != size {
@@ -480,8 +501,22 @@ impl<'py> Encoder<'py> {
             if index > 0 {
                 self.out.push(',');
             }
-            self.key(&key)
+            let converted = self
+                .key(&key)
                 .map_err(|failure| failure.at(key_segment(&key)))?;
+            if converted.is_some() || stored_keys.is_some() {
+                let seen = stored_keys.get_or_insert_with(|| {
+                    self.walked_keys[walked_from..]
+                        .iter()
+                        .map(str_text)
+                        .collect()
+                });
+                let text = converted.unwrap_or_else(|| str_text(&key));
+                if !seen.insert(text.clone()) {
+                    return Err(Failure::new(Reason::KeyCollision { stored_as: text })
+                        .at(key_segment(&key)));
+                }
+            }
             self.out.push(':');
             self.value(&item, depth + 1)
                 .map_err(|failure| failure.at(key_segment(&key)))?;
@@ -505,10 +540,11 @@ impl<'py> Encoder<'py> {
     /// Non-str keys become the text both Flujo releases store for them, `str()` of the key as a
     /// value would be stored (`None` -> "None", `True` -> "True", NaN -> "nan", a datetime ->
     /// its isoformat), so a context reads back with the same keys whichever backend saved it.
-    /// Keys Flujo would store as a mangled text (tuples, objects) are refused.
-    fn key(&mut self, key: &Bound<'py, PyAny>) -> Step {
+    /// Keys Flujo would store as a mangled text (tuples, objects) are refused. Returns the text
+    /// a non-str key was stored as.
+    fn key(&mut self, key: &Bound<'py, PyAny>) -> Result<Option<String>, Box<Failure>> {
         if let Ok(text) = key.cast::<PyString>() {
-            return self.string(text);
+            return self.string(text).map(|()| None);
         }
         self.foreign_calls += 1;
         let failed = |error| raised(key, error);
@@ -554,14 +590,18 @@ impl<'py> Encoder<'py> {
                     key_type: type_name(&key.get_type()),
                 }));
             }
-            return self.key(&inner);
+            let stored = match self.key(&inner)? {
+                Some(converted) => converted,
+                None => str_text(&inner),
+            };
+            return Ok(Some(stored));
         } else {
             return Err(Failure::new(Reason::BadKey {
                 key_type: type_name(&key.get_type()),
             }));
         };
         write_string(&mut self.out, &text);
-        Ok(())
+        Ok(Some(text))
     }
 
     fn sequence(
