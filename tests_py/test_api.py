@@ -851,6 +851,7 @@ async def test_constructor_accepts_str_paths(tmp_path: Path) -> None:
         ("sqlite:///state.db", "is a URI"),
         ("sqlite+aiosqlite:///state.db", "is a URI"),
         ("~/state.db", "only a shell expands"),
+        ("~", "only a shell expands"),
         ("$HOME/state.db", "only a shell expands"),
         ("${HOME}/state.db", "only a shell expands"),
     ],
@@ -860,9 +861,23 @@ def test_paths_only_a_shell_or_uri_parser_understands_are_refused(
 ) -> None:
     """As file paths these would quietly create a folder named "~", "$HOME" or "sqlite:"."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     with pytest.raises(InvalidStateError, match=hint):
         SQLiteBackend(spelling)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "name", ["~backup/state.db", "$no_such_variable/state.db", "sqlite:notes/state.db", "${x.db"]
+)
+async def test_names_that_merely_start_like_a_shell_word_are_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("no_such_variable", raising=False)
+    async with SQLiteBackend(name) as backend:
+        await backend.save_state("r", build_state())
+    assert (tmp_path / name).is_file()
 
 
 async def test_a_relative_path_keeps_naming_the_same_file_after_a_chdir(

@@ -65,9 +65,11 @@ def _port() -> CompletionPort:
 
 
 # Path spellings that only a shell or a URI parser understands; as a file path each one would
-# quietly create a folder named "~", "$HOME" or "sqlite:" in the working directory.
-_URI = re.compile(r"(?i)^sqlite(\+aiosqlite)?:")
-_UNEXPANDED = re.compile(r"^(~|\$\{?[A-Za-z_])")
+# quietly create a folder named "~", "$HOME" or "sqlite:" in the working directory. Names that
+# merely start with those characters ("~backup", "$data" with no such variable) are left alone.
+_URI = re.compile(r"(?i)^sqlite(\+aiosqlite)?://")
+_HOME = re.compile(r"^~($|/)")
+_VARIABLE = re.compile(r"^\$(\{)?([A-Za-z_][A-Za-z0-9_]*)(?(1)\})")
 
 
 def _file_path(value: object, what: str) -> Path:
@@ -86,10 +88,11 @@ def _file_path(value: object, what: str) -> Path:
             f"{what} {text!r} is a URI, not a file path: pass the file's path itself, or put "
             "the URI in FLUJO_STATE_URI and call flujo_sqlite.load_backend_from_config()"
         )
-    if _UNEXPANDED.match(text):
+    variable = _VARIABLE.match(text)
+    if _HOME.match(text) or (variable and variable.group(2) in os.environ):
         raise InvalidStateError(
-            f"{what} {text!r} starts with {text[0]!r}, which only a shell expands: pass "
-            "os.path.expanduser() / os.path.expandvars() of it"
+            f"{what} {text!r} starts with {text.split('/')[0]!r}, which only a shell expands: "
+            "pass os.path.expanduser() / os.path.expandvars() of it"
         )
     return Path(text)
 
