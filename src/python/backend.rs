@@ -101,10 +101,11 @@ impl NativeBackend {
             py,
             format!(
                 "this SQLiteBackend was used in process {} and this is process {}, a fork() of \
-                 it: SQLite connections and the backend's threads do not survive fork(). Create \
-                 a new SQLiteBackend in the child process (one created before the fork but first \
-                 used after it works too, e.g. with gunicorn --preload), or start processes with \
-                 multiprocessing's \"spawn\" or \"forkserver\" method",
+                 it: SQLite connections, their locks and the backend's threads do not survive \
+                 fork(), so no backend of this process may use a file that one has open. Start \
+                 processes with multiprocessing's \"spawn\" or \"forkserver\" method, or create \
+                 backends in the parent without using them before it forks (as gunicorn \
+                 --preload does): each child then opens the file on its own",
                 self.owner_pid,
                 std::process::id()
             ),
