@@ -107,7 +107,8 @@ pub struct StateListing {
     pub updated_at: Cell,
 }
 
-/// Filters and paging for `list_workflows`. Empty strings are "no filter", as in Flujo.
+/// Filters and paging for `list_workflows`. A filter of `None` means no filter, here and in every
+/// other request; the binding passes Flujo's way of saying it, an empty string, as `None`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct WorkflowQuery {
     pub status: Option<String>,

@@ -182,15 +182,17 @@ pub(crate) fn workflow_query(
     })
 }
 
-/// A filter argument: `None` or a str (an empty one means "no filter", as in Flujo).
+/// A filter argument: `None` or a str. An empty one means "no filter", as in Flujo, and is
+/// passed on as `None`, the engine's only spelling of that.
 pub(crate) fn optional_filter(
     value: Option<&Bound<'_, PyAny>>,
     what: &str,
 ) -> PyResult<Option<String>> {
-    value
+    Ok(value
         .filter(|v| !v.is_none())
         .map(|v| text(v, what))
-        .transpose()
+        .transpose()?
+        .filter(|text| !text.is_empty()))
 }
 
 /// A "how far back" argument: a real number of hours or days, given to `unit` (`Age::hours` or

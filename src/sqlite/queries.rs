@@ -164,7 +164,6 @@ pub(crate) fn list_states(
     conn: &Connection,
     status: Option<&str>,
 ) -> rusqlite::Result<Vec<StateListing>> {
-    let status = status.filter(|s| !s.is_empty());
     let sql = format!(
         "SELECT run_id, status, created_at, updated_at FROM workflow_state {} \
          ORDER BY created_at DESC, rowid DESC",
@@ -215,8 +214,8 @@ pub(crate) fn list_workflows(
     conn: &Connection,
     query: &WorkflowQuery,
 ) -> rusqlite::Result<Vec<WorkflowSummary>> {
-    let status = query.status.as_deref().filter(|s| !s.is_empty());
-    let pipeline = query.pipeline_id.as_deref().filter(|s| !s.is_empty());
+    let status = query.status.as_deref();
+    let pipeline = query.pipeline_id.as_deref();
     let sql = list_workflows_sql(status.is_some(), pipeline.is_some());
     let (limit, offset) = (sql_limit(query.limit), sql_offset(query.offset));
     let mut stmt = conn.prepare_cached(sql)?;
@@ -463,8 +462,8 @@ pub(crate) fn list_background_tasks(
     let mut stmt = conn.prepare_cached(BACKGROUND_TASKS)?;
     let rows = stmt.query_map(
         params![
-            query.parent_run_id.as_deref().filter(|s| !s.is_empty()),
-            query.status.as_deref().filter(|s| !s.is_empty()),
+            query.parent_run_id.as_deref(),
+            query.status.as_deref(),
             limit,
             offset
         ],
@@ -481,11 +480,7 @@ pub(crate) fn failed_background_tasks(
 ) -> rusqlite::Result<Vec<WorkflowSummary>> {
     let mut stmt = conn.prepare_cached(FAILED_BACKGROUND_TASKS)?;
     let rows = stmt.query_map(
-        params![
-            parent_run_id.filter(|s| !s.is_empty()),
-            window.text_low,
-            window.cutoff
-        ],
+        params![parent_run_id, window.text_low, window.cutoff],
         summary,
     )?;
     rows.collect()

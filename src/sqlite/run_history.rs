@@ -358,11 +358,11 @@ pub(crate) fn list_runs(
     let started = first_present(c, "r.", &["start_time", "created_at"]);
     let mut conditions = Vec::new();
     let mut values: Vec<Value> = Vec::new();
-    if let Some(status) = query.status.as_deref().filter(|s| !s.is_empty()) {
+    if let Some(status) = query.status.as_deref() {
         values.push(Value::Text(status.to_owned()));
         conditions.push(format!("coalesce(w.status, r.status) = ?{}", values.len()));
     }
-    if let Some(name) = query.pipeline_name.as_deref().filter(|s| !s.is_empty()) {
+    if let Some(name) = query.pipeline_name.as_deref() {
         values.push(Value::Text(name.to_owned()));
         conditions.push(format!("{SHOWN_PIPELINE_NAME} = ?{}", values.len()));
     }

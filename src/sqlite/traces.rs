@@ -89,8 +89,6 @@ pub(crate) fn get_spans(
     status: Option<&str>,
     name: Option<&str>,
 ) -> rusqlite::Result<Vec<StoredSpan>> {
-    let status = status.filter(|s| !s.is_empty());
-    let name = name.filter(|s| !s.is_empty());
     let tie_breaker = if layout.span_ids_are_global() {
         "rowid"
     } else {
@@ -131,7 +129,7 @@ pub(crate) fn span_statistics(
          GROUP BY s.name, s.status",
     )?;
     let mut stats = SpanStatistics::default();
-    let mut rows = stmt.query(params![pipeline_name.filter(|s| !s.is_empty()), from, to])?;
+    let mut rows = stmt.query(params![pipeline_name, from, to])?;
     while let Some(row) = rows.next()? {
         let name: String = row.get::<_, Option<String>>(0)?.unwrap_or_default();
         let status: String = row.get::<_, Option<String>>(1)?.unwrap_or_default();
