@@ -850,6 +850,7 @@ async def test_constructor_accepts_str_paths(tmp_path: Path) -> None:
         ("", "is empty"),
         ("sqlite:///state.db", "is a URI"),
         ("sqlite+aiosqlite:///state.db", "is a URI"),
+        ("sqlite3:///state.db", "is a URI"),
         ("~/state.db", "only a shell expands"),
         ("~", "only a shell expands"),
         ("$HOME/state.db", "only a shell expands"),

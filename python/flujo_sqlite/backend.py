@@ -67,7 +67,7 @@ def _port() -> CompletionPort:
 # Path spellings that only a shell or a URI parser understands; as a file path each one would
 # quietly create a folder named "~", "$HOME" or "sqlite:" in the working directory. Names that
 # merely start with those characters ("~backup", "$data" with no such variable) are left alone.
-_URI = re.compile(r"(?i)^sqlite(\+aiosqlite)?://")
+_URI = re.compile(r"(?i)^sqlite3?(\+aiosqlite)?://")
 _HOME = re.compile(r"^~($|/)")
 _VARIABLE = re.compile(r"^\$(\{)?([A-Za-z_][A-Za-z0-9_]*)(?(1)\})")
 
