@@ -102,14 +102,15 @@ pub enum Error {
         detail: String,
     },
 
-    /// This process was made by `fork()` from one that had the file open, and SQLite's record of
-    /// the file's locks came along without the locks (see `sqlite::open_files`).
+    /// This process was made by `fork()` while backends of its parent were using SQLite, whose
+    /// internal locks and record of file locks do not survive it (see `sqlite::open_files`).
     #[error(
-        "{path} was open in process {parent}, which this process was forked from; SQLite's \
-         locks do not survive fork(), so a connection opened here would not lock the file \
-         against that process, and saves could be lost. Use this file from processes started \
-         with multiprocessing's \"spawn\" or \"forkserver\" method, or do not open it in the \
-         parent before forking (a backend created there but not used yet is fine)"
+        "cannot open {path}: this process was forked from process {parent} while backends \
+         there had files open, and SQLite does not survive fork() in use (its internal locks \
+         may be held by threads that did not come along, and a connection here would not lock \
+         the parent's files against it: saves could hang or be lost). Start processes with \
+         multiprocessing's \"spawn\" or \"forkserver\" method, or fork before using any \
+         backend (backends created but not used yet, or closed, are fine)"
     )]
     OpenInParent { path: PathBuf, parent: u32 },
 

@@ -132,8 +132,9 @@ def _start_afresh_in_a_forked_child() -> None:
     """A backend created before ``fork()`` but not used yet holds no connection state that the
     child could inherit (its engine opens the file on the first call), so in the child it opens
     an engine of its own on first use, as a backend made at import by a pre-forking server
-    (gunicorn ``--preload``, Celery) needs. One already used refuses work in the child, and so
-    does any engine on a file the parent had open (see ``src/sqlite/open_files.rs``)."""
+    (gunicorn ``--preload``, Celery) needs. One already used refuses work in the child, and if
+    any backend of the parent had a file open at the fork, every engine of the child refuses
+    (see ``src/sqlite/open_files.rs``)."""
     global _REOPENING
     _REOPENING = threading.RLock()  # another thread of the parent may have held it
     for backend in list(_BACKENDS):

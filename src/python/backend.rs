@@ -102,10 +102,10 @@ impl NativeBackend {
             format!(
                 "this SQLiteBackend was used in process {} and this is process {}, a fork() of \
                  it: SQLite connections, their locks and the backend's threads do not survive \
-                 fork(), so no backend of this process may use a file that one has open. Start \
-                 processes with multiprocessing's \"spawn\" or \"forkserver\" method, or create \
-                 backends in the parent without using them before it forks (as gunicorn \
-                 --preload does): each child then opens the file on its own",
+                 fork(), and no backend of this process may use SQLite. Start processes with \
+                 multiprocessing's \"spawn\" or \"forkserver\" method, or fork before using \
+                 any backend (backends created but not used yet, as with gunicorn --preload, \
+                 or closed, are fine): each child then opens its files on its own",
                 self.owner_pid,
                 std::process::id()
             ),

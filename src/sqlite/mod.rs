@@ -58,6 +58,8 @@ pub(crate) struct Shared {
     reader_finished: Condvar,
     /// Set before the first connection is opened (see `StateEngine::has_connected`).
     connected: AtomicBool,
+    /// Held from before the first connection until `close` is done (see `open_files`).
+    in_use: Mutex<Option<open_files::InUse>>,
 }
 
 impl Shared {
@@ -94,7 +96,12 @@ impl Shared {
         if let Some(known) = &*layout {
             return Ok(Arc::clone(known));
         }
-        open_files::refuse_if_open_in_parent(&self.options.path)?;
+        {
+            let mut in_use = self.in_use.lock().unwrap_or_else(|p| p.into_inner());
+            if in_use.is_none() {
+                *in_use = Some(open_files::start_using(&self.options.path)?);
+            }
+        }
         self.connected.store(true, Ordering::Release);
         let prepared = connection::retry_while_locked(&self.options, since, || {
             let mut conn = connection::open_or_create(&self.options)?;
@@ -188,6 +195,7 @@ impl SqliteEngine {
             readers_running: Mutex::new(0),
             reader_finished: Condvar::new(),
             connected: AtomicBool::new(false),
+            in_use: Mutex::new(None),
         });
         let (write_tx, write_rx) = crossbeam_channel::unbounded();
         let (read_tx, read_rx) = crossbeam_channel::unbounded();
@@ -259,6 +267,13 @@ impl StateEngine for SqliteEngine {
         if let (false, Some(file)) = (self.is_closed(), self.shared.file.get()) {
             open_files::closed(*file, &self.shared.options);
         }
+        drop(
+            self.shared
+                .in_use
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
         self.closed.store(true, Ordering::Release);
     }
 

@@ -1,4 +1,4 @@
-//! The database files this process has engines on, and how many on each.
+//! The database files this process has engines on, and whether it may use SQLite at all.
 //!
 //! SQLite copies a WAL back into the file and deletes it when the last connection to the file
 //! closes, but connections closing at the same moment each leave that to the other. Within one
@@ -6,14 +6,17 @@
 //! backends dropped at exit and closed on threads of their own) the last engine to finish
 //! closing folds the WAL back with one more connection of its own.
 //!
-//! SQLite also keeps what it knows of a file's locks per process. A process made by `fork()`
-//! inherits that record from its parent without the locks themselves, so a connection it opens
-//! to a file its parent had open believes it holds locks it does not: the parent can then
-//! checkpoint and delete the WAL under the child's writes, which are lost. A child therefore
-//! refuses the files its parent had open.
+//! SQLite does not survive `fork()` while it is in use: a child inherits its internal mutexes as
+//! they were (one held by another thread of the parent stays held forever, and the child hangs
+//! on it), and its record of each open file's locks without the locks (a child's connection to
+//! a file its parent has open then locks nothing, and the parent can delete the WAL under the
+//! child's writes). So a process made by `fork()` while engines of its parent were using SQLite
+//! refuses to use it; one forked while none were (backends created but not used yet, or all
+//! closed) starts afresh.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use rusqlite::{Connection, OpenFlags};
@@ -22,40 +25,57 @@ use super::connection::{identity, FileIdentity};
 use super::options::SqliteOptions;
 use crate::error::{Error, Result};
 
-struct Engines {
-    /// The process that opened them; one that is not this process was our parent.
-    pid: u32,
-    count: usize,
-}
+/// The process using SQLite through engines (high 32 bits) and how many of its engines are
+/// (low 32 bits), in one word so that a forked child reads both as they were at the fork and
+/// takes over with one compare-and-swap, without a lock a parent's thread may have held.
+static USING_SQLITE: AtomicU64 = AtomicU64::new(0);
 
-static OPEN: Mutex<Option<HashMap<FileIdentity, Engines>>> = Mutex::new(None);
+/// An engine's (or a recovery's) use of SQLite, counted until dropped.
+pub(super) struct InUse(());
 
-/// Refuses a file that an engine of the process we were forked from had open at the fork.
-pub(super) fn refuse_if_open_in_parent(path: &Path) -> Result<()> {
-    let Ok(file) = identity(path) else {
-        return Ok(()); // not there yet: nobody had it open
-    };
-    let open = OPEN.lock().unwrap_or_else(PoisonError::into_inner);
-    match open.as_ref().and_then(|files| files.get(&file)) {
-        Some(engines) if engines.pid != std::process::id() => Err(Error::OpenInParent {
-            path: path.to_owned(),
-            parent: engines.pid,
-        }),
-        _ => Ok(()),
+impl Drop for InUse {
+    fn drop(&mut self) {
+        USING_SQLITE.fetch_sub(1, Ordering::SeqCst);
     }
 }
+
+/// Counts an engine (or a recovery) about to use SQLite, or refuses when this process was
+/// forked while engines of its parent were using it.
+pub(super) fn start_using(path: &Path) -> Result<InUse> {
+    let me = u64::from(std::process::id());
+    let mut current = USING_SQLITE.load(Ordering::SeqCst);
+    loop {
+        let next = next_user(current, me).map_err(|parent| Error::OpenInParent {
+            path: path.to_owned(),
+            parent,
+        })?;
+        match USING_SQLITE.compare_exchange(current, next, Ordering::SeqCst, Ordering::SeqCst) {
+            Ok(_) => return Ok(InUse(())),
+            Err(seen) => current = seen,
+        }
+    }
+}
+
+/// The state after one more user in process `me`, or the parent that was using SQLite.
+fn next_user(current: u64, me: u64) -> std::result::Result<u64, u32> {
+    let (owner, users) = (current >> 32, current & 0xffff_ffff);
+    if owner == me || users == 0 {
+        Ok((me << 32) | (users * u64::from(owner == me) + 1))
+    } else {
+        Err(owner as u32)
+    }
+}
+
+/// Engines per file, for folding the WAL back when the last one closes.
+static OPEN: Mutex<Option<HashMap<FileIdentity, usize>>> = Mutex::new(None);
 
 /// Counts an engine that has opened `file`.
 pub(super) fn opened(file: FileIdentity) {
     let mut open = OPEN.lock().unwrap_or_else(PoisonError::into_inner);
-    let engines = open
+    *open
         .get_or_insert_with(HashMap::new)
         .entry(file)
-        .or_insert(Engines {
-            pid: std::process::id(),
-            count: 0,
-        });
-    engines.count += 1;
+        .or_insert(0) += 1;
 }
 
 /// Uncounts an engine whose connections to `file` are all closed; the last one folds the WAL
@@ -65,8 +85,8 @@ pub(super) fn closed(file: FileIdentity, options: &SqliteOptions) {
         let mut open = OPEN.lock().unwrap_or_else(PoisonError::into_inner);
         let files = open.get_or_insert_with(HashMap::new);
         match files.get_mut(&file) {
-            Some(engines) if engines.count > 1 => {
-                engines.count -= 1;
+            Some(engines) if *engines > 1 => {
+                *engines -= 1;
                 false
             }
             Some(_) => files.remove(&file).is_some(),
@@ -151,29 +171,20 @@ mod tests {
     }
 
     #[test]
-    fn a_file_open_in_the_parent_process_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let (options, file) = file_with_a_wal(dir.path());
-        assert!(refuse_if_open_in_parent(&options.path).is_ok());
-        opened(file);
-        assert!(
-            refuse_if_open_in_parent(&options.path).is_ok(),
-            "opened by this process"
+    fn a_child_forked_while_its_parent_used_sqlite_refuses_it() {
+        let (parent, child) = (7_u64, 8_u64);
+        assert_eq!(
+            next_user(0, parent),
+            Ok((parent << 32) | 1),
+            "the first user"
         );
-        // As a child made by fork() finds an engine of its parent's.
-        OPEN.lock()
-            .unwrap()
-            .as_mut()
-            .unwrap()
-            .get_mut(&file)
-            .unwrap()
-            .pid += 1;
-        let refused = refuse_if_open_in_parent(&options.path);
-        assert!(
-            matches!(refused, Err(Error::OpenInParent { .. })),
-            "{refused:?}"
+        assert_eq!(
+            next_user((parent << 32) | 1, parent),
+            Ok((parent << 32) | 2)
         );
-        assert!(refuse_if_open_in_parent(&dir.path().join("other.db")).is_ok());
-        OPEN.lock().unwrap().as_mut().unwrap().remove(&file);
+        // The child sees the parent's count as it was at the fork.
+        assert_eq!(next_user((parent << 32) | 2, child), Err(7));
+        // Nothing of the parent's was using SQLite at the fork: the child starts afresh.
+        assert_eq!(next_user(parent << 32, child), Ok((child << 32) | 1));
     }
 }

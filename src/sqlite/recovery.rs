@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, OpenFlags, Statement, ToSql};
 
+use super::open_files;
 use super::options::{FreshLayout, SqliteOptions};
 use super::schema;
 use crate::error::{Error, Result};
@@ -62,6 +63,7 @@ pub fn recover(
     fresh_layout: FreshLayout,
 ) -> Result<RecoveryReport> {
     let path = resolve(path)?;
+    let _in_use = open_files::start_using(&path)?;
     let folder = folder_of(&path);
     fs::create_dir_all(&folder).map_err(io_error(&folder, "cannot create the folder"))?;
     log::info!("recovering {}", path.display());
