@@ -112,7 +112,7 @@ pub enum Error {
          multiprocessing's \"spawn\" or \"forkserver\" method, or fork before using any \
          backend (backends created but not used yet, or closed, are fine)"
     )]
-    OpenInParent { path: PathBuf, parent: u32 },
+    ForkedWhileInUse { path: PathBuf, parent: u32 },
 
     /// The engine dropped a call without answering it, which only a bug can do (an engine
     /// thread that panicked). Better an error than a caller waiting forever.

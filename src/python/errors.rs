@@ -48,7 +48,7 @@ fn raised_as(py: Python<'_>, kind: &Error, message: String) -> PyErr {
         Error::InvalidInput(_) => invalid_state(py, message),
         Error::Locked { .. } => database_locked(py, message),
         Error::Corrupt { .. } => corrupt_database(py, message),
-        Error::Closed { .. } | Error::OpenInParent { .. } => backend_closed(py, message),
+        Error::Closed { .. } | Error::ForkedWhileInUse { .. } => backend_closed(py, message),
         Error::Conflict { .. } => conflict(py, message),
         Error::CannotOpen { .. }
         | Error::SchemaTooNew { .. }

@@ -17,7 +17,7 @@ mod traces;
 mod writer;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -50,12 +50,6 @@ pub(crate) struct Shared {
     /// An engine on the same file whose queued work must be done before this one serves any:
     /// calls made after a backend's `close()` must not overtake the calls made before it.
     predecessor: Mutex<Option<Arc<dyn StateEngine>>>,
-    /// Reader threads not yet finished. The writer closes its connection after theirs: the last
-    /// connection to a file to close copies the WAL back into it and deletes the WAL, and
-    /// connections closing at the same moment each leave that to the other, so the file alone
-    /// (a copy made after `close()`) could lack the latest saves.
-    readers_running: Mutex<usize>,
-    reader_finished: Condvar,
     /// Set before the first connection is opened (see `StateEngine::has_connected`).
     connected: AtomicBool,
     /// Held from before the first connection until `close` is done (see `open_files`).
@@ -63,32 +57,6 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    fn reader_starting(&self) {
-        *self
-            .readers_running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) += 1;
-    }
-
-    fn reader_finished(&self) {
-        *self
-            .readers_running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) -= 1;
-        self.reader_finished.notify_all();
-    }
-
-    fn wait_for_readers(&self) {
-        let running = self
-            .readers_running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let _none = self
-            .reader_finished
-            .wait_while(running, |running| *running > 0)
-            .unwrap_or_else(|p| p.into_inner());
-    }
-
     /// The file's layout, preparing the file on first use. A failure is not cached: the next
     /// call tries again (the lock may be gone, the folder may exist by then).
     fn layout(&self, since: Instant) -> Result<Arc<Layout>> {
@@ -192,8 +160,6 @@ impl SqliteEngine {
             layout: Mutex::new(None),
             file: OnceLock::new(),
             predecessor: Mutex::new(predecessor),
-            readers_running: Mutex::new(0),
-            reader_finished: Condvar::new(),
             connected: AtomicBool::new(false),
             in_use: Mutex::new(None),
         });

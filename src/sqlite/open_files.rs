@@ -1,10 +1,10 @@
 //! The database files this process has engines on, and whether it may use SQLite at all.
 //!
 //! SQLite copies a WAL back into the file and deletes it when the last connection to the file
-//! closes, but connections closing at the same moment each leave that to the other. Within one
-//! engine the writer closes after its readers; across engines on one file (two backends, or
-//! backends dropped at exit and closed on threads of their own) the last engine to finish
-//! closing folds the WAL back with one more connection of its own.
+//! closes, but connections closing at the same moment each leave that to the other (an engine's
+//! writer and readers, or two engines on one file, or backends dropped at exit and closed on
+//! threads of their own). So the last engine of the process on a file to finish closing folds
+//! the WAL back with one more connection of its own, opened once all the others are closed.
 //!
 //! SQLite does not survive `fork()` while it is in use: a child inherits its internal mutexes as
 //! they were (one held by another thread of the parent stays held forever, and the child hangs
@@ -45,7 +45,7 @@ pub(super) fn start_using(path: &Path) -> Result<InUse> {
     let me = u64::from(std::process::id());
     let mut current = USING_SQLITE.load(Ordering::SeqCst);
     loop {
-        let next = next_user(current, me).map_err(|parent| Error::OpenInParent {
+        let next = next_user(current, me).map_err(|parent| Error::ForkedWhileInUse {
             path: path.to_owned(),
             parent,
         })?;

@@ -30,31 +30,14 @@ pub(super) fn spawn(
     index: usize,
 ) -> Result<JoinHandle<()>> {
     let path = shared.options.path.clone();
-    shared.reader_starting();
-    let finished = Arc::clone(&shared);
     std::thread::Builder::new()
         .name(format!("flujo-sqlite-reader-{index}"))
-        .spawn(move || {
-            let _finished = Finished(&shared); // after `serve` has closed its connection
-            serve(&shared, &jobs)
+        .spawn(move || serve(&shared, &jobs))
+        .map_err(|e| Error::System {
+            path,
+            what: "cannot start a reader thread for".to_owned(),
+            detail: e.to_string(),
         })
-        .map_err(|e| {
-            finished.reader_finished();
-            Error::System {
-                path,
-                what: "cannot start a reader thread for".to_owned(),
-                detail: e.to_string(),
-            }
-        })
-}
-
-/// Tells the writer this reader is done, even if it panicked.
-struct Finished<'a>(&'a Shared);
-
-impl Drop for Finished<'_> {
-    fn drop(&mut self) {
-        self.0.reader_finished();
-    }
 }
 
 fn serve(shared: &Shared, jobs: &Receiver<ReadJob>) {

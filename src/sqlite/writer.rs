@@ -79,12 +79,8 @@ impl Writer<'_> {
                 Some(job) => job,
                 None => match spin::next(jobs) {
                     Some(job) => job,
-                    // The engine closed and everything queued is done. Our connection closes
-                    // last (see `Shared::readers_running`).
-                    None => {
-                        self.join_checkpoint();
-                        return self.shared.wait_for_readers();
-                    }
+                    // The engine closed and everything queued is done.
+                    None => return self.join_checkpoint(),
                 },
             };
             self.tend_checkpoint();
