@@ -851,6 +851,8 @@ async def test_constructor_accepts_str_paths(tmp_path: Path) -> None:
         ("sqlite:///state.db", "is a URI"),
         ("sqlite+aiosqlite:///state.db", "is a URI"),
         ("sqlite3:///state.db", "is a URI"),
+        ("postgresql://user@db.example/flujo", "is a postgresql:// URI"),
+        ("file:///srv/state.db", "is a file:// URI"),
         ("~/state.db", "only a shell expands"),
         ("~", "only a shell expands"),
         ("$HOME/state.db", "only a shell expands"),
@@ -869,7 +871,14 @@ def test_paths_only_a_shell_or_uri_parser_understands_are_refused(
 
 
 @pytest.mark.parametrize(
-    "name", ["~backup/state.db", "$no_such_variable/state.db", "sqlite:notes/state.db", "${x.db"]
+    "name",
+    [
+        "~backup/state.db",
+        "$no_such_variable/state.db",
+        "sqlite:notes/state.db",
+        "${x.db",
+        "C://state.db",
+    ],
 )
 async def test_names_that_merely_start_like_a_shell_word_are_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str

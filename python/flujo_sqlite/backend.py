@@ -67,7 +67,9 @@ def _port() -> CompletionPort:
 # Path spellings that only a shell or a URI parser understands; as a file path each one would
 # quietly create a folder named "~", "$HOME" or "sqlite:" in the working directory. Names that
 # merely start with those characters ("~backup", "$data" with no such variable) are left alone.
-_URI = re.compile(r"(?i)^sqlite3?(\+aiosqlite)?://")
+# A scheme of two letters or more: "C://x" stays a Windows drive.
+_URI = re.compile(r"(?i)^([a-z][a-z0-9+.-]+)://")
+_SQLITE_SCHEME = re.compile(r"(?i)^sqlite3?(\+aiosqlite)?$")
 _HOME = re.compile(r"^~($|/)")
 _VARIABLE = re.compile(r"^\$(\{)?([A-Za-z_][A-Za-z0-9_]*)(?(1)\})")
 
@@ -83,10 +85,16 @@ def _file_path(value: object, what: str) -> Path:
         raise InvalidStateError(f"{what} must not contain a NUL character")
     if not text:
         raise InvalidStateError(f"{what} is empty: give the database file's path")
-    if _URI.match(text):
+    uri = _URI.match(text)
+    if uri and _SQLITE_SCHEME.match(uri.group(1)):
         raise InvalidStateError(
             f"{what} {text!r} is a URI, not a file path: pass the file's path itself, or put "
             "the URI in FLUJO_STATE_URI and call flujo_sqlite.load_backend_from_config()"
+        )
+    if uri:
+        raise InvalidStateError(
+            f"{what} {text!r} is a {uri.group(1)}:// URI, not a file path: SQLiteBackend keeps "
+            "its data in a local SQLite file, so pass that file's path"
         )
     variable = _VARIABLE.match(text)
     if _HOME.match(text) or (variable and variable.group(2) in os.environ):
