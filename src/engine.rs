@@ -128,6 +128,14 @@ impl PartialEq for CallerGone {
 }
 
 impl Request {
+    /// The flag a long request watches to stop early once its caller no longer waits.
+    pub fn caller_gone(&self) -> Option<&CallerGone> {
+        match self {
+            Request::CleanupOldWorkflows { caller_gone, .. } => Some(caller_gone),
+            _ => None,
+        }
+    }
+
     /// Whether the request changes the database (and so must go through the single writer).
     pub fn is_write(&self) -> bool {
         matches!(

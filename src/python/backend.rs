@@ -124,13 +124,36 @@ impl NativeBackend {
         } else {
             Some(LONE_READ_WAIT)
         };
+        let caller_gone = request.caller_gone().cloned();
         let (future, done) = port.get().track(py)?;
         self.engine.submit(request, done);
+        if let Some(caller_gone) = caller_gone {
+            // On the future itself: the caller may be handed a stand-in for it (see
+            // `await_lone_request`).
+            set_when_cancelled(py, &future, caller_gone)?;
+        }
         match wait {
             Some(wait) => port.get().await_lone_request(py, future, wait),
             None => Ok(future),
         }
     }
+}
+
+/// Sets `caller_gone` once `future` is cancelled (a timeout, Ctrl-C), so that a long request
+/// stops after its current batch rather than going on for nobody.
+fn set_when_cancelled(
+    py: Python<'_>,
+    future: &Bound<'_, PyAny>,
+    caller_gone: CallerGone,
+) -> PyResult<()> {
+    let on_done = PyCFunction::new_closure(py, None, None, move |args, _| -> PyResult<()> {
+        if args.get_item(0)?.call_method0("cancelled")?.is_truthy()? {
+            caller_gone.set();
+        }
+        Ok(())
+    })?;
+    future.call_method1("add_done_callback", (on_done,))?;
+    Ok(())
 }
 
 #[pymethods]
@@ -303,22 +326,11 @@ impl NativeBackend {
         port: &Bound<'py, CompletionPort>,
         days_old: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let caller_gone = CallerGone::default();
         let request = Request::CleanupOldWorkflows {
             days_old: arguments::age(days_old, "days_old", Age::days)?,
-            caller_gone: caller_gone.clone(),
+            caller_gone: CallerGone::default(),
         };
-        let future = self.submit(py, port, request)?;
-        // A cleanup of a big file runs for seconds: when its caller is cancelled (a timeout,
-        // Ctrl-C), tell it to stop after its current batch.
-        let on_done = PyCFunction::new_closure(py, None, None, move |args, _| -> PyResult<()> {
-            if args.get_item(0)?.call_method0("cancelled")?.is_truthy()? {
-                caller_gone.set();
-            }
-            Ok(())
-        })?;
-        future.call_method1("add_done_callback", (on_done,))?;
-        Ok(future)
+        self.submit(py, port, request)
     }
 
     fn save_run_start<'py>(
