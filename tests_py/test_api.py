@@ -22,6 +22,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -781,6 +782,17 @@ async def test_cleanup_with_float_days_cuts_exactly(backend: SQLiteBackend) -> N
     assert await backend.cleanup_old_workflows(days_old=1.5) == 0
 
 
+async def test_a_quick_cleanup_returns_its_count_every_time(tmp_path: Path) -> None:
+    """A write that finishes while the loop waits for it is handed over without a second loop
+    turn; a cleanup on that path once raised AttributeError after deleting its rows."""
+    old = utc_now() - 90 * DAY
+    async with SQLiteBackend(tmp_path / "wf.db", durability="normal") as backend:
+        for i in range(400):
+            await backend.save_state(f"old-{i}", build_state(created_at=old))
+            assert await backend.cleanup_old_workflows(30) == 1
+        assert await backend.list_workflows() == []
+
+
 async def test_cleanup_keeps_recent_rows_and_zero_days_removes_the_past(
     backend: SQLiteBackend,
 ) -> None:
@@ -1374,6 +1386,72 @@ def test_unclosed_backend_does_not_hang_interpreter_exit(tmp_path: Path) -> None
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert [r["run_id"] for r in raw_rows(db, "SELECT run_id FROM workflow_state")] == ["left-open"]
+
+
+def test_a_backend_used_by_a_later_exit_hook_opens_its_file_again(tmp_path: Path) -> None:
+    """Exit hooks run last-registered first: one registered before flujo_sqlite was imported
+    runs after ours has closed every backend, and its call must open the file again."""
+    db = tmp_path / "exit.db"
+    script = textwrap.dedent(
+        f"""
+        import asyncio, atexit
+        from datetime import datetime, timezone
+
+        def save_at_exit():
+            asyncio.run(backend.save_state("at-exit", state))
+            print("saved at exit")
+
+        atexit.register(save_at_exit)
+        from flujo_sqlite import SQLiteBackend
+
+        now = datetime.now(timezone.utc)
+        state = dict(pipeline_id="p", pipeline_name="P", pipeline_version="1",
+                     current_step_index=0, pipeline_context={{}}, status="running",
+                     created_at=now, updated_at=now)
+        backend = SQLiteBackend({str(db)!r})
+        asyncio.run(backend.save_state("before-exit", state))
+        """
+    )
+    result = run_python(script)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stdout == "saved at exit\n"
+    rows = raw_rows(db, "SELECT run_id FROM workflow_state ORDER BY run_id")
+    assert [r["run_id"] for r in rows] == ["at-exit", "before-exit"]
+
+
+def test_threads_each_running_loops_share_one_backend(tmp_path: Path) -> None:
+    """Each thread's first call on a loop makes that loop's completion port (and forgets the
+    ports of closed loops): threads doing that at once must not trip over each other."""
+    backend = SQLiteBackend(tmp_path / "wf.db")
+    kept: list[asyncio.AbstractEventLoop] = []  # loops a thread pool's threads would keep open
+    for _ in range(200):
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(backend.load_state("x"))
+        kept.append(loop)
+    errors: list[BaseException] = []
+
+    def one_loop_per_call() -> None:
+        for _ in range(100):
+            try:
+                asyncio.run(backend.load_state("x"))
+            except Exception as error:  # noqa: BLE001 (any of them is the failure)
+                errors.append(error)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, as a loaded machine may
+    try:
+        threads = [threading.Thread(target=one_loop_per_call) for _ in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+        for loop in kept:
+            loop.close()
+        backend.close_sync()
+    assert errors == []
 
 
 def test_loops_closed_with_calls_in_flight_are_let_go(db_path: Path) -> None:

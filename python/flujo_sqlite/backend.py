@@ -50,17 +50,24 @@ _BACKENDS: weakref.WeakSet[SQLiteBackend] = weakref.WeakSet()
 _REOPENING = threading.RLock()
 
 
+_MAKING_PORTS = threading.Lock()
+
+
 def _port() -> CompletionPort:
     loop = asyncio.get_running_loop()
     port = _PORTS.get(loop)
     if port is None:
-        # A port holds the futures still waiting on it, and they hold their loop: a loop that
-        # closed with calls in flight would never leave the weak dict (nor its socket close).
-        for closed in [other for other in _PORTS if other.is_closed()]:
-            del _PORTS[closed]
-        port = CompletionPort()
-        loop.add_reader(port.fileno(), port.drain)
-        _PORTS[loop] = port
+        with _MAKING_PORTS:  # threads running loops of their own make theirs at once
+            port = _PORTS.get(loop)
+            if port is None:
+                # A port holds the futures still waiting on it, and they hold their loop: a
+                # loop that closed with calls in flight would never leave the weak dict (nor
+                # its socket close).
+                for closed in [other for other in list(_PORTS) if other.is_closed()]:
+                    _PORTS.pop(closed, None)
+                port = CompletionPort()
+                loop.add_reader(port.fileno(), port.drain)
+                _PORTS[loop] = port
     return port
 
 
@@ -131,7 +138,9 @@ def _installed_flujo_layout() -> str:
 @atexit.register
 def _close_open_backends() -> None:
     # Acknowledged writes are already durable; this lets queued ones finish and threads stop.
-    for engine in list(_OPEN_ENGINES):
+    # Through the backends, so that one used again by a later exit hook opens its file again.
+    SQLiteBackend.shutdown_all()
+    for engine in list(_OPEN_ENGINES):  # those of backends already collected
         engine.close_blocking()
     wait_for_dropped_backends()
 
@@ -143,8 +152,10 @@ def _start_afresh_in_a_forked_child() -> None:
     (gunicorn ``--preload``, Celery) needs. One already used refuses work in the child, and if
     any backend of the parent had a file open at the fork, every engine of the child refuses
     (see ``src/sqlite/open_files.rs``)."""
-    global _REOPENING
-    _REOPENING = threading.RLock()  # another thread of the parent may have held it
+    global _REOPENING, _MAKING_PORTS
+    # Another thread of the parent may have held them.
+    _REOPENING = threading.RLock()
+    _MAKING_PORTS = threading.Lock()
     for backend in list(_BACKENDS):
         native = backend._native
         if isinstance(native, NativeBackend) and not native.has_connected:
