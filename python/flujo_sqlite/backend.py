@@ -43,8 +43,8 @@ __all__ = ["SQLiteBackend"]
 _PORTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, CompletionPort] = (
     weakref.WeakKeyDictionary()
 )
-# Every engine still in use or closing, whichever backend it belongs to, so that exit and
-# recover() find them all (`engine.closed` tells which have released their file).
+# Every engine still in use or closing, whichever backend it belongs to, so that exit finds
+# them all.
 _OPEN_ENGINES: weakref.WeakSet[NativeBackend] = weakref.WeakSet()
 _BACKENDS: weakref.WeakSet[SQLiteBackend] = weakref.WeakSet()
 _REOPENING = threading.RLock()

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-from pathlib import Path
 from typing import TypedDict, cast
 
 from . import _native
-from .backend import _OPEN_ENGINES, _file_path, _installed_flujo_layout
-from .errors import InvalidStateError
+from .backend import _file_path, _installed_flujo_layout
 
 __all__ = ["RecoveryReport", "TableRecovery", "recover"]
 
@@ -59,15 +57,16 @@ async def recover(
     ``flujo_sqlite.sqlite.recovery`` logger.
 
     **Nothing may have the file open while this runs**: close every ``SQLiteBackend`` on it
-    (one open in this process is detected, and ``InvalidStateError`` is raised), and stop other
-    processes (Flujo, ``flujo lens``, an ``sqlite3`` shell) using it. A directory at
+    (one open in this process, even one dropped and still finishing its queued work, is
+    detected, and ``InvalidStateError`` is raised; a backend of this process whose first call
+    comes while the recovery works waits for the rebuilt file), and stop other processes
+    (Flujo, ``flujo lens``, an ``sqlite3`` shell) using it. A directory at
     ``db_path`` raises ``InvalidStateError`` and nothing is touched. The work runs on a worker
     thread without the GIL; cancelling the ``await`` does not stop a recovery that has begun,
     which then finishes (or fails, leaving the original in place) on its own.
     """
     path = _file_path(db_path, "db_path")
     backup = None if backup_path is None else _file_path(backup_path, "backup_path")
-    _refuse_if_open(path)
     report = await asyncio.to_thread(
         _native.recover,
         os.fspath(path),
@@ -75,13 +74,3 @@ async def recover(
         fresh_layout=_installed_flujo_layout(),
     )
     return cast(RecoveryReport, report)
-
-
-def _refuse_if_open(path: Path) -> None:
-    target = path.resolve()
-    for engine in list(_OPEN_ENGINES):
-        if not engine.closed and Path(engine.path).resolve() == target:
-            raise InvalidStateError(
-                f"{path} is open in a SQLiteBackend of this process; close it first (`await "
-                "backend.close()`, or leave its `async with` block), then call recover() again"
-            )

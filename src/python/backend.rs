@@ -32,7 +32,6 @@ const LONE_QUICK_WRITE_WAIT: Duration = Duration::from_micros(150);
 #[pyclass(frozen, weakref, module = "flujo_sqlite._native")]
 pub(crate) struct NativeBackend {
     engine: Arc<dyn StateEngine>,
-    path: PathBuf,
     /// How long a lone write is waited for on the loop thread; `None` when commits wait for
     /// an fsync, which takes far longer than a loop wake-up.
     lone_write_wait: Option<Duration>,
@@ -196,7 +195,6 @@ impl NativeBackend {
         options.busy_timeout = options.busy_timeout.min(options.lock_wait);
         options.readers = readers;
         options.fresh_layout = fresh_layout;
-        let path = options.path.clone();
         // The parent's engine, seen from a child made by fork(), has nothing to wait for here.
         let predecessor = after
             .filter(|previous| !previous.forked())
@@ -205,22 +203,9 @@ impl NativeBackend {
             SqliteEngine::start_after(options, predecessor).map_err(|e| to_py_err(py, &e))?;
         Ok(NativeBackend {
             engine: Arc::new(engine),
-            path,
             lone_write_wait: (durability == Durability::Normal).then_some(LONE_QUICK_WRITE_WAIT),
             owner_pid: std::process::id(),
         })
-    }
-
-    /// The file's absolute path, as the engine opens it.
-    #[getter]
-    fn path(&self) -> PathBuf {
-        self.path.clone()
-    }
-
-    /// Whether a `close()` has finished: the queued writes are done and the file released.
-    #[getter]
-    fn closed(&self) -> bool {
-        self.engine.is_closed()
     }
 
     /// Whether the engine has ever opened the file (it does on the first call).

@@ -67,7 +67,7 @@ impl Shared {
         {
             let mut in_use = self.in_use.lock().unwrap_or_else(|p| p.into_inner());
             if in_use.is_none() {
-                *in_use = Some(open_files::start_using(&self.options.path)?);
+                *in_use = Some(open_files::engine_starts(&self.options.path)?);
             }
         }
         self.connected.store(true, Ordering::Release);

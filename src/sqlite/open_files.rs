@@ -6,6 +6,11 @@
 //! threads of their own). So the last engine of the process on a file to finish closing folds
 //! the WAL back with one more connection of its own, opened once all the others are closed.
 //!
+//! `recover()` replaces the file at a path, so it runs only while no engine of the process is
+//! on that path (not even one dropped and still finishing its queued work), and an engine whose
+//! first connection comes while a recovery works on its path waits for the rebuilt file:
+//! otherwise its writes would go into the file being replaced, and be lost with it.
+//!
 //! SQLite does not survive `fork()` while it is in use: a child inherits its internal mutexes as
 //! they were (one held by another thread of the parent stays held forever, and the child hangs
 //! on it), and its record of each open file's locks without the locks (a child's connection to
@@ -14,10 +19,10 @@
 //! refuses to use it; one forked while none were (backends created but not used yet, or all
 //! closed) starts afresh.
 
-use std::collections::HashMap;
-use std::path::Path;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Condvar, LazyLock, Mutex, MutexGuard, PoisonError};
 
 use rusqlite::{Connection, OpenFlags};
 
@@ -30,18 +35,95 @@ use crate::error::{Error, Result};
 /// takes over with one compare-and-swap, without a lock a parent's thread may have held.
 static USING_SQLITE: AtomicU64 = AtomicU64::new(0);
 
-/// An engine's (or a recovery's) use of SQLite, counted until dropped.
-pub(super) struct InUse(());
+/// An engine's or a recovery's use of SQLite and of its path, counted until dropped.
+pub(super) struct InUse {
+    path: PathBuf,
+    by: User,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum User {
+    Engine,
+    Recovery,
+}
 
 impl Drop for InUse {
     fn drop(&mut self) {
+        // The registry first: a child forked once the count is down must find it unlocked.
+        let mut files = files();
+        match self.by {
+            User::Engine => {
+                if let Some(engines) = files.on_path.get_mut(&self.path) {
+                    *engines -= 1;
+                    if *engines == 0 {
+                        files.on_path.remove(&self.path);
+                    }
+                }
+            }
+            User::Recovery => {
+                files.recovering.remove(&self.path);
+                RECOVERY_FINISHED.notify_all();
+            }
+        }
+        drop(files);
         USING_SQLITE.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
-/// Counts an engine (or a recovery) about to use SQLite, or refuses when this process was
-/// forked while engines of its parent were using it.
-pub(super) fn start_using(path: &Path) -> Result<InUse> {
+/// Counts an engine about to open `path` for the first time, once no recovery of this process
+/// is rebuilding the file there, or refuses when this process was forked while engines of its
+/// parent were using SQLite.
+pub(super) fn engine_starts(path: &Path) -> Result<InUse> {
+    count_a_user(path)?;
+    let path = path_key(path);
+    let mut files = files();
+    if files.recovering.contains(&path) {
+        log::info!(
+            "waiting for the recovery of {} under way in this process",
+            path.display()
+        );
+        while files.recovering.contains(&path) {
+            files = RECOVERY_FINISHED
+                .wait(files)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+    *files.on_path.entry(path.clone()).or_insert(0) += 1;
+    Ok(InUse {
+        path,
+        by: User::Engine,
+    })
+}
+
+/// Marks `path` as being rebuilt by a recovery, or refuses while an engine of this process is
+/// on the file (or when this process was forked while engines of its parent used SQLite).
+pub(super) fn recovery_starts(path: &Path) -> Result<InUse> {
+    count_a_user(path)?;
+    let key = path_key(path);
+    let mut files = files();
+    let open_here = files.on_path.contains_key(&key)
+        || identity(path).is_ok_and(|file| files.engines.contains_key(&file));
+    if !open_here && files.recovering.insert(key.clone()) {
+        return Ok(InUse {
+            path: key,
+            by: User::Recovery,
+        });
+    }
+    drop(files);
+    USING_SQLITE.fetch_sub(1, Ordering::SeqCst);
+    let what = if open_here {
+        "is open in a SQLiteBackend of this process (or in one dropped and still finishing its \
+         queued work); close it first (`await backend.close()`, or leave its `async with` \
+         block), then call recover() again"
+    } else {
+        "is being recovered already, by another recover() call of this process"
+    };
+    Err(Error::InvalidInput(format!("{} {what}", path.display())))
+}
+
+/// Counts one more user of SQLite in this process, or refuses when it was forked while engines
+/// of its parent were using it.
+fn count_a_user(path: &Path) -> Result<()> {
     let me = u64::from(std::process::id());
     let mut current = USING_SQLITE.load(Ordering::SeqCst);
     loop {
@@ -50,9 +132,24 @@ pub(super) fn start_using(path: &Path) -> Result<InUse> {
             parent,
         })?;
         match USING_SQLITE.compare_exchange(current, next, Ordering::SeqCst, Ordering::SeqCst) {
-            Ok(_) => return Ok(InUse(())),
+            Ok(_) => return Ok(()),
             Err(seen) => current = seen,
         }
+    }
+}
+
+/// One spelling per file for the paths engines and recoveries work on, symbolic links followed
+/// (the file itself may not exist yet).
+fn path_key(path: &Path) -> PathBuf {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    if let Ok(real) = std::fs::canonicalize(&path) {
+        return real;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(folder), Some(name)) => std::fs::canonicalize(folder)
+            .map(|folder| folder.join(name))
+            .unwrap_or(path),
+        _ => path,
     }
 }
 
@@ -66,30 +163,40 @@ fn next_user(current: u64, me: u64) -> std::result::Result<u64, u32> {
     }
 }
 
-/// Engines per file, for folding the WAL back when the last one closes.
-static OPEN: Mutex<Option<HashMap<FileIdentity, usize>>> = Mutex::new(None);
+/// What the engines and recoveries of this process are on.
+#[derive(Default)]
+struct Files {
+    /// Engines per file they have opened, for folding the WAL back when the last one closes.
+    engines: HashMap<FileIdentity, usize>,
+    /// Engines per path, from before their first connection until they are closed.
+    on_path: HashMap<PathBuf, usize>,
+    /// Paths a recovery is rebuilding.
+    recovering: HashSet<PathBuf>,
+}
+
+static FILES: LazyLock<Mutex<Files>> = LazyLock::new(Mutex::default);
+static RECOVERY_FINISHED: Condvar = Condvar::new();
+
+fn files() -> MutexGuard<'static, Files> {
+    FILES.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Counts an engine that has opened `file`.
 pub(super) fn opened(file: FileIdentity) {
-    let mut open = OPEN.lock().unwrap_or_else(PoisonError::into_inner);
-    *open
-        .get_or_insert_with(HashMap::new)
-        .entry(file)
-        .or_insert(0) += 1;
+    *files().engines.entry(file).or_insert(0) += 1;
 }
 
 /// Uncounts an engine whose connections to `file` are all closed; the last one folds the WAL
 /// back into the file.
 pub(super) fn closed(file: FileIdentity, options: &SqliteOptions) {
     let last = {
-        let mut open = OPEN.lock().unwrap_or_else(PoisonError::into_inner);
-        let files = open.get_or_insert_with(HashMap::new);
-        match files.get_mut(&file) {
+        let mut files = files();
+        match files.engines.get_mut(&file) {
             Some(engines) if *engines > 1 => {
                 *engines -= 1;
                 false
             }
-            Some(_) => files.remove(&file).is_some(),
+            Some(_) => files.engines.remove(&file).is_some(),
             None => false,
         }
     };
@@ -168,6 +275,34 @@ mod tests {
             .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, 1);
+    }
+
+    #[test]
+    fn a_recovery_waits_for_no_engine_and_engines_wait_for_the_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wf.db");
+        let engine = engine_starts(&path).unwrap();
+        let refused = recovery_starts(&path).err().unwrap().to_string();
+        assert!(refused.contains("close it first"), "{refused}");
+        // Spelled another way, through a symbolic link to its folder.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+        assert!(recovery_starts(&link.join("wf.db")).is_err());
+        drop(engine);
+
+        let recovery = recovery_starts(&link.join("wf.db")).unwrap();
+        assert!(recovery_starts(&path).is_err(), "one recovery at a time");
+        let (started, waiting) = std::sync::mpsc::channel();
+        let engine = std::thread::spawn(move || {
+            let in_use = engine_starts(&path);
+            started.send(()).unwrap();
+            in_use.map(drop)
+        });
+        let early = waiting.recv_timeout(std::time::Duration::from_millis(200));
+        assert!(early.is_err(), "the engine started during the recovery");
+        drop(recovery);
+        waiting.recv().unwrap();
+        engine.join().unwrap().unwrap();
     }
 
     #[test]

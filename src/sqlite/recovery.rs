@@ -63,7 +63,7 @@ pub fn recover(
     fresh_layout: FreshLayout,
 ) -> Result<RecoveryReport> {
     let path = resolve(path)?;
-    let _in_use = open_files::start_using(&path)?;
+    let _recovering = open_files::recovery_starts(&path)?;
     let folder = folder_of(&path);
     fs::create_dir_all(&folder).map_err(io_error(&folder, "cannot create the folder"))?;
     log::info!("recovering {}", path.display());
