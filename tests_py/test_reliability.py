@@ -825,6 +825,52 @@ async def test_a_file_moved_aside_under_an_open_backend_is_never_written_behind_
         conn.close()
 
 
+async def test_a_file_replaced_while_a_first_open_prepares_it_is_noticed(tmp_path: Path) -> None:
+    """A first open of a big file builds our indexes, holding the write lock for seconds; Flujo
+    0.6.11, locked out for one second meanwhile, moves the file aside and starts a new one. The
+    backend must not take the new file for the one it prepared."""
+    db_path = tmp_path / "wf.db"
+    async with SQLiteBackend(db_path) as backend:
+        await backend.save_state("seed", state_for("seed", 0))
+    conn = sqlite3.connect(db_path)
+    with conn:
+        names = [row[0] for row in conn.execute("SELECT name FROM sqlite_master")]
+        for name in names:
+            if name.startswith("idx_flujo_sqlite_"):
+                conn.execute(f"DROP INDEX {name}")
+        conn.executemany(
+            "INSERT INTO workflow_state (run_id, pipeline_id, pipeline_name, pipeline_version, "
+            "pipeline_context, status, created_at, updated_at) "
+            "VALUES (?, ?, 'P', '1', '{}', 'completed', ?, ?)",
+            (
+                (f"bulk-{i}", f"p{i % 7}", f"2026-01-{i % 28 + 1:02}", f"2026-02-{i % 28 + 1:02}")
+                for i in range(300_000)
+            ),
+        )
+    conn.close()
+    fresh_file = tmp_path / "fresh.db"
+    async with SQLiteBackend(fresh_file) as other:
+        await other.save_state("in-the-new-file", state_for("in-the-new-file", 0))
+
+    backend = SQLiteBackend(db_path)
+    try:
+        first_save = asyncio.ensure_future(backend.save_state("first", state_for("first", 0)))
+        wal = tmp_path / "wf.db-wal"
+        while not (wal.exists() and wal.stat().st_size > 1_000_000):  # the build is under way
+            assert not first_save.done()
+            await asyncio.sleep(0.001)
+        db_path.rename(tmp_path / "wf.db.corrupt.1700000000")
+        fresh_file.rename(db_path)
+        with pytest.raises(DatabaseError, match="moved, replaced or deleted"):
+            await first_save
+        with pytest.raises(DatabaseError, match="moved, replaced or deleted"):
+            await backend.save_state("second", state_for("second", 0))
+    finally:
+        await backend.close()
+    async with SQLiteBackend(db_path) as reader:
+        assert [w["run_id"] for w in await reader.list_workflows()] == ["in-the-new-file"]
+
+
 async def test_a_child_forked_while_backends_are_in_use_refuses_them_and_exits_cleanly(
     tmp_path: Path,
 ) -> None:

@@ -71,14 +71,21 @@ impl Shared {
             }
         }
         self.connected.store(true, Ordering::Release);
-        let prepared = connection::retry_while_locked(&self.options, since, || {
+        let (prepared, file) = connection::retry_while_locked(&self.options, since, || {
             let mut conn = connection::open_or_create(&self.options)?;
-            schema::prepare(&mut conn, &self.options)
+            // The file this connection opened, read before preparing it, which takes seconds
+            // on a big file: another program may put a new file at the path meanwhile (Flujo
+            // moves aside a file it found locked for a second).
+            let file = connection::identity(&self.options.path).map_err(|_| self.replaced())?;
+            if self.file.get().is_some_and(|prepared| *prepared != file) {
+                return Err(self.replaced());
+            }
+            Ok((schema::prepare(&mut conn, &self.options)?, file))
         })?;
-        let file = connection::identity(&self.options.path).map_err(|_| self.replaced())?;
         if self.file.set(file).is_ok() {
             open_files::opened(file);
         }
+        self.check_same_file()?;
         let prepared = Arc::new(prepared);
         *layout = Some(Arc::clone(&prepared));
         Ok(prepared)
