@@ -399,7 +399,8 @@ pub(crate) fn prepare(conn: &mut Connection, options: &SqliteOptions) -> Result<
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(fail)?;
         // Re-check under the write lock: another process may have done it meanwhile.
-        let tables = match options.fresh_layout {
+        let layout = layout_to_complete(&tx, user_version, options.fresh_layout).map_err(fail)?;
+        let tables = match layout {
             FreshLayout::Flujo04 => &FLUJO_04_TABLES,
             FreshLayout::Flujo06 => &FLUJO_06_TABLES,
         };
@@ -411,7 +412,7 @@ pub(crate) fn prepare(conn: &mut Connection, options: &SqliteOptions) -> Result<
             }
         }
         // Only a brand-new file is marked as migrated the way Flujo 0.6.11 marks its own.
-        if created.len() == tables.len() && options.fresh_layout == FreshLayout::Flujo06 {
+        if created.len() == tables.len() && layout == FreshLayout::Flujo06 {
             tx.execute_batch("PRAGMA user_version = 1").map_err(fail)?;
         }
         let existing = columns(&tx, "workflow_state").map_err(fail)?;
@@ -508,6 +509,35 @@ fn index_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
     Ok(present.is_some())
 }
 
+/// The release whose tables a file that lacks some of them gets: the one its existing tables
+/// follow, so that a file a Flujo release is still creating (each table in a commit of its own)
+/// is completed in that release's layout. Only a file with none of them gets `fresh`.
+fn layout_to_complete(
+    conn: &Connection,
+    user_version: i64,
+    fresh: FreshLayout,
+) -> rusqlite::Result<FreshLayout> {
+    use FreshLayout::{Flujo04, Flujo06};
+    if user_version >= 1 {
+        return Ok(Flujo06);
+    }
+    // A column only one release has; 0.6.11's migration adds its columns to 0.4.35's runs but
+    // leaves 0.4.35's in place.
+    let markers = [
+        ("runs", "start_time", Flujo04, Flujo06),
+        ("steps", "step_run_id", Flujo04, Flujo06),
+        ("spans", "id", Flujo06, Flujo04),
+        ("workflow_state", "is_background_task", Flujo06, Flujo04),
+    ];
+    for (table, column, with, without) in markers {
+        let columns = columns(conn, table)?;
+        if !columns.is_empty() {
+            return Ok(if columns.contains(column) { with } else { without });
+        }
+    }
+    Ok(fresh)
+}
+
 fn needs_changes(conn: &Connection) -> rusqlite::Result<bool> {
     let columns = columns(conn, "workflow_state")?;
     if columns.is_empty()
@@ -585,4 +615,38 @@ mod tests {
             .unwrap();
         assert_eq!(cache_size, -3000);
     }
+
+    /// Flujo creates its tables one commit at a time, so a file may hold some of them only.
+    #[test]
+    fn a_file_flujo_is_still_creating_is_completed_in_its_own_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (FLUJO_04_TABLES[0], FreshLayout::Flujo06, Layout04),
+            (FLUJO_04_TABLES[1], FreshLayout::Flujo06, Layout04),
+            (FLUJO_06_TABLES[0], FreshLayout::Flujo04, Layout06),
+            (FLUJO_06_TABLES[2], FreshLayout::Flujo04, Layout06),
+        ];
+        for (n, ((table, ddl), fresh, expected)) in cases.into_iter().enumerate() {
+            let mut options = SqliteOptions::new(dir.path().join(format!("{n}.db")));
+            options.fresh_layout = fresh;
+            let mut conn = Connection::open(&options.path).unwrap();
+            conn.execute_batch(ddl).unwrap();
+            let layout = prepare(&mut conn, &options).unwrap();
+            let found = if layout.runs.contains("start_time") && !layout.steps_are_appended() {
+                Layout04
+            } else if layout.runs.contains("created_at") && layout.steps_are_appended() {
+                Layout06
+            } else {
+                panic!("{table} was completed with a mix of layouts: {layout:?}")
+            };
+            assert_eq!(found, expected, "a file holding {table}");
+        }
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum Found {
+        Layout04,
+        Layout06,
+    }
+    use Found::{Layout04, Layout06};
 }
