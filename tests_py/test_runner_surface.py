@@ -343,6 +343,30 @@ async def test_run_lifecycle_round_trip(backend: SQLiteBackend, layout: str) -> 
         assert summarise["raw_response"] == {"choices": [{"text": "partial"}]}
 
 
+async def test_columns_another_process_adds_to_runs_are_written_and_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flujo 0.6.11 adds its columns to a 0.4.35 file's runs table when it opens the file: a
+    backend of ours open since before must write and read them, as a new backend would."""
+    monkeypatch.setattr(backend_module, "_installed_flujo_layout", lambda: "flujo-0.4")
+    db_path = tmp_path / "wf.db"
+    backend = SQLiteBackend(db_path)
+    try:
+        await start_run(backend, "before")
+        for column in ("pipeline_id TEXT", "created_at TEXT", "updated_at TEXT"):
+            await asyncio.to_thread(
+                sql_in_another_process, db_path, f"ALTER TABLE runs ADD COLUMN {column}"
+            )
+        await start_run(backend, "after", pipeline_id="pipe-id", pipeline_name="pipe")
+        details = await backend.get_run_details("after")
+        assert details is not None and details["pipeline_id"] == "pipe-id"
+    finally:
+        await backend.close()
+    (row,) = raw_rows(db_path, "SELECT * FROM runs WHERE run_id = 'after'")
+    assert row["pipeline_id"] == "pipe-id"
+    assert row["created_at"] and row["updated_at"], dict(row)
+
+
 async def test_unknown_run_reads(backend: SQLiteBackend) -> None:
     assert await backend.get_run_details("nope") is None
     assert await backend.list_run_steps("nope") == []

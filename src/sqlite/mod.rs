@@ -91,6 +91,18 @@ impl Shared {
         Ok(prepared)
     }
 
+    /// `known`, or the file's layout read again on `conn` when another connection has changed
+    /// the tables since, so that statements name the columns the file has now.
+    fn current_layout(&self, conn: &Connection, known: Arc<Layout>) -> Result<Arc<Layout>> {
+        let fail = |e| classify(&self.options.path, e);
+        if schema::schema_version(conn).map_err(fail)? == known.schema_version {
+            return Ok(known);
+        }
+        let current = Arc::new(schema::read_layout(conn).map_err(fail)?);
+        *self.layout.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&current));
+        Ok(current)
+    }
+
     /// A connection to the database file, once the layout is prepared on it.
     fn open(&self, role: Role) -> Result<Connection> {
         self.check_same_file()?; // a file gone since then was moved or deleted
@@ -263,6 +275,25 @@ impl Drop for SqliteEngine {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// Whether serving `request` builds statements from the columns of the file's `runs`, `steps`
+/// and `spans` tables, which differ between the Flujo releases.
+fn uses_layout(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::SaveRunStart(_)
+            | Request::SaveStepResult(_)
+            | Request::SaveRunEnd { .. }
+            | Request::SaveSpans { .. }
+            | Request::PersistEvaluation(_)
+            | Request::GetRunDetails { .. }
+            | Request::ListRunSteps { .. }
+            | Request::ListRuns(_)
+            | Request::GetTrace { .. }
+            | Request::GetSpans { .. }
+            | Request::ListEvaluations { .. }
+    )
 }
 
 /// Runs one read request on a reader connection.

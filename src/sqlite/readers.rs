@@ -9,7 +9,7 @@ use crossbeam_channel::Receiver;
 use rusqlite::Connection;
 
 use super::connection::{self, Role};
-use super::{execute_read, spin, Job, Shared};
+use super::{execute_read, spin, uses_layout, Job, Shared};
 use crate::error::{Error, Result};
 
 /// What a reader takes from the shared queue.
@@ -59,6 +59,11 @@ fn serve(shared: &Shared, jobs: &Receiver<ReadJob>) {
             ReadJob::Request(job) => {
                 let outcome = ready.and_then(|(conn, layout)| {
                     connection::retry_while_locked(&shared.options, job.submitted, || {
+                        let layout = if uses_layout(&job.request) {
+                            shared.current_layout(conn, Arc::clone(&layout))?
+                        } else {
+                            Arc::clone(&layout)
+                        };
                         execute_read(conn, &layout, shared, &job.request)
                     })
                 });

@@ -37,6 +37,9 @@ pub(crate) struct Layout {
     pub runs: HashSet<String>,
     pub steps: HashSet<String>,
     pub spans: HashSet<String>,
+    /// SQLite's count of schema changes when this was read: another connection that changes
+    /// the tables (Flujo 0.6.11 adds its columns to a 0.4.35 file's `runs`) raises it.
+    pub schema_version: i64,
 }
 
 impl Layout {
@@ -429,12 +432,22 @@ pub(crate) fn prepare(conn: &mut Connection, options: &SqliteOptions) -> Result<
         log::info!("prepared SQLite database at {}", options.path.display());
     }
 
-    let layout = Layout {
-        runs: columns(conn, "runs").map_err(fail)?,
-        steps: columns(conn, "steps").map_err(fail)?,
-        spans: columns(conn, "spans").map_err(fail)?,
-    };
-    Ok(layout)
+    read_layout(conn).map_err(fail)
+}
+
+/// The file's layout as it is now.
+pub(crate) fn read_layout(conn: &Connection) -> rusqlite::Result<Layout> {
+    Ok(Layout {
+        runs: columns(conn, "runs")?,
+        steps: columns(conn, "steps")?,
+        spans: columns(conn, "spans")?,
+        schema_version: schema_version(conn)?,
+    })
+}
+
+pub(crate) fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("PRAGMA schema_version")?
+        .query_row([], |r| r.get(0))
 }
 
 /// Page cache while our indexes are built. Building one reads the table once, so a cache does

@@ -19,7 +19,7 @@ use rusqlite::Connection;
 
 use super::connection::{self, classify, retry_while_locked, Role};
 use super::schema::Layout;
-use super::{queries, run_history, spin, system, traces, Job, Shared};
+use super::{queries, run_history, spin, system, traces, uses_layout, Job, Shared};
 use crate::engine::{CallerGone, Completion, Request, Response};
 use crate::error::{Error, Result};
 use crate::timestamp::{same_instant, TimeWindow};
@@ -128,12 +128,19 @@ impl Writer<'_> {
             let Some(since) = oldest(&batch) else {
                 return;
             };
+            let needs_layout = batch.iter().any(|job| uses_layout(&job.request));
             let begun = self.ready(since).and_then(|(conn, layout)| {
                 retry_while_locked(options, since, || {
                     conn.execute_batch("BEGIN IMMEDIATE")
                         .map_err(|e| classify(&options.path, e))
                 })?;
-                Ok(layout)
+                if !needs_layout {
+                    return Ok(layout);
+                }
+                // Inside the transaction: no other connection changes the tables until it ends.
+                shared.current_layout(conn, layout).inspect_err(|_| {
+                    let _ = conn.execute_batch("ROLLBACK");
+                })
             });
             match begun {
                 Ok(layout) => break layout,
