@@ -545,7 +545,11 @@ fn layout_to_complete(
     for (table, column, with, without) in markers {
         let columns = columns(conn, table)?;
         if !columns.is_empty() {
-            return Ok(if columns.contains(column) { with } else { without });
+            return Ok(if columns.contains(column) {
+                with
+            } else {
+                without
+            });
         }
     }
     Ok(fresh)
