@@ -686,7 +686,9 @@ fn whole_table_indexes_of_earlier_builds_give_way_to_partial_ones() {
              CREATE INDEX idx_flujo_sqlite_state_execution_time \
                  ON workflow_state(execution_time_ms);
              CREATE INDEX idx_flujo_sqlite_state_background \
-                 ON workflow_state(is_background_task, updated_at);",
+                 ON workflow_state(is_background_task, updated_at);
+             CREATE INDEX idx_flujo_sqlite_state_background_updated \
+                 ON workflow_state(is_background_task, updated_at) WHERE is_background_task = 1;",
         )
         .unwrap();
     }
@@ -708,7 +710,7 @@ fn whole_table_indexes_of_earlier_builds_give_way_to_partial_ones() {
             .iter()
             .filter(|(_, sql)| sql.contains(" WHERE "))
             .count()
-            == 3
+            == 5
     );
 }
 

@@ -324,7 +324,7 @@ const BACKFILLS: [(&str, &str); 4] = [
 /// save one more page written to the WAL (and later copied back), so the three that serve a
 /// minority of rows are partial: a save of a running, foreground run touches none of them. Their
 /// queries repeat the index's condition word for word, which is what lets SQLite pick them.
-const OUR_INDEXES: [(&str, &str); 5] = [
+const OUR_INDEXES: [(&str, &str); 7] = [
     (
         "idx_flujo_sqlite_state_status_created",
         "CREATE INDEX IF NOT EXISTS idx_flujo_sqlite_state_status_created \
@@ -348,18 +348,31 @@ const OUR_INDEXES: [(&str, &str); 5] = [
          ON workflow_state(execution_time_ms) WHERE execution_time_ms IS NOT NULL",
     ),
     (
-        "idx_flujo_sqlite_state_background_updated",
-        "CREATE INDEX IF NOT EXISTS idx_flujo_sqlite_state_background_updated \
-         ON workflow_state(is_background_task, updated_at) WHERE is_background_task = 1",
+        // Not led by is_background_task: SQLite would prefer such an index, which serves the
+        // order, to the two below, which also serve the filter.
+        "idx_flujo_sqlite_background_updated",
+        "CREATE INDEX IF NOT EXISTS idx_flujo_sqlite_background_updated \
+         ON workflow_state(updated_at) WHERE is_background_task = 1",
+    ),
+    (
+        "idx_flujo_sqlite_background_parent_updated",
+        "CREATE INDEX IF NOT EXISTS idx_flujo_sqlite_background_parent_updated \
+         ON workflow_state(parent_run_id, updated_at) WHERE is_background_task = 1",
+    ),
+    (
+        "idx_flujo_sqlite_background_status_updated",
+        "CREATE INDEX IF NOT EXISTS idx_flujo_sqlite_background_status_updated \
+         ON workflow_state(status, updated_at) WHERE is_background_task = 1",
     ),
 ];
 
 /// Whole-table indexes that earlier builds of flujo-sqlite created where a partial one of
 /// `OUR_INDEXES` now serves; dropped when found, so saves stop paying for them.
-const RETIRED_INDEXES: [&str; 3] = [
+const RETIRED_INDEXES: [&str; 4] = [
     "idx_flujo_sqlite_state_status_updated",
     "idx_flujo_sqlite_state_execution_time",
     "idx_flujo_sqlite_state_background",
+    "idx_flujo_sqlite_state_background_updated",
 ];
 
 /// Brings the file to a layout we can serve, writing only when something is missing (so a

@@ -60,12 +60,20 @@ pub(crate) fn list_evaluations(
     limit: Option<u64>,
     run_id: Option<&str>,
 ) -> rusqlite::Result<Vec<StoredEvaluation>> {
-    let limit = sql_limit(limit);
-    let mut stmt = conn.prepare_cached(
+    // Two statements: `(?1 IS NULL OR run_id = ?1)` would keep SQLite off the run_id index.
+    let sql = if run_id.is_some() {
         "SELECT run_id, step_name, score, feedback, metadata, created_at FROM evaluations \
-         WHERE (?1 IS NULL OR run_id = ?1) ORDER BY julianday(created_at) DESC, id DESC LIMIT ?2",
-    )?;
-    let rows = stmt.query_map(params![run_id, limit], |row| {
+         WHERE run_id = ?1 ORDER BY julianday(created_at) DESC, id DESC LIMIT ?2"
+    } else {
+        "SELECT run_id, step_name, score, feedback, metadata, created_at FROM evaluations \
+         ORDER BY julianday(created_at) DESC, id DESC LIMIT ?2"
+    };
+    let mut stmt = conn.prepare_cached(sql)?;
+    if let Some(run_id) = run_id {
+        stmt.raw_bind_parameter(1, run_id)?;
+    }
+    stmt.raw_bind_parameter(2, sql_limit(limit))?;
+    let rows = stmt.raw_query().mapped(|row| {
         Ok(StoredEvaluation {
             run_id: cell(row, 0)?,
             step_name: cell(row, 1)?,
@@ -74,6 +82,6 @@ pub(crate) fn list_evaluations(
             metadata: json_text(row, 4)?,
             created_at: listed_time(cell(row, 5)?),
         })
-    })?;
+    });
     rows.collect()
 }
