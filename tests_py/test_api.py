@@ -1388,6 +1388,41 @@ def test_unclosed_backend_does_not_hang_interpreter_exit(tmp_path: Path) -> None
     assert [r["run_id"] for r in raw_rows(db, "SELECT run_id FROM workflow_state")] == ["left-open"]
 
 
+def test_running_out_of_file_descriptors_is_named(tmp_path: Path) -> None:
+    """SQLite says only "unable to open database file", which points at the folder."""
+    script = textwrap.dedent(
+        f"""
+        import asyncio, resource
+        from datetime import datetime, timezone
+        from flujo_sqlite import SQLiteBackend, DatabaseError
+
+        now = datetime.now(timezone.utc)
+        state = dict(pipeline_id="p", pipeline_name="P", pipeline_version="1",
+                     current_step_index=0, pipeline_context={{}}, status="running",
+                     created_at=now, updated_at=now)
+
+        async def main():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+            backends = []
+            try:
+                for i in range(64):
+                    backend = SQLiteBackend({str(tmp_path)!r} + f"/{{i}}.db")
+                    backends.append(backend)
+                    await backend.save_state("r", state)
+            except DatabaseError as error:
+                print(error)
+            for backend in backends:
+                await backend.close()
+
+        asyncio.run(main())
+        """
+    )
+    result = run_python(script)
+    assert result.returncode == 0, result.stderr
+    assert "unable to open database file" in result.stdout, result.stdout
+    assert "ulimit -n" in result.stdout, result.stdout
+
+
 def test_a_backend_used_by_a_later_exit_hook_opens_its_file_again(tmp_path: Path) -> None:
     """Exit hooks run last-registered first: one registered before flujo_sqlite was imported
     runs after ours has closed every backend, and its call must open the file again."""

@@ -197,8 +197,25 @@ fn cannot_open_hint(path: &Path, detail: String) -> String {
         Some(parent) if !parent.as_os_str().is_empty() && !parent.exists() => {
             format!("{detail}: its folder {} does not exist", parent.display())
         }
+        _ if out_of_file_descriptors(path) => format!(
+            "{detail}: this process has as many files open as it may (`ulimit -n`); each \
+             backend in use keeps about 7 open (its connections and their -wal and -shm files): \
+             close the backends you no longer need, share one per database, or raise the limit"
+        ),
         _ => format!("{detail}: check that the folder exists and is writable"),
     }
+}
+
+/// Whether opening `path` fails because the process (or the system) has no file descriptor left.
+fn out_of_file_descriptors(path: &Path) -> bool {
+    const EMFILE: i32 = 24; // the same number on Linux, macOS and the BSDs
+    const ENFILE: i32 = 23;
+    // The kernel takes a descriptor before it looks the path up, so a missing file tells too.
+    let probe = std::fs::File::open(path);
+    matches!(
+        probe.err().and_then(|e| e.raw_os_error()),
+        Some(EMFILE | ENFILE)
+    )
 }
 
 /// Runs `attempt` until it stops failing with `Error::Locked`, backing off between tries, until
