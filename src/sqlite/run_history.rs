@@ -412,13 +412,15 @@ fn list_runs_statement(
     let (limit, offset) = (values.len() - 1, values.len());
     let order = format!("ORDER BY {newest_first}");
     let page = format!("{order} LIMIT ?{limit} OFFSET ?{offset}");
-    let (source, rest) = if conditions.is_empty() {
+    let (source, rest) = if conditions.is_empty() && query.offset > 0 {
         // The page is picked from the runs' own index before any state is looked up, so the
         // runs an offset skips cost an index step each, not a join.
         (
             format!("(SELECT rowid FROM runs r {page}) page JOIN runs r ON r.rowid = page.rowid"),
             order,
         )
+    } else if conditions.is_empty() {
+        ("runs r".to_owned(), page)
     } else {
         (
             "runs r".to_owned(),
@@ -536,19 +538,21 @@ mod tests {
                  SELECT 'run-' || n, 'P', '1', 'completed', {values} FROM k"
             ))
             .unwrap();
-            let query = |status: Option<&str>| RunQuery {
+            let query = |status: Option<&str>, offset: u64| RunQuery {
                 status: status.map(str::to_owned),
                 pipeline_name: None,
                 limit: Some(50),
-                offset: 100,
+                offset,
                 metadata: Vec::new(),
             };
-            for (status, reads) in [
-                (None, "COVERING INDEX idx_runs_"),
-                (Some("completed"), "INDEX idx_runs_"),
-                (Some("cancelled"), "(status=?)"),
+            for (status, offset, reads) in [
+                (None, 0, "INDEX idx_runs_"),
+                (None, 100, "COVERING INDEX idx_runs_"),
+                (Some("completed"), 100, "INDEX idx_runs_"),
+                (Some("cancelled"), 100, "(status=?)"),
             ] {
-                let (sql, values) = list_runs_statement(&conn, &layout, &query(status)).unwrap();
+                let query = query(status, offset);
+                let (sql, values) = list_runs_statement(&conn, &layout, &query).unwrap();
                 let steps = plan(&conn, &sql, &values);
                 assert!(
                     steps.iter().any(|s| s.contains(reads)),
