@@ -3,10 +3,11 @@
 
 use std::collections::HashMap;
 
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use super::results::{cell, datetime, json_or};
+use super::results::{cell, datetime, json_or, CollectorPaused};
 use crate::model::{
     Cell, RunDetails, RunSummary, SpanStatistics, StepDetails, StoredEvaluation, StoredSpan,
     SystemStateEntry,
@@ -22,49 +23,55 @@ fn json_or_empty_dict(py: Python<'_>, column: &str, text: Option<String>) -> PyR
 
 pub(crate) fn run_details(py: Python<'_>, r: RunDetails) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item("run_id", cell(py, r.run_id)?)?;
-    d.set_item("pipeline_id", cell(py, r.pipeline_id)?)?;
-    d.set_item("pipeline_name", cell(py, r.pipeline_name)?)?;
-    d.set_item("pipeline_version", cell(py, r.pipeline_version)?)?;
-    d.set_item("status", cell(py, r.status)?)?;
-    d.set_item("start_time", cell(py, r.start_time)?)?;
-    d.set_item("end_time", cell(py, r.end_time)?)?;
-    d.set_item("total_cost", cell(py, r.total_cost)?)?;
+    d.set_item(intern!(py, "run_id"), cell(py, r.run_id)?)?;
+    d.set_item(intern!(py, "pipeline_id"), cell(py, r.pipeline_id)?)?;
+    d.set_item(intern!(py, "pipeline_name"), cell(py, r.pipeline_name)?)?;
+    d.set_item(
+        intern!(py, "pipeline_version"),
+        cell(py, r.pipeline_version)?,
+    )?;
+    d.set_item(intern!(py, "status"), cell(py, r.status)?)?;
+    d.set_item(intern!(py, "start_time"), cell(py, r.start_time)?)?;
+    d.set_item(intern!(py, "end_time"), cell(py, r.end_time)?)?;
+    d.set_item(intern!(py, "total_cost"), cell(py, r.total_cost)?)?;
     // Flujo treats a stored JSON `null` like a missing context.
     d.set_item(
         "final_context",
         json_or_none(py, "final_context", r.final_context)?,
     )?;
-    d.set_item("created_at", cell(py, r.created_at)?)?;
-    d.set_item("updated_at", cell(py, r.updated_at)?)?;
-    d.set_item("execution_time_ms", cell(py, r.execution_time_ms)?)?;
-    d.set_item("memory_usage_mb", cell(py, r.memory_usage_mb)?)?;
-    d.set_item("total_steps", cell(py, r.total_steps)?)?;
-    d.set_item("error_message", cell(py, r.error_message)?)?;
+    d.set_item(intern!(py, "created_at"), cell(py, r.created_at)?)?;
+    d.set_item(intern!(py, "updated_at"), cell(py, r.updated_at)?)?;
+    d.set_item(
+        intern!(py, "execution_time_ms"),
+        cell(py, r.execution_time_ms)?,
+    )?;
+    d.set_item(intern!(py, "memory_usage_mb"), cell(py, r.memory_usage_mb)?)?;
+    d.set_item(intern!(py, "total_steps"), cell(py, r.total_steps)?)?;
+    d.set_item(intern!(py, "error_message"), cell(py, r.error_message)?)?;
     Ok(d)
 }
 
 pub(crate) fn step_details(py: Python<'_>, s: StepDetails) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item("step_name", cell(py, s.step_name)?)?;
-    d.set_item("step_index", cell(py, s.step_index)?)?;
-    d.set_item("status", cell(py, s.status)?)?;
+    d.set_item(intern!(py, "step_name"), cell(py, s.step_name)?)?;
+    d.set_item(intern!(py, "step_index"), cell(py, s.step_index)?)?;
+    d.set_item(intern!(py, "status"), cell(py, s.status)?)?;
     let start_time = cell(py, s.start_time)?;
-    d.set_item("start_time", start_time.clone_ref(py))?;
-    d.set_item("created_at", start_time)?;
-    d.set_item("end_time", cell(py, s.end_time)?)?;
+    d.set_item(intern!(py, "start_time"), start_time.clone_ref(py))?;
+    d.set_item(intern!(py, "created_at"), start_time)?;
+    d.set_item(intern!(py, "end_time"), cell(py, s.end_time)?)?;
     let duration = cell(py, s.duration_ms)?;
-    d.set_item("duration_ms", duration.clone_ref(py))?;
-    d.set_item("execution_time_ms", duration)?;
+    d.set_item(intern!(py, "duration_ms"), duration.clone_ref(py))?;
+    d.set_item(intern!(py, "execution_time_ms"), duration)?;
     let cost = cell(py, s.cost)?;
-    d.set_item("cost", cost.clone_ref(py))?;
-    d.set_item("cost_usd", cost)?;
+    d.set_item(intern!(py, "cost"), cost.clone_ref(py))?;
+    d.set_item(intern!(py, "cost_usd"), cost)?;
     let tokens = cell(py, s.tokens)?;
-    d.set_item("tokens", tokens.clone_ref(py))?;
-    d.set_item("token_counts", tokens)?;
-    d.set_item("input", json_or_none(py, "input", s.input)?)?;
-    d.set_item("output", json_or_none(py, "output", s.output)?)?;
-    d.set_item("error", json_or_none(py, "error", s.error)?)?;
+    d.set_item(intern!(py, "tokens"), tokens.clone_ref(py))?;
+    d.set_item(intern!(py, "token_counts"), tokens)?;
+    d.set_item(intern!(py, "input"), json_or_none(py, "input", s.input)?)?;
+    d.set_item(intern!(py, "output"), json_or_none(py, "output", s.output)?)?;
+    d.set_item(intern!(py, "error"), json_or_none(py, "error", s.error)?)?;
     d.set_item(
         "raw_response",
         json_or_none(py, "raw_response", s.raw_response)?,
@@ -74,27 +81,33 @@ pub(crate) fn step_details(py: Python<'_>, s: StepDetails) -> PyResult<Bound<'_,
 
 pub(crate) fn run_summary(py: Python<'_>, r: RunSummary) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item("run_id", cell(py, r.run_id)?)?;
-    d.set_item("pipeline_name", cell(py, r.pipeline_name)?)?;
-    d.set_item("pipeline_version", cell(py, r.pipeline_version)?)?;
-    d.set_item("status", cell(py, r.status)?)?;
-    d.set_item("start_time", cell(py, r.start_time)?)?;
-    d.set_item("end_time", cell(py, r.end_time)?)?;
-    d.set_item("total_cost", cell(py, r.total_cost)?)?;
-    d.set_item("created_at", cell(py, r.created_at)?)?;
-    d.set_item("updated_at", cell(py, r.updated_at)?)?;
-    d.set_item("metadata", json_or_empty_dict(py, "metadata", r.metadata)?)?;
+    d.set_item(intern!(py, "run_id"), cell(py, r.run_id)?)?;
+    d.set_item(intern!(py, "pipeline_name"), cell(py, r.pipeline_name)?)?;
+    d.set_item(
+        intern!(py, "pipeline_version"),
+        cell(py, r.pipeline_version)?,
+    )?;
+    d.set_item(intern!(py, "status"), cell(py, r.status)?)?;
+    d.set_item(intern!(py, "start_time"), cell(py, r.start_time)?)?;
+    d.set_item(intern!(py, "end_time"), cell(py, r.end_time)?)?;
+    d.set_item(intern!(py, "total_cost"), cell(py, r.total_cost)?)?;
+    d.set_item(intern!(py, "created_at"), cell(py, r.created_at)?)?;
+    d.set_item(intern!(py, "updated_at"), cell(py, r.updated_at)?)?;
+    d.set_item(
+        intern!(py, "metadata"),
+        json_or_empty_dict(py, "metadata", r.metadata)?,
+    )?;
     Ok(d)
 }
 
 pub(crate) fn span(py: Python<'_>, s: StoredSpan) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item("span_id", cell(py, s.span_id)?)?;
-    d.set_item("parent_span_id", cell(py, s.parent_span_id)?)?;
-    d.set_item("name", cell(py, s.name)?)?;
-    d.set_item("start_time", cell(py, s.start_time)?)?;
-    d.set_item("end_time", cell(py, s.end_time)?)?;
-    d.set_item("status", cell(py, s.status)?)?;
+    d.set_item(intern!(py, "span_id"), cell(py, s.span_id)?)?;
+    d.set_item(intern!(py, "parent_span_id"), cell(py, s.parent_span_id)?)?;
+    d.set_item(intern!(py, "name"), cell(py, s.name)?)?;
+    d.set_item(intern!(py, "start_time"), cell(py, s.start_time)?)?;
+    d.set_item(intern!(py, "end_time"), cell(py, s.end_time)?)?;
+    d.set_item(intern!(py, "status"), cell(py, s.status)?)?;
     // A NULL written by hand through SQL reads as no attributes (Flujo fails to decode it).
     d.set_item(
         "attributes",
@@ -109,6 +122,7 @@ pub(crate) fn trace(py: Python<'_>, spans: Vec<StoredSpan>) -> PyResult<Py<PyAny
     if spans.is_empty() {
         return Ok(py.None());
     }
+    let _paused = CollectorPaused::for_items(py, spans.len())?;
     let key = |c: &Cell| match c {
         Cell::Text(t) => Some(t.clone()),
         Cell::Integer(i) => Some(i.to_string()),
@@ -120,7 +134,7 @@ pub(crate) fn trace(py: Python<'_>, spans: Vec<StoredSpan>) -> PyResult<Py<PyAny
     let mut by_id = HashMap::new();
     for (index, stored) in spans.into_iter().enumerate() {
         let node = span(py, stored)?;
-        node.set_item("children", PyList::empty(py))?;
+        node.set_item(intern!(py, "children"), PyList::empty(py))?;
         if let Some(id) = &ids[index] {
             by_id.entry(id.clone()).or_insert(index);
         }
@@ -155,36 +169,45 @@ pub(crate) fn trace(py: Python<'_>, spans: Vec<StoredSpan>) -> PyResult<Py<PyAny
 
 pub(crate) fn span_statistics(py: Python<'_>, s: SpanStatistics) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item("total_spans", s.total_spans)?;
-    d.set_item("by_name", s.by_name)?;
-    d.set_item("by_status", s.by_status)?;
+    d.set_item(intern!(py, "total_spans"), s.total_spans)?;
+    d.set_item(intern!(py, "by_name"), s.by_name)?;
+    d.set_item(intern!(py, "by_status"), s.by_status)?;
     let averages = PyDict::new(py);
     for (name, totals) in s.durations_by_name {
         let entry = PyDict::new(py);
-        entry.set_item("total", totals.total_seconds)?;
-        entry.set_item("count", totals.count)?;
-        entry.set_item("average", totals.total_seconds / totals.count.max(1) as f64)?;
+        entry.set_item(intern!(py, "total"), totals.total_seconds)?;
+        entry.set_item(intern!(py, "count"), totals.count)?;
+        entry.set_item(
+            intern!(py, "average"),
+            totals.total_seconds / totals.count.max(1) as f64,
+        )?;
         averages.set_item(name, entry)?;
     }
-    d.set_item("avg_duration_by_name", averages)?;
+    d.set_item(intern!(py, "avg_duration_by_name"), averages)?;
     Ok(d)
 }
 
 pub(crate) fn system_state(py: Python<'_>, entry: SystemStateEntry) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item("key", cell(py, entry.key)?)?;
-    d.set_item("value", json_or_none(py, "value", entry.value)?)?;
-    d.set_item("updated_at", datetime(py, entry.updated_at)?)?;
+    d.set_item(intern!(py, "key"), cell(py, entry.key)?)?;
+    d.set_item(
+        intern!(py, "value"),
+        json_or_none(py, "value", entry.value)?,
+    )?;
+    d.set_item(intern!(py, "updated_at"), datetime(py, entry.updated_at)?)?;
     Ok(d)
 }
 
 pub(crate) fn evaluation(py: Python<'_>, e: StoredEvaluation) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item("run_id", cell(py, e.run_id)?)?;
-    d.set_item("step_name", cell(py, e.step_name)?)?;
-    d.set_item("score", cell(py, e.score)?)?;
-    d.set_item("feedback", cell(py, e.feedback)?)?;
-    d.set_item("metadata", json_or_none(py, "metadata", e.metadata)?)?;
-    d.set_item("created_at", cell(py, e.created_at)?)?;
+    d.set_item(intern!(py, "run_id"), cell(py, e.run_id)?)?;
+    d.set_item(intern!(py, "step_name"), cell(py, e.step_name)?)?;
+    d.set_item(intern!(py, "score"), cell(py, e.score)?)?;
+    d.set_item(intern!(py, "feedback"), cell(py, e.feedback)?)?;
+    d.set_item(
+        intern!(py, "metadata"),
+        json_or_none(py, "metadata", e.metadata)?,
+    )?;
+    d.set_item(intern!(py, "created_at"), cell(py, e.created_at)?)?;
     Ok(d)
 }
