@@ -757,6 +757,23 @@ async def test_failed_workflows_rejects_non_numbers(
     assert run_ids(await backend.get_failed_workflows()) == ["r"]
 
 
+async def test_big_lists_leave_the_garbage_collector_as_they_found_it(
+    backend: SQLiteBackend,
+) -> None:
+    """The collector is paused while a list of 1,000+ results is built, and only then."""
+    await asyncio.gather(*(backend.save_state(f"r{i:04}", build_state()) for i in range(1_200)))
+    assert gc.isenabled()
+    listed = await backend.list_workflows()
+    assert gc.isenabled()
+    assert sorted(run_ids(listed)) == [f"r{i:04}" for i in range(1_200)]
+    gc.disable()  # the program's own choice
+    try:
+        assert len(await backend.list_states()) == 1_200
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 # --------------------------------------------------------------------------------------------
 # cleanup_old_workflows
 
