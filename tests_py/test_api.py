@@ -1379,18 +1379,25 @@ async def test_cancelled_save_either_committed_or_not(backend: SQLiteBackend) ->
     assert (await backend.load_state("keep"))["current_step_index"] == 1
 
 
+# The start of a child program that saves `state` (it imports nothing of ours).
+A_STATE_IN_A_CHILD = textwrap.dedent(
+    """
+    from datetime import datetime, timezone
+
+    now = datetime.now(timezone.utc)
+    state = dict(pipeline_id="p", pipeline_name="P", pipeline_version="1",
+                 current_step_index=0, pipeline_context={}, status="running",
+                 created_at=now, updated_at=now)
+    """
+)
+
+
 def test_unclosed_backend_does_not_hang_interpreter_exit(tmp_path: Path) -> None:
     db = tmp_path / "exit.db"
-    script = textwrap.dedent(
+    script = A_STATE_IN_A_CHILD + textwrap.dedent(
         f"""
         import asyncio
-        from datetime import datetime, timezone
         from flujo_sqlite import SQLiteBackend
-
-        now = datetime.now(timezone.utc)
-        state = dict(pipeline_id="p", pipeline_name="P", pipeline_version="1",
-                     current_step_index=0, pipeline_context={{}}, status="running",
-                     created_at=now, updated_at=now)
 
         async def main():
             backend = SQLiteBackend({str(db)!r})  # never closed
@@ -1407,16 +1414,11 @@ def test_unclosed_backend_does_not_hang_interpreter_exit(tmp_path: Path) -> None
 
 def test_running_out_of_file_descriptors_is_named(tmp_path: Path) -> None:
     """SQLite says only "unable to open database file", which points at the folder."""
-    script = textwrap.dedent(
+    script = A_STATE_IN_A_CHILD + textwrap.dedent(
         f"""
         import asyncio, resource
-        from datetime import datetime, timezone
         from flujo_sqlite import SQLiteBackend, DatabaseError
 
-        now = datetime.now(timezone.utc)
-        state = dict(pipeline_id="p", pipeline_name="P", pipeline_version="1",
-                     current_step_index=0, pipeline_context={{}}, status="running",
-                     created_at=now, updated_at=now)
 
         async def main():
             resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
@@ -1444,10 +1446,9 @@ def test_a_backend_used_by_a_later_exit_hook_opens_its_file_again(tmp_path: Path
     """Exit hooks run last-registered first: one registered before flujo_sqlite was imported
     runs after ours has closed every backend, and its call must open the file again."""
     db = tmp_path / "exit.db"
-    script = textwrap.dedent(
+    script = A_STATE_IN_A_CHILD + textwrap.dedent(
         f"""
         import asyncio, atexit
-        from datetime import datetime, timezone
 
         def save_at_exit():
             asyncio.run(backend.save_state("at-exit", state))
@@ -1456,10 +1457,6 @@ def test_a_backend_used_by_a_later_exit_hook_opens_its_file_again(tmp_path: Path
         atexit.register(save_at_exit)
         from flujo_sqlite import SQLiteBackend
 
-        now = datetime.now(timezone.utc)
-        state = dict(pipeline_id="p", pipeline_name="P", pipeline_version="1",
-                     current_step_index=0, pipeline_context={{}}, status="running",
-                     created_at=now, updated_at=now)
         backend = SQLiteBackend({str(db)!r})
         asyncio.run(backend.save_state("before-exit", state))
         """

@@ -196,17 +196,17 @@ fn stored_state(py: Python<'_>, s: StoredState) -> PyResult<Bound<'_, PyDict>> {
         cell(py, s.current_step_index)?,
     )?;
     d.set_item(
-        "pipeline_context",
+        intern!(py, "pipeline_context"),
         json_or(py, "pipeline_context", s.pipeline_context, || {
             Ok(PyDict::new(py).into_any().unbind())
         })?,
     )?;
     d.set_item(
-        "last_step_output",
+        intern!(py, "last_step_output"),
         json_or(py, "last_step_output", s.last_step_output, || Ok(py.None()))?,
     )?;
     d.set_item(
-        "step_history",
+        intern!(py, "step_history"),
         json_or(py, "step_history", s.step_history, || {
             Ok(PyList::empty(py).into_any().unbind())
         })?,
@@ -227,7 +227,7 @@ fn stored_state(py: Python<'_>, s: StoredState) -> PyResult<Bound<'_, PyDict>> {
 
 fn add_background(py: Python<'_>, d: &Bound<'_, PyDict>, b: StoredBackground) -> PyResult<()> {
     d.set_item(
-        "metadata",
+        intern!(py, "metadata"),
         json_or(py, "metadata", b.metadata, || {
             Ok(PyDict::new(py).into_any().unbind())
         })?,

@@ -36,7 +36,7 @@ pub(crate) fn run_details(py: Python<'_>, r: RunDetails) -> PyResult<Bound<'_, P
     d.set_item(intern!(py, "total_cost"), cell(py, r.total_cost)?)?;
     // Flujo treats a stored JSON `null` like a missing context.
     d.set_item(
-        "final_context",
+        intern!(py, "final_context"),
         json_or_none(py, "final_context", r.final_context)?,
     )?;
     d.set_item(intern!(py, "created_at"), cell(py, r.created_at)?)?;
@@ -73,7 +73,7 @@ pub(crate) fn step_details(py: Python<'_>, s: StepDetails) -> PyResult<Bound<'_,
     d.set_item(intern!(py, "output"), json_or_none(py, "output", s.output)?)?;
     d.set_item(intern!(py, "error"), json_or_none(py, "error", s.error)?)?;
     d.set_item(
-        "raw_response",
+        intern!(py, "raw_response"),
         json_or_none(py, "raw_response", s.raw_response)?,
     )?;
     Ok(d)
@@ -110,7 +110,7 @@ pub(crate) fn span(py: Python<'_>, s: StoredSpan) -> PyResult<Bound<'_, PyDict>>
     d.set_item(intern!(py, "status"), cell(py, s.status)?)?;
     // A NULL written by hand through SQL reads as no attributes (Flujo fails to decode it).
     d.set_item(
-        "attributes",
+        intern!(py, "attributes"),
         json_or_empty_dict(py, "attributes", s.attributes)?,
     )?;
     Ok(d)

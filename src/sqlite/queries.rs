@@ -29,14 +29,19 @@ macro_rules! summary_columns {
     };
 }
 
+/// `SELECT` of the summary columns `FROM workflow_state`, then the rest of the statement.
+macro_rules! summaries {
+    ($($rest:literal),*) => {
+        concat!("SELECT ", summary_columns!(), " FROM workflow_state ", $($rest),*)
+    };
+}
+
 /// `avg` skips NULLs anyway; saying so lets SQLite read the partial index of known times.
 const AVERAGE_EXECUTION_TIME: &str = "SELECT avg(execution_time_ms) FROM workflow_state \
      WHERE execution_time_ms IS NOT NULL";
 
-const FAILED_WORKFLOWS: &str = concat!(
-    "SELECT ",
-    summary_columns!(),
-    " FROM workflow_state WHERE status = 'failed' \
+const FAILED_WORKFLOWS: &str = summaries!(
+    "WHERE status = 'failed' \
      AND updated_at >= ?1 AND julianday(updated_at) >= julianday(?2) \
      ORDER BY updated_at DESC, rowid DESC"
 );
@@ -46,10 +51,8 @@ const FAILED_WORKFLOWS: &str = concat!(
 fn background_tasks_sql(by_parent: bool, by_status: bool) -> &'static str {
     macro_rules! listing {
         ($filter:literal) => {
-            concat!(
-                "SELECT ",
-                summary_columns!(),
-                " FROM workflow_state WHERE is_background_task = 1 ",
+            summaries!(
+                "WHERE is_background_task = 1 ",
                 $filter,
                 " ORDER BY updated_at DESC, rowid DESC LIMIT ?3 OFFSET ?4"
             )
@@ -67,10 +70,8 @@ fn background_tasks_sql(by_parent: bool, by_status: bool) -> &'static str {
 fn failed_background_tasks_sql(by_parent: bool) -> &'static str {
     macro_rules! listing {
         ($filter:literal) => {
-            concat!(
-                "SELECT ",
-                summary_columns!(),
-                " FROM workflow_state WHERE is_background_task = 1 ",
+            summaries!(
+                "WHERE is_background_task = 1 ",
                 $filter,
                 " AND updated_at >= ?2 AND julianday(updated_at) >= julianday(?3) \
                  ORDER BY updated_at DESC, rowid DESC"
@@ -219,10 +220,7 @@ pub(crate) fn list_states(
 fn list_workflows_sql(by_status: bool, by_pipeline: bool) -> &'static str {
     macro_rules! listing {
         ($filter:literal) => {
-            concat!(
-                "SELECT ",
-                summary_columns!(),
-                " FROM workflow_state ",
+            summaries!(
                 $filter,
                 " ORDER BY created_at DESC, rowid DESC LIMIT ?3 OFFSET ?4"
             )
