@@ -20,6 +20,7 @@ instead of orphans or foreign-key errors.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.metadata
 import logging
 import sqlite3
@@ -791,6 +792,42 @@ def branching_tree(branching: int, depth: int) -> dict[str, Any]:
         )
 
     return node("0", 0, T0)
+
+
+async def test_a_big_trace_logs_with_the_garbage_collector_as_the_program_left_it(
+    backend: SQLiteBackend,
+) -> None:
+    """The collector is paused while a big trace is built; a logging handler may let other
+    threads of the program run, and they must not find it paused."""
+
+    def span(i: int, parent: str | None) -> dict[str, Any]:
+        return {
+            "span_id": f"s{i}",
+            "parent_span_id": parent,
+            "name": "n",
+            "start_time": float(i),
+            "end_time": float(i) + 1,
+            "status": "completed",
+        }
+
+    await start_run(backend, "r")
+    roots = [span(0, None), span(1, None)]  # two roots: get_trace warns
+    await backend.save_spans("r", roots + [span(i, "s0") for i in range(2, 1_500)])
+    seen: list[bool] = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(gc.isenabled())
+
+    recorder = Recorder(logging.WARNING)
+    logging.getLogger("flujo_sqlite").addHandler(recorder)
+    try:
+        tree = await backend.get_trace("r")
+    finally:
+        logging.getLogger("flujo_sqlite").removeHandler(recorder)
+    assert tree is not None and len(tree["children"]) == 1_498
+    assert seen == [True]
+    assert gc.isenabled()
 
 
 async def test_trace_tree_round_trip(backend: SQLiteBackend) -> None:

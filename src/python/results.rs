@@ -65,8 +65,9 @@ pub(crate) fn list<T>(
 /// Python's cyclic garbage collector, paused while a big result is built. Every container
 /// created counts towards a collection, so 100,000 result dicts set off several full ones, each
 /// walking every object of the program (~55 ms with Flujo imported; a third of the time of
-/// `list_workflows()` at 100,000 runs), although no result can be part of a cycle. Nothing else
-/// runs meanwhile, as the GIL is held throughout; the next collection looks at them once.
+/// `list_workflows()` at 100,000 runs), although no result can be part of a cycle. No Python
+/// code may run while it is paused (no logging: a handler can let other threads run), so that
+/// no other thread finds the collector off; the next collection looks at the results once.
 pub(crate) struct CollectorPaused<'py>(Option<Bound<'py, PyAny>>);
 
 impl<'py> CollectorPaused<'py> {

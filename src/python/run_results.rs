@@ -122,7 +122,7 @@ pub(crate) fn trace(py: Python<'_>, spans: Vec<StoredSpan>) -> PyResult<Py<PyAny
     if spans.is_empty() {
         return Ok(py.None());
     }
-    let _paused = CollectorPaused::for_items(py, spans.len())?;
+    let paused = CollectorPaused::for_items(py, spans.len())?;
     let key = |c: &Cell| match c {
         Cell::Text(t) => Some(t.clone()),
         Cell::Integer(i) => Some(i.to_string()),
@@ -148,13 +148,16 @@ pub(crate) fn trace(py: Python<'_>, spans: Vec<StoredSpan>) -> PyResult<Py<PyAny
             .filter(|p| **p != index)
         {
             Some(&parent_index) => nodes[parent_index]
-                .get_item("children")?
+                .get_item(intern!(py, "children"))?
                 .expect("set above")
                 .cast::<PyList>()?
                 .append(&nodes[index])?,
             None => roots.push(index),
         }
     }
+    // Before logging: a logging handler may let other threads run, which must find the
+    // collector as the program left it.
+    drop(paused);
     match roots.len() {
         // Only parent links that form a cycle leave no root; Flujo returns None then too.
         0 => {
