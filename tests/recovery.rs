@@ -547,7 +547,6 @@ fn an_unreadable_schema_leaves_a_fresh_database_and_the_bytes_in_the_backup() {
     assert_eq!(count(&folder.path, "workflow_state"), 0);
 }
 
-#[cfg(unix)]
 #[test]
 fn the_rebuilt_file_keeps_the_original_permissions() {
     use std::os::unix::fs::PermissionsExt;

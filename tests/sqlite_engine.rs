@@ -1180,7 +1180,6 @@ fn stored_run_ids(path: &Path) -> Vec<String> {
 
 /// SQLite keeps writing to a renamed or deleted file through its open descriptor, so without a
 /// check these writes were acknowledged and then found nowhere.
-#[cfg(unix)]
 #[test]
 fn writes_to_a_file_moved_or_deleted_while_open_are_refused_not_acknowledged() {
     for how in [

@@ -102,29 +102,18 @@ fn configure(conn: &Connection, options: &SqliteOptions, role: Role) -> rusqlite
 /// opens the path. Comparing this before each commit catches it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct FileIdentity {
-    #[cfg(unix)]
     device: u64,
-    #[cfg(unix)]
     inode: u64,
 }
 
-/// The identity of the file at `path` now. Elsewhere than on Unix an open database file cannot
-/// be renamed or deleted, and only its existence is checked.
+/// The identity of the file at `path` now.
 pub(crate) fn identity(path: &Path) -> std::io::Result<FileIdentity> {
+    use std::os::unix::fs::MetadataExt;
     let metadata = std::fs::metadata(path)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        Ok(FileIdentity {
-            device: metadata.dev(),
-            inode: metadata.ino(),
-        })
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = metadata;
-        Ok(FileIdentity {})
-    }
+    Ok(FileIdentity {
+        device: metadata.dev(),
+        inode: metadata.ino(),
+    })
 }
 
 /// Maps a rusqlite error to the core error a caller can act on.

@@ -252,14 +252,9 @@ fn sync_file(path: &Path) -> Result<()> {
         .map_err(io_error(path, "cannot fsync"))
 }
 
-#[cfg(unix)]
+/// Makes a rename in `folder` durable.
 fn sync_folder(folder: &Path) -> Result<()> {
     sync_file(folder)
-}
-
-#[cfg(not(unix))]
-fn sync_folder(_folder: &Path) -> Result<()> {
-    Ok(())
 }
 
 /// A database under a temporary name beside the original, removed with its sidecars on drop
