@@ -899,6 +899,16 @@ def test_paths_only_a_shell_or_uri_parser_understands_are_refused(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_uri_made_into_a_path_is_refused_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for uri in ("postgresql://user@db.example/flujo", "sqlite:///state.db"):
+        with pytest.raises(InvalidStateError, match="URI"):
+            SQLiteBackend(Path(uri))  # pathlib keeps one slash: "postgresql:/user@..."
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "name",
     [

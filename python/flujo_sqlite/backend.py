@@ -16,7 +16,7 @@ import re
 import threading
 import weakref
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 from ._native import CompletionPort, NativeBackend, wait_for_dropped_backends
@@ -74,8 +74,10 @@ def _port() -> CompletionPort:
 # Path spellings that only a shell or a URI parser understands; as a file path each one would
 # quietly create a folder named "~", "$HOME" or "sqlite:" in the working directory. Names that
 # merely start with those characters ("~backup", "$data" with no such variable) are left alone.
-# A scheme of two letters or more: "C://x" stays a Windows drive.
+# A scheme of two letters or more, so that "C://x" stays a path; pathlib collapses the "//" of
+# a URI made into a Path, so there one slash is enough.
 _URI = re.compile(r"(?i)^([a-z][a-z0-9+.-]+)://")
+_URI_IN_A_PATH = re.compile(r"(?i)^([a-z][a-z0-9+.-]+):/")
 _SQLITE_SCHEME = re.compile(r"(?i)^sqlite3?(\+aiosqlite)?$")
 _HOME = re.compile(r"^~($|/)")
 _VARIABLE = re.compile(r"^\$(\{)?([A-Za-z_][A-Za-z0-9_]*)(?(1)\})")
@@ -92,7 +94,7 @@ def _file_path(value: object, what: str) -> Path:
         raise InvalidStateError(f"{what} must not contain a NUL character")
     if not text:
         raise InvalidStateError(f"{what} is empty: give the database file's path")
-    uri = _URI.match(text)
+    uri = (_URI_IN_A_PATH if isinstance(value, PurePath) else _URI).match(text)
     if uri and _SQLITE_SCHEME.match(uri.group(1)):
         raise InvalidStateError(
             f"{what} {text!r} is a URI, not a file path: pass the file's path itself, or put "
