@@ -757,6 +757,33 @@ async def test_failed_workflows_rejects_non_numbers(
     assert run_ids(await backend.get_failed_workflows()) == ["r"]
 
 
+async def test_a_list_built_over_several_turns_of_the_loop_arrives_whole_and_in_order(
+    backend: SQLiteBackend,
+) -> None:
+    """Lists longer than 1,000 items are converted 1,000 at a time, a turn of the event loop
+    each, so that other tasks run meanwhile."""
+    start = utc_now() - DAY
+    await asyncio.gather(
+        *(
+            backend.save_state(f"r{i:04}", build_state(created_at=start + i * timedelta(seconds=1)))
+            for i in range(2_500)
+        )
+    )
+    newest_first = [f"r{i:04}" for i in reversed(range(2_500))]
+    assert run_ids(await backend.list_workflows()) == newest_first
+    assert run_ids(await backend.list_states()) == newest_first
+    assert run_ids(await backend.list_workflows(limit=1_001, offset=1)) == newest_first[1:1_002]
+
+    # Cancelled at any point, a long list leaves the backend as it was.
+    for delay in (0, 0.001, 0.002, 0.005, 0.01):
+        listing = asyncio.ensure_future(backend.list_workflows())
+        await asyncio.sleep(delay)
+        listing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listing
+    assert len(await backend.list_workflows()) == 2_500
+
+
 async def test_big_lists_leave_the_garbage_collector_as_they_found_it(
     backend: SQLiteBackend,
 ) -> None:

@@ -613,7 +613,7 @@ impl NativeBackend {
             receiver.recv().unwrap_or(Err(Error::Unanswered))
         });
         let response = outcome.map_err(|e| to_py_err(py, &e))?;
-        response_to_python(py, response)
+        response_to_python(py, response)?.finish(py)
     }
 
     /// Finishes queued work and stops the engine on a helper thread, so the loop never blocks.

@@ -20,7 +20,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 
 use super::errors::to_py_err;
-use super::results::response_to_python;
+use super::results::{response_to_python, Built, ListInProgress};
 use crate::engine::{Completion, Response};
 use crate::error::{Error, Result};
 
@@ -71,11 +71,19 @@ pub(crate) struct CompletionPort {
     waiting: Mutex<HashMap<u64, Py<PyAny>>>,
     /// Results already converted when an interrupt stopped a drain; delivered first next time.
     converted: Mutex<Vec<Converted>>,
+    /// Long lists being converted, a chunk per drain; each drain wakes the loop for the next.
+    growing: Mutex<Vec<(Py<PyAny>, ListInProgress)>>,
     next_token: AtomicU64,
 }
 
 /// A future and the value (or exception) to resolve it with.
 type Converted = (Py<PyAny>, PyResult<Py<PyAny>>);
+
+/// What converting one outcome gave: a value to hand over, or a list to go on building.
+enum Step {
+    Ready(Converted),
+    Growing(Py<PyAny>, ListInProgress),
+}
 
 #[pymethods]
 impl CompletionPort {
@@ -94,6 +102,7 @@ impl CompletionPort {
             woken_by,
             waiting: Mutex::new(HashMap::new()),
             converted: Mutex::new(Vec::new()),
+            growing: Mutex::new(Vec::new()),
             next_token: AtomicU64::new(0),
         })
     }
@@ -120,8 +129,9 @@ impl CompletionPort {
                 Err(_) => break,
             }
         }
-        let converted =
+        let mut converted =
             std::mem::take(&mut *self.converted.lock().unwrap_or_else(|p| p.into_inner()));
+        let growing = std::mem::take(&mut *self.growing.lock().unwrap_or_else(|p| p.into_inner()));
         let finished = std::mem::take(
             &mut *self
                 .inbox
@@ -129,6 +139,41 @@ impl CompletionPort {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()),
         );
+        // Lists in progress get one more chunk each; a finished one is handed over below.
+        let mut still_growing = Vec::new();
+        for (future, mut list) in growing {
+            if is_done(future.bind(py)) {
+                continue; // its caller was cancelled
+            }
+            match guarded(|| list.advance(py)) {
+                Ok(Some(whole)) => converted.push((future, Ok(whole))),
+                Ok(None) => still_growing.push((future, list)),
+                Err(error) => converted.push((future, Err(error))),
+            }
+        }
+        let delivered = self.deliver(py, converted, finished, &mut still_growing);
+        if !still_growing.is_empty() {
+            self.growing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(still_growing);
+            // Another turn of the loop for the next chunk, after its other callbacks.
+            let _ = (&self.inbox.wake).write(&[1]);
+        }
+        delivered
+    }
+}
+
+impl CompletionPort {
+    /// Resolves the futures of `converted`, then of `finished` (converting them), in order;
+    /// a long list is left in `growing` after its first chunk.
+    fn deliver(
+        &self,
+        py: Python<'_>,
+        converted: Vec<Converted>,
+        finished: Vec<(u64, Result<Response>)>,
+        growing: &mut Vec<(Py<PyAny>, ListInProgress)>,
+    ) -> PyResult<()> {
         let mut converted = converted.into_iter();
         let mut finished = finished.into_iter();
         loop {
@@ -138,7 +183,11 @@ impl CompletionPort {
                 Some(ready) => ready,
                 None => match finished.next() {
                     Some((token, outcome)) => match self.convert(py, token, outcome) {
-                        Some(ready) => ready,
+                        Some(Step::Ready(ready)) => ready,
+                        Some(Step::Growing(future, list)) => {
+                            growing.push((future, list));
+                            continue;
+                        }
                         None => continue,
                     },
                     None => return Ok(()),
@@ -158,13 +207,11 @@ impl CompletionPort {
             }
         }
     }
-}
 
-impl CompletionPort {
     /// The future waiting for `token` and its outcome as Python objects; `None` when nobody
     /// waits any more (a cancelled caller no longer wants the outcome: its write still
     /// committed or not, whole).
-    fn convert(&self, py: Python<'_>, token: u64, outcome: Result<Response>) -> Option<Converted> {
+    fn convert(&self, py: Python<'_>, token: u64, outcome: Result<Response>) -> Option<Step> {
         let future = self
             .waiting
             .lock()
@@ -173,20 +220,16 @@ impl CompletionPort {
         if is_done(future.bind(py)) {
             return None;
         }
-        // A bug that panics while turning one outcome into Python objects must not strand the
-        // other callers whose outcomes came in the same batch.
-        let value = catch_unwind(AssertUnwindSafe(|| {
+        let built = guarded(|| {
             outcome
                 .map_err(|e| to_py_err(py, &e))
                 .and_then(|r| response_to_python(py, r))
-        }))
-        .unwrap_or_else(|_| {
-            Err(PyRuntimeError::new_err(
-                "flujo-sqlite could not convert this call's result (a bug: please report it \
-                 with the panic message printed above)",
-            ))
         });
-        Some((future, value))
+        Some(match built {
+            Ok(Built::Done(value)) => Step::Ready((future, Ok(value))),
+            Ok(Built::Growing(list)) => Step::Growing(future, list),
+            Err(error) => Step::Ready((future, Err(error))),
+        })
     }
 
     /// Keeps what an interrupted drain did not deliver for the next one, and wakes the loop.
@@ -246,7 +289,8 @@ impl CompletionPort {
         }
         self.drain(py)?;
         if !future.call_method0("done")?.is_truthy()? {
-            // Resolving it failed and went to `sys.unraisablehook`; nothing to hand over.
+            // A long list still being built, or resolving it failed (which went to
+            // `sys.unraisablehook`): the future itself is the thing to await.
             return Ok(future);
         }
         // Never cancelled: nobody else has seen it yet.
@@ -307,6 +351,17 @@ impl Drop for Answer {
             self.inbox.post(self.token, Err(Error::Unanswered));
         }
     }
+}
+
+/// Runs a conversion. A bug that panics while turning one outcome into Python objects must not
+/// strand the other callers whose outcomes came in the same drain.
+fn guarded<T>(convert: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
+    catch_unwind(AssertUnwindSafe(convert)).unwrap_or_else(|_| {
+        Err(PyRuntimeError::new_err(
+            "flujo-sqlite could not convert this call's result (a bug: please report it with \
+             the panic message printed above)",
+        ))
+    })
 }
 
 /// Hands `error` to `future` unless its caller has cancelled it meanwhile.

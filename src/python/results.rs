@@ -14,52 +14,119 @@ use crate::model::{
     Cell, StateListing, StoredBackground, StoredState, WorkflowStats, WorkflowSummary,
 };
 
-pub(crate) fn response_to_python(py: Python<'_>, response: Response) -> PyResult<Py<PyAny>> {
+/// The Python value of a response: at once, or for a long list, a chunk per turn of the event
+/// loop (see `ListInProgress`).
+pub(crate) fn response_to_python(py: Python<'_>, response: Response) -> PyResult<Built> {
+    let done = |value: Py<PyAny>| Ok(Built::Done(value));
     match response {
-        Response::Done => Ok(py.None()),
-        Response::State(None) => Ok(py.None()),
+        Response::Done => done(py.None()),
+        Response::State(None) => done(py.None()),
         Response::State(Some(state)) => {
             let run_id = state.run_id.clone();
-            Ok(in_row(py, &run_id, stored_state(py, *state))?
-                .into_any()
-                .unbind())
+            done(
+                in_row(py, &run_id, stored_state(py, *state))?
+                    .into_any()
+                    .unbind(),
+            )
         }
         Response::States(states) => list(py, states, state_listing),
-        Response::Workflows(items) => list(py, items, |py, item| {
-            let run_id = item.run_id.clone();
-            in_row(py, &run_id, workflow_summary(py, item))
-        }),
-        Response::Stats(stats) => Ok(workflow_stats(py, stats)?.into_any().unbind()),
-        Response::Count(n) => n.into_py_any(py),
-        Response::RunDetails(None) | Response::SystemState(None) => Ok(py.None()),
+        Response::Workflows(items) => list(py, items, listed_workflow),
+        Response::Stats(stats) => done(workflow_stats(py, stats)?.into_any().unbind()),
+        Response::Count(n) => done(n.into_py_any(py)?),
+        Response::RunDetails(None) | Response::SystemState(None) => done(py.None()),
         Response::RunDetails(Some(details)) => {
-            Ok(run_results::run_details(py, *details)?.into_any().unbind())
+            done(run_results::run_details(py, *details)?.into_any().unbind())
         }
         Response::Steps(steps) => list(py, steps, run_results::step_details),
         Response::Runs(runs) => list(py, runs, run_results::run_summary),
         Response::Spans(spans) => list(py, spans, run_results::span),
-        Response::Trace(spans) => run_results::trace(py, spans),
+        Response::Trace(spans) => done(run_results::trace(py, spans)?),
         Response::SpanStatistics(stats) => {
-            Ok(run_results::span_statistics(py, stats)?.into_any().unbind())
+            done(run_results::span_statistics(py, stats)?.into_any().unbind())
         }
         Response::SystemState(Some(entry)) => {
-            Ok(run_results::system_state(py, entry)?.into_any().unbind())
+            done(run_results::system_state(py, entry)?.into_any().unbind())
         }
         Response::Evaluations(items) => list(py, items, run_results::evaluation),
     }
 }
 
-pub(crate) fn list<T>(
-    py: Python<'_>,
-    items: Vec<T>,
-    convert: impl Fn(Python<'_>, T) -> PyResult<Bound<'_, PyDict>>,
-) -> PyResult<Py<PyAny>> {
-    let _paused = CollectorPaused::for_items(py, items.len())?;
-    let out = PyList::empty(py);
-    for item in items {
-        out.append(convert(py, item)?)?;
+/// A response's Python value, or a list still being built.
+pub(crate) enum Built {
+    Done(Py<PyAny>),
+    Growing(ListInProgress),
+}
+
+impl Built {
+    /// The whole value, what is left built at once (for callers that are not an event loop).
+    pub(crate) fn finish(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        match self {
+            Built::Done(value) => Ok(value),
+            Built::Growing(mut list) => loop {
+                if let Some(value) = list.advance(py)? {
+                    return Ok(value);
+                }
+            },
+        }
     }
-    Ok(out.into_any().unbind())
+}
+
+/// Items of a list converted per turn of the event loop, 2-5 ms of work: a list of 100,000
+/// runs (~0.35 s to build) lets the loop run its other callbacks between turns rather than
+/// blocking it throughout. (A full turn also pauses the collector: `CollectorPaused::ITEMS`.)
+const ITEMS_PER_TURN: usize = 1_000;
+
+/// A list result being converted a chunk at a time; nobody sees the list before it is whole.
+pub(crate) struct ListInProgress {
+    list: Py<PyList>,
+    rest: Box<dyn RemainingItems>,
+}
+
+impl ListInProgress {
+    /// Converts the next chunk of items; the finished list once the last one is in.
+    pub(crate) fn advance(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        let list = self.list.bind(py);
+        Ok(self
+            .rest
+            .append_some(py, list)?
+            .then(|| list.clone().into_any().unbind()))
+    }
+}
+
+trait RemainingItems: Send {
+    /// Appends up to `ITEMS_PER_TURN` more items to `list`; true once none is left.
+    fn append_some(&mut self, py: Python<'_>, list: &Bound<'_, PyList>) -> PyResult<bool>;
+}
+
+type Convert<T> = for<'py> fn(Python<'py>, T) -> PyResult<Bound<'py, PyDict>>;
+
+struct Items<T> {
+    items: std::vec::IntoIter<T>,
+    convert: Convert<T>,
+}
+
+impl<T: Send> RemainingItems for Items<T> {
+    fn append_some(&mut self, py: Python<'_>, list: &Bound<'_, PyList>) -> PyResult<bool> {
+        let _paused = CollectorPaused::for_items(py, self.items.len().min(ITEMS_PER_TURN))?;
+        for item in self.items.by_ref().take(ITEMS_PER_TURN) {
+            list.append((self.convert)(py, item)?)?;
+        }
+        Ok(self.items.len() == 0)
+    }
+}
+
+fn list<T: Send + 'static>(py: Python<'_>, items: Vec<T>, convert: Convert<T>) -> PyResult<Built> {
+    let mut list = ListInProgress {
+        list: PyList::empty(py).unbind(),
+        rest: Box::new(Items {
+            items: items.into_iter(),
+            convert,
+        }),
+    };
+    Ok(match list.advance(py)? {
+        Some(whole) => Built::Done(whole),
+        None => Built::Growing(list),
+    })
 }
 
 /// Python's cyclic garbage collector, paused while a big result is built. Every container
@@ -248,6 +315,11 @@ fn add_background(py: Python<'_>, d: &Bound<'_, PyDict>, b: StoredBackground) ->
         cell(py, b.background_error)?,
     )?;
     Ok(())
+}
+
+fn listed_workflow(py: Python<'_>, item: WorkflowSummary) -> PyResult<Bound<'_, PyDict>> {
+    let run_id = item.run_id.clone();
+    in_row(py, &run_id, workflow_summary(py, item))
 }
 
 fn workflow_summary(py: Python<'_>, s: WorkflowSummary) -> PyResult<Bound<'_, PyDict>> {
