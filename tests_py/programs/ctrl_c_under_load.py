@@ -18,6 +18,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 
 from flujo_sqlite import SQLiteBackend
 from state_factory import state_for
@@ -57,7 +58,11 @@ def main() -> None:
             loop.run_until_complete(task)
         except KeyboardInterrupt:
             interrupted += 1
-        sender.wait()
+        try:
+            sender.wait()
+            time.sleep(0.01)  # the signal's handler, if still pending, runs by then
+        except KeyboardInterrupt:
+            pass  # on a loaded machine the signal can come after the loads are all done
         left = [t for t in asyncio.all_tasks(loop) if not t.done()]
         for t in left:
             t.cancel()
