@@ -1411,7 +1411,7 @@ def main() -> int:
     p.add_argument(
         "--curve-1m",
         action="store_true",
-        help="add 1,000,000 runs to the curve (builds a ~3 GB file, several minutes)",
+        help="add 1,000,000 runs to the curve (builds a ~4 GB file, several minutes)",
     )
     p.add_argument(
         "--only",

@@ -2,6 +2,7 @@
 
 Needs Flujo installed beside flujo-sqlite (`pip install flujo` on Python 3.11/3.12 gives 0.4.35;
 3.13 gives 0.6.x). Run: python examples/flujo_pipeline.py [DB_PATH]
+(DB_PATH defaults to target/flujo_pipeline.db, relative to the current directory.)
 Then browse the same file with Flujo's own CLI:
     FLUJO_STATE_URI=sqlite:////absolute/path/to/DB_PATH flujo lens list
 """

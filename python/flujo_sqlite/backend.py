@@ -274,8 +274,8 @@ class SQLiteBackend(_Base):
         limit: int | None = None,
         offset: int = 0,
     ) -> list[dict[str, Any]]:
-        """Run summaries without payloads, newest first; ``""`` filters mean no filter. ``limit``
-        and ``offset`` must be ``None``/``>= 0``.
+        """Run summaries without payloads, newest first; ``""`` filters mean no filter. A
+        ``limit`` of ``None`` or below 0 means no limit; ``offset`` must be ``None`` or ``>= 0``.
         """
         return await self._native.list_workflows(_port(), status, pipeline_id, limit, offset)
 

@@ -66,8 +66,9 @@ class CorruptDatabaseError(DatabaseError):
 
 class BackendClosedError(FlujoSQLiteError, RuntimeError):
     """The backend cannot serve this call: the call raced its ``close()`` (call again: a call
-    after ``close()`` opens the file again), or the backend was inherited by a process made with
-    ``fork()`` (create a new one there)."""
+    after ``close()`` opens the file again), or this process was made by ``fork()`` from one
+    whose backends were using SQLite (then every backend here refuses: start worker processes
+    with multiprocessing's "spawn" or "forkserver" method, or fork before using any backend)."""
 
 
 class ConfigurationError(FlujoSQLiteError, ValueError):
