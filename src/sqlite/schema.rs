@@ -440,8 +440,20 @@ pub(crate) fn prepare(conn: &mut Connection, options: &SqliteOptions) -> Result<
         };
         add_missing_state_columns(&tx, &existing, level).map_err(fail)?;
         tx.execute_batch(CREATE_AUXILIARY_TABLES).map_err(fail)?;
-        build_our_indexes(&tx).map_err(fail)?;
+        drop_retired_indexes(&tx).map_err(fail)?;
+        // Over the empty tables of a new file our indexes take no time. Over a file Flujo has
+        // filled they take seconds, during which every other writer waits, and Flujo 0.6.11
+        // takes a file it finds locked for a second at start-up for a corrupt one and moves it
+        // aside: so there each index is built in a transaction of its own, letting others in
+        // between (one left unbuilt by a crash is built at the next open).
+        let new_file = created.contains(&"workflow_state");
+        if new_file {
+            build_our_indexes(&tx, InTransaction::Current).map_err(fail)?;
+        }
         tx.commit().map_err(fail)?;
+        if !new_file {
+            build_our_indexes(conn, InTransaction::OneEach).map_err(fail)?;
+        }
         log::info!("prepared SQLite database at {}", options.path.display());
     }
 
@@ -475,14 +487,21 @@ const INDEX_BUILD_CACHE_KIB: i64 = 256;
 /// Creates the indexes of ours that the file lacks and drops the ones we retired. On a file
 /// Flujo has filled this is the one slow step of a first open (~0.7 s per 100,000 runs), so it
 /// is logged as it goes.
-fn build_our_indexes(conn: &Connection) -> rusqlite::Result<()> {
+fn build_our_indexes(conn: &Connection, transactions: InTransaction) -> rusqlite::Result<()> {
     // `prepare`'s connection is closed right after it today, but whoever keeps one must not be
     // left with the build's small cache; a build error still wins over a failed restore.
     let cache_size: i64 = conn.query_row("PRAGMA cache_size", [], |r| r.get(0))?;
     conn.pragma_update(None, "cache_size", -INDEX_BUILD_CACHE_KIB)?;
-    let built = drop_retired_indexes(conn).and_then(|()| build_missing_indexes(conn));
+    let built = build_missing_indexes(conn, transactions);
     let restored = conn.pragma_update(None, "cache_size", cache_size);
     built.and(restored)
+}
+
+/// Whether indexes are built in the transaction under way or each in one of its own.
+#[derive(Clone, Copy, PartialEq)]
+enum InTransaction {
+    Current,
+    OneEach,
 }
 
 fn drop_retired_indexes(conn: &Connection) -> rusqlite::Result<()> {
@@ -496,7 +515,7 @@ fn drop_retired_indexes(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn build_missing_indexes(conn: &Connection) -> rusqlite::Result<()> {
+fn build_missing_indexes(conn: &Connection, transactions: InTransaction) -> rusqlite::Result<()> {
     // Counted once an index is missing, under the build's cache: the count reads a whole
     // index, which would otherwise fill the connection's cache just to be logged.
     let mut counted: Option<i64> = None;
@@ -504,22 +523,49 @@ fn build_missing_indexes(conn: &Connection) -> rusqlite::Result<()> {
         if index_exists(conn, name)? {
             continue;
         }
-        let runs = match counted {
-            Some(runs) => runs,
-            None => {
-                *counted.insert(
-                    conn.query_row("SELECT count(*) FROM workflow_state", [], |r| r.get(0))?,
-                )
+        if transactions == InTransaction::OneEach {
+            // Checked again under the write lock: another process may have built it meanwhile.
+            conn.execute_batch("BEGIN IMMEDIATE")?;
+            let built = index_exists(conn, name)
+                .and_then(|present| {
+                    if present {
+                        Ok(())
+                    } else {
+                        build_index(conn, name, ddl, &mut counted)
+                    }
+                })
+                .and_then(|()| conn.execute_batch("COMMIT"));
+            if built.is_err() {
+                let _ = conn.execute_batch("ROLLBACK");
             }
-        };
-        let started = std::time::Instant::now();
-        if runs > 0 {
-            log::info!("building index {name} over {runs} stored runs (once per file)");
+            built?;
+        } else {
+            build_index(conn, name, ddl, &mut counted)?;
         }
-        conn.execute_batch(ddl)?;
-        if runs > 0 {
-            log::info!("built index {name} in {:.2?}", started.elapsed());
+    }
+    Ok(())
+}
+
+fn build_index(
+    conn: &Connection,
+    name: &str,
+    ddl: &str,
+    counted: &mut Option<i64>,
+) -> rusqlite::Result<()> {
+    let runs = match *counted {
+        Some(runs) => runs,
+        None => {
+            *counted
+                .insert(conn.query_row("SELECT count(*) FROM workflow_state", [], |r| r.get(0))?)
         }
+    };
+    let started = std::time::Instant::now();
+    if runs > 0 {
+        log::info!("building index {name} over {runs} stored runs (once per file)");
+    }
+    conn.execute_batch(ddl)?;
+    if runs > 0 {
+        log::info!("built index {name} in {:.2?}", started.elapsed());
     }
     Ok(())
 }
@@ -644,6 +690,25 @@ mod tests {
             .query_row("PRAGMA cache_size", [], |r| r.get(0))
             .unwrap();
         assert_eq!(cache_size, -3000);
+    }
+
+    /// On a file Flujo has filled, each of our indexes is built and committed on its own, so
+    /// the write lock is let go between them (and what was built stays built).
+    #[test]
+    fn our_indexes_over_a_filled_file_are_committed_one_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteOptions::new(dir.path().join("flujo.db"));
+        let mut conn = Connection::open(&options.path).unwrap();
+        conn.execute_batch(FLUJO_04_TABLES[0].1).unwrap();
+        let (last, _) = OUR_INDEXES[OUR_INDEXES.len() - 1];
+        // Something else by the last index's name makes its build fail.
+        conn.execute_batch(&format!("CREATE VIEW {last} AS SELECT 1"))
+            .unwrap();
+        assert!(prepare(&mut conn, &options).is_err());
+        for (name, _) in &OUR_INDEXES[..OUR_INDEXES.len() - 1] {
+            assert!(index_exists(&conn, name).unwrap(), "{name} was rolled back");
+        }
+        assert!(conn.is_autocommit(), "a transaction was left open");
     }
 
     /// Flujo creates its tables one commit at a time, so a file may hold some of them only.
