@@ -934,6 +934,9 @@ def test_a_uri_made_into_a_path_is_refused_too(
         with pytest.raises(InvalidStateError, match="URI"):
             SQLiteBackend(Path(uri))  # pathlib keeps one slash: "postgresql:/user@..."
     assert list(tmp_path.iterdir()) == []
+    # A folder whose name merely ends with a colon is a folder.
+    SQLiteBackend(Path("backup:/state.db"))
+    assert (tmp_path / "backup:").is_dir()
 
 
 @pytest.mark.parametrize(

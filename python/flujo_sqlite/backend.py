@@ -74,10 +74,13 @@ def _port() -> CompletionPort:
 # Path spellings that only a shell or a URI parser understands; as a file path each one would
 # quietly create a folder named "~", "$HOME" or "sqlite:" in the working directory. Names that
 # merely start with those characters ("~backup", "$data" with no such variable) are left alone.
-# A scheme of two letters or more, so that "C://x" stays a path; pathlib collapses the "//" of
-# a URI made into a Path, so there one slash is enough.
+# A scheme of two letters or more, so that "C://x" stays a path. pathlib collapses the "//" of
+# a URI made into a Path; there only the schemes of databases and files are taken for one,
+# since "data:/x.db" may well be a folder named "data:".
 _URI = re.compile(r"(?i)^([a-z][a-z0-9+.-]+)://")
-_URI_IN_A_PATH = re.compile(r"(?i)^([a-z][a-z0-9+.-]+):/")
+_URI_IN_A_PATH = re.compile(
+    r"(?i)^(sqlite3?(\+aiosqlite)?|postgres(ql)?(\+[a-z0-9]+)?|mysql(\+[a-z0-9]+)?|file|memory):/"
+)
 _SQLITE_SCHEME = re.compile(r"(?i)^sqlite3?(\+aiosqlite)?$")
 _HOME = re.compile(r"^~($|/)")
 _VARIABLE = re.compile(r"^\$(\{)?([A-Za-z_][A-Za-z0-9_]*)(?(1)\})")

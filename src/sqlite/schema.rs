@@ -10,6 +10,7 @@
 //! Our own indexes carry the `idx_flujo_sqlite_` prefix.
 
 use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
@@ -523,35 +524,45 @@ fn build_missing_indexes(conn: &Connection, transactions: InTransaction) -> rusq
         if index_exists(conn, name)? {
             continue;
         }
-        if transactions == InTransaction::OneEach {
-            // Checked again under the write lock: another process may have built it meanwhile.
-            conn.execute_batch("BEGIN IMMEDIATE")?;
-            let built = index_exists(conn, name)
-                .and_then(|present| {
-                    if present {
-                        Ok(())
-                    } else {
-                        build_index(conn, name, ddl, &mut counted)
-                    }
-                })
-                .and_then(|()| conn.execute_batch("COMMIT"));
-            if built.is_err() {
-                let _ = conn.execute_batch("ROLLBACK");
-            }
-            built?;
-        } else {
-            build_index(conn, name, ddl, &mut counted)?;
+        let started = Instant::now();
+        if transactions == InTransaction::Current {
+            let runs = build_index(conn, name, ddl, &mut counted)?;
+            log_built(name, runs, started);
+            continue;
+        }
+        // Checked again under the write lock: another process may have built it meanwhile.
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let built = index_exists(conn, name).and_then(|present| {
+            let runs = (!present)
+                .then(|| build_index(conn, name, ddl, &mut counted))
+                .transpose()?;
+            conn.execute_batch("COMMIT")?;
+            Ok(runs)
+        });
+        if built.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        if let Some(runs) = built? {
+            log_built(name, runs, started);
+            // A writer SQLite's busy handler keeps waiting looks again after a delay that grows
+            // with its wait (up to 100 ms): without a pause as long, the next build would take
+            // the lock again within microseconds, and it would wait for all of them.
+            std::thread::sleep(started.elapsed().min(LET_WAITING_WRITERS_IN));
         }
     }
     Ok(())
 }
 
+/// The longest pause between two index builds; see `build_missing_indexes`.
+const LET_WAITING_WRITERS_IN: Duration = Duration::from_millis(100);
+
+/// Builds one index; returns how many runs it covers (for the log).
 fn build_index(
     conn: &Connection,
     name: &str,
     ddl: &str,
     counted: &mut Option<i64>,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<i64> {
     let runs = match *counted {
         Some(runs) => runs,
         None => {
@@ -559,15 +570,17 @@ fn build_index(
                 .insert(conn.query_row("SELECT count(*) FROM workflow_state", [], |r| r.get(0))?)
         }
     };
-    let started = std::time::Instant::now();
     if runs > 0 {
         log::info!("building index {name} over {runs} stored runs (once per file)");
     }
     conn.execute_batch(ddl)?;
+    Ok(runs)
+}
+
+fn log_built(name: &str, runs: i64, started: Instant) {
     if runs > 0 {
         log::info!("built index {name} in {:.2?}", started.elapsed());
     }
-    Ok(())
 }
 
 fn index_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
