@@ -77,11 +77,12 @@ def _port() -> CompletionPort:
 # A scheme of two letters or more, so that "C://x" stays a path. pathlib collapses the "//" of
 # a URI made into a Path; there only the schemes of databases and files are taken for one,
 # since "data:/x.db" may well be a folder named "data:".
+_SQLITE_SCHEMES = r"sqlite3?(\+aiosqlite)?"
+_SQLITE_SCHEME = re.compile(rf"(?i)^{_SQLITE_SCHEMES}$")
 _URI = re.compile(r"(?i)^([a-z][a-z0-9+.-]+)://")
 _URI_IN_A_PATH = re.compile(
-    r"(?i)^(sqlite3?(\+aiosqlite)?|postgres(ql)?(\+[a-z0-9]+)?|mysql(\+[a-z0-9]+)?|file|memory):/"
+    rf"(?i)^({_SQLITE_SCHEMES}|postgres(ql)?(\+[a-z0-9]+)?|mysql(\+[a-z0-9]+)?|file|memory):/"
 )
-_SQLITE_SCHEME = re.compile(r"(?i)^sqlite3?(\+aiosqlite)?$")
 _HOME = re.compile(r"^~($|/)")
 _VARIABLE = re.compile(r"^\$(\{)?([A-Za-z_][A-Za-z0-9_]*)(?(1)\})")
 

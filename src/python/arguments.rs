@@ -54,7 +54,7 @@ pub(crate) fn run_id(value: &Bound<'_, PyAny>) -> PyResult<String> {
     })
 }
 
-/// `state` as a record ready to store.
+/// The keys every state must have, as in Flujo.
 const REQUIRED_STATE_KEYS: [&str; 8] = [
     "pipeline_id",
     "pipeline_name",
@@ -66,6 +66,7 @@ const REQUIRED_STATE_KEYS: [&str; 8] = [
     "updated_at",
 ];
 
+/// `state` as a record ready to store.
 pub(crate) fn state_record(state: &Bound<'_, PyAny>) -> PyResult<StateRecord> {
     let py = state.py();
     let state = state.cast::<PyDict>().map_err(|_| {

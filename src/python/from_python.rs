@@ -583,9 +583,9 @@ impl<'py> Encoder<'py> {
             || is_instance_of(key, &DECIMAL, "decimal", "Decimal").map_err(failed)?
         {
             key.str().map_err(failed)?.to_string()
-        } else if is_instance_of(key, &ENUM, "enum", "Enum").map_err(|error| raised(key, error))? {
-            let inner = key.getattr("value").map_err(|error| raised(key, error))?;
-            if is_instance_of(&inner, &ENUM, "enum", "Enum").map_err(|error| raised(key, error))? {
+        } else if is_instance_of(key, &ENUM, "enum", "Enum").map_err(failed)? {
+            let inner = key.getattr("value").map_err(failed)?;
+            if is_instance_of(&inner, &ENUM, "enum", "Enum").map_err(failed)? {
                 return Err(Failure::new(Reason::BadKey {
                     key_type: type_name(&key.get_type()),
                 }));

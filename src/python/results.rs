@@ -170,6 +170,14 @@ impl Drop for CollectorPaused<'_> {
     }
 }
 
+/// `dict[name] = cell(value.name)` for each field, in order, under its interned name.
+macro_rules! set_cells {
+    ($py:expr, $dict:expr, $value:expr => $($field:ident),+ $(,)?) => {
+        $($dict.set_item(intern!($py, stringify!($field)), cell($py, $value.$field)?)?;)+
+    };
+}
+pub(crate) use set_cells;
+
 pub(crate) fn cell(py: Python<'_>, value: Cell) -> PyResult<Py<PyAny>> {
     match value {
         Cell::Null => Ok(py.None()),
@@ -252,17 +260,7 @@ pub(crate) fn datetime(py: Python<'_>, value: Cell) -> PyResult<Py<PyAny>> {
 
 fn stored_state(py: Python<'_>, s: StoredState) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item(intern!(py, "run_id"), cell(py, s.run_id)?)?;
-    d.set_item(intern!(py, "pipeline_id"), cell(py, s.pipeline_id)?)?;
-    d.set_item(intern!(py, "pipeline_name"), cell(py, s.pipeline_name)?)?;
-    d.set_item(
-        intern!(py, "pipeline_version"),
-        cell(py, s.pipeline_version)?,
-    )?;
-    d.set_item(
-        intern!(py, "current_step_index"),
-        cell(py, s.current_step_index)?,
-    )?;
+    set_cells!(py, d, s => run_id, pipeline_id, pipeline_name, pipeline_version, current_step_index);
     d.set_item(
         intern!(py, "pipeline_context"),
         json_or(py, "pipeline_context", s.pipeline_context, || {
@@ -283,12 +281,7 @@ fn stored_state(py: Python<'_>, s: StoredState) -> PyResult<Bound<'_, PyDict>> {
     d.set_item(intern!(py, "created_at"), datetime(py, s.created_at)?)?;
     d.set_item(intern!(py, "updated_at"), datetime(py, s.updated_at)?)?;
     d.set_item(intern!(py, "total_steps"), total_steps(py, s.total_steps)?)?;
-    d.set_item(intern!(py, "error_message"), cell(py, s.error_message)?)?;
-    d.set_item(
-        intern!(py, "execution_time_ms"),
-        cell(py, s.execution_time_ms)?,
-    )?;
-    d.set_item(intern!(py, "memory_usage_mb"), cell(py, s.memory_usage_mb)?)?;
+    set_cells!(py, d, s => error_message, execution_time_ms, memory_usage_mb);
     add_background(py, &d, s.background)?;
     Ok(d)
 }
@@ -308,12 +301,7 @@ fn add_background(py: Python<'_>, d: &Bound<'_, PyDict>, b: StoredBackground) ->
         Cell::Null => false,
     };
     d.set_item(intern!(py, "is_background_task"), is_background)?;
-    d.set_item(intern!(py, "parent_run_id"), cell(py, b.parent_run_id)?)?;
-    d.set_item(intern!(py, "task_id"), cell(py, b.task_id)?)?;
-    d.set_item(
-        intern!(py, "background_error"),
-        cell(py, b.background_error)?,
-    )?;
+    set_cells!(py, d, b => parent_run_id, task_id, background_error);
     Ok(())
 }
 
@@ -324,26 +312,9 @@ fn listed_workflow(py: Python<'_>, item: WorkflowSummary) -> PyResult<Bound<'_, 
 
 fn workflow_summary(py: Python<'_>, s: WorkflowSummary) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item(intern!(py, "run_id"), cell(py, s.run_id)?)?;
-    d.set_item(intern!(py, "pipeline_id"), cell(py, s.pipeline_id)?)?;
-    d.set_item(intern!(py, "pipeline_name"), cell(py, s.pipeline_name)?)?;
-    d.set_item(
-        intern!(py, "pipeline_version"),
-        cell(py, s.pipeline_version)?,
-    )?;
-    d.set_item(
-        intern!(py, "current_step_index"),
-        cell(py, s.current_step_index)?,
-    )?;
-    d.set_item(intern!(py, "status"), cell(py, s.status)?)?;
-    d.set_item(intern!(py, "created_at"), cell(py, s.created_at)?)?;
-    d.set_item(intern!(py, "updated_at"), cell(py, s.updated_at)?)?;
+    set_cells!(py, d, s => run_id, pipeline_id, pipeline_name, pipeline_version, current_step_index, status, created_at, updated_at);
     d.set_item(intern!(py, "total_steps"), total_steps(py, s.total_steps)?)?;
-    d.set_item(intern!(py, "error_message"), cell(py, s.error_message)?)?;
-    d.set_item(
-        intern!(py, "execution_time_ms"),
-        cell(py, s.execution_time_ms)?,
-    )?;
+    set_cells!(py, d, s => error_message, execution_time_ms);
     // Left out when the run recorded none (Flujo gives None), so that the user guide's
     // `wf.get('memory_usage_mb', 0) > 100` works on every run, not only on measured ones.
     if !matches!(s.memory_usage_mb, Cell::Null) {
@@ -355,10 +326,7 @@ fn workflow_summary(py: Python<'_>, s: WorkflowSummary) -> PyResult<Bound<'_, Py
 
 fn state_listing(py: Python<'_>, s: StateListing) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item(intern!(py, "run_id"), cell(py, s.run_id)?)?;
-    d.set_item(intern!(py, "status"), cell(py, s.status)?)?;
-    d.set_item(intern!(py, "created_at"), cell(py, s.created_at)?)?;
-    d.set_item(intern!(py, "updated_at"), cell(py, s.updated_at)?)?;
+    set_cells!(py, d, s => run_id, status, created_at, updated_at);
     Ok(d)
 }
 

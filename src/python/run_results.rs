@@ -7,7 +7,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use super::results::{cell, datetime, json_or, CollectorPaused};
+use super::results::{cell, datetime, json_or, set_cells, CollectorPaused};
 use crate::model::{
     Cell, RunDetails, RunSummary, SpanStatistics, StepDetails, StoredEvaluation, StoredSpan,
     SystemStateEntry,
@@ -23,39 +23,19 @@ fn json_or_empty_dict(py: Python<'_>, column: &str, text: Option<String>) -> PyR
 
 pub(crate) fn run_details(py: Python<'_>, r: RunDetails) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item(intern!(py, "run_id"), cell(py, r.run_id)?)?;
-    d.set_item(intern!(py, "pipeline_id"), cell(py, r.pipeline_id)?)?;
-    d.set_item(intern!(py, "pipeline_name"), cell(py, r.pipeline_name)?)?;
-    d.set_item(
-        intern!(py, "pipeline_version"),
-        cell(py, r.pipeline_version)?,
-    )?;
-    d.set_item(intern!(py, "status"), cell(py, r.status)?)?;
-    d.set_item(intern!(py, "start_time"), cell(py, r.start_time)?)?;
-    d.set_item(intern!(py, "end_time"), cell(py, r.end_time)?)?;
-    d.set_item(intern!(py, "total_cost"), cell(py, r.total_cost)?)?;
+    set_cells!(py, d, r => run_id, pipeline_id, pipeline_name, pipeline_version, status, start_time, end_time, total_cost);
     // Flujo treats a stored JSON `null` like a missing context.
     d.set_item(
         intern!(py, "final_context"),
         json_or_none(py, "final_context", r.final_context)?,
     )?;
-    d.set_item(intern!(py, "created_at"), cell(py, r.created_at)?)?;
-    d.set_item(intern!(py, "updated_at"), cell(py, r.updated_at)?)?;
-    d.set_item(
-        intern!(py, "execution_time_ms"),
-        cell(py, r.execution_time_ms)?,
-    )?;
-    d.set_item(intern!(py, "memory_usage_mb"), cell(py, r.memory_usage_mb)?)?;
-    d.set_item(intern!(py, "total_steps"), cell(py, r.total_steps)?)?;
-    d.set_item(intern!(py, "error_message"), cell(py, r.error_message)?)?;
+    set_cells!(py, d, r => created_at, updated_at, execution_time_ms, memory_usage_mb, total_steps, error_message);
     Ok(d)
 }
 
 pub(crate) fn step_details(py: Python<'_>, s: StepDetails) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item(intern!(py, "step_name"), cell(py, s.step_name)?)?;
-    d.set_item(intern!(py, "step_index"), cell(py, s.step_index)?)?;
-    d.set_item(intern!(py, "status"), cell(py, s.status)?)?;
+    set_cells!(py, d, s => step_name, step_index, status);
     let start_time = cell(py, s.start_time)?;
     d.set_item(intern!(py, "start_time"), start_time.clone_ref(py))?;
     d.set_item(intern!(py, "created_at"), start_time)?;
@@ -81,18 +61,7 @@ pub(crate) fn step_details(py: Python<'_>, s: StepDetails) -> PyResult<Bound<'_,
 
 pub(crate) fn run_summary(py: Python<'_>, r: RunSummary) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item(intern!(py, "run_id"), cell(py, r.run_id)?)?;
-    d.set_item(intern!(py, "pipeline_name"), cell(py, r.pipeline_name)?)?;
-    d.set_item(
-        intern!(py, "pipeline_version"),
-        cell(py, r.pipeline_version)?,
-    )?;
-    d.set_item(intern!(py, "status"), cell(py, r.status)?)?;
-    d.set_item(intern!(py, "start_time"), cell(py, r.start_time)?)?;
-    d.set_item(intern!(py, "end_time"), cell(py, r.end_time)?)?;
-    d.set_item(intern!(py, "total_cost"), cell(py, r.total_cost)?)?;
-    d.set_item(intern!(py, "created_at"), cell(py, r.created_at)?)?;
-    d.set_item(intern!(py, "updated_at"), cell(py, r.updated_at)?)?;
+    set_cells!(py, d, r => run_id, pipeline_name, pipeline_version, status, start_time, end_time, total_cost, created_at, updated_at);
     d.set_item(
         intern!(py, "metadata"),
         json_or_empty_dict(py, "metadata", r.metadata)?,
@@ -102,12 +71,7 @@ pub(crate) fn run_summary(py: Python<'_>, r: RunSummary) -> PyResult<Bound<'_, P
 
 pub(crate) fn span(py: Python<'_>, s: StoredSpan) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item(intern!(py, "span_id"), cell(py, s.span_id)?)?;
-    d.set_item(intern!(py, "parent_span_id"), cell(py, s.parent_span_id)?)?;
-    d.set_item(intern!(py, "name"), cell(py, s.name)?)?;
-    d.set_item(intern!(py, "start_time"), cell(py, s.start_time)?)?;
-    d.set_item(intern!(py, "end_time"), cell(py, s.end_time)?)?;
-    d.set_item(intern!(py, "status"), cell(py, s.status)?)?;
+    set_cells!(py, d, s => span_id, parent_span_id, name, start_time, end_time, status);
     // A NULL written by hand through SQL reads as no attributes (Flujo fails to decode it).
     d.set_item(
         intern!(py, "attributes"),
@@ -203,10 +167,7 @@ pub(crate) fn system_state(py: Python<'_>, entry: SystemStateEntry) -> PyResult<
 
 pub(crate) fn evaluation(py: Python<'_>, e: StoredEvaluation) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item(intern!(py, "run_id"), cell(py, e.run_id)?)?;
-    d.set_item(intern!(py, "step_name"), cell(py, e.step_name)?)?;
-    d.set_item(intern!(py, "score"), cell(py, e.score)?)?;
-    d.set_item(intern!(py, "feedback"), cell(py, e.feedback)?)?;
+    set_cells!(py, d, e => run_id, step_name, score, feedback);
     d.set_item(
         intern!(py, "metadata"),
         json_or_none(py, "metadata", e.metadata)?,
