@@ -473,6 +473,54 @@ def test_a_real_ctrl_c_under_load_leaves_no_task_that_never_wakes(tmp_path: Path
     assert int(done.stdout.split()[1]) >= 1, done.stdout  # the signal reached the program
 
 
+class _InterruptedInCallSoon(asyncio.SelectorEventLoop):
+    """An event loop whose ``call_soon`` raises ``KeyboardInterrupt`` once, for the wake-up of
+    ``task``, as Python's SIGINT handler does when the signal lands in that method's bytecode:
+    before the wake-up is queued, or just after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.task: asyncio.Task[Any] | None = None
+        self.queued_first = False
+        self.fired = False
+
+    def call_soon(self, callback: Any, *args: Any, context: Any = None) -> asyncio.Handle:
+        if self.fired or self.task is None or getattr(callback, "__self__", None) is not self.task:
+            return super().call_soon(callback, *args, context=context)
+        self.fired = True
+        if self.queued_first:
+            super().call_soon(callback, *args, context=context)
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("queued_first", [False, True], ids=["before-queued", "after-queued"])
+def test_a_ctrl_c_inside_set_result_leaves_the_waiting_task_to_be_woken(
+    tmp_path: Path, queued_first: bool
+) -> None:
+    """A SIGINT whose handler runs inside the loop's ``call_soon``, called by ``set_result`` for
+    the task waiting on a save, leaves that future done and its callbacks dropped by asyncio:
+    the task would never wake (a program that catches the ``KeyboardInterrupt`` and goes on
+    would hang on it). The task must be woken exactly once."""
+    loop = _InterruptedInCallSoon()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    backend = SQLiteBackend(tmp_path / "wf.db")  # durability="full": the future is awaited
+    try:
+        task = loop.create_task(backend.save_state("r", build_state()))
+        loop.task, loop.queued_first = task, queued_first
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(task)
+        assert loop.fired
+        loop.run_until_complete(asyncio.wait_for(asyncio.shield(task), 10))
+        assert task.result() is None
+        loaded = loop.run_until_complete(backend.load_state("r"))
+        assert loaded is not None
+        assert errors == []
+    finally:
+        backend.close_sync()
+        loop.close()
+
+
 async def test_lock_on_a_fresh_file_is_not_mistaken_for_corruption(tmp_path: Path) -> None:
     """Flujo renames a database aside when its first writes meet "database is locked" (spec
     6.3). Here a rollback-journal file with another application's table is locked while our

@@ -391,16 +391,69 @@ fn is_done(future: &Bound<'_, PyAny>) -> bool {
 /// `KeyboardInterrupt` and `SystemExit` (a signal handler run by the callbacks `set_result`
 /// schedules), which are returned for the program to see, as asyncio's own callbacks do.
 fn settle(py: Python<'_>, future: &Bound<'_, PyAny>, value: PyResult<Py<PyAny>>) -> PyResult<()> {
+    // A copy: a pure-Python future empties its own list as it schedules them.
+    let callbacks = future
+        .getattr("_callbacks")
+        .and_then(|callbacks| {
+            if callbacks.is_none() {
+                Ok(Vec::new())
+            } else {
+                callbacks.try_iter()?.collect::<PyResult<Vec<_>>>()
+            }
+        })
+        .unwrap_or_default();
     let settled = match value {
         Ok(value) => future.call_method1("set_result", (value,)),
         Err(error) => future.call_method1("set_exception", (error.into_value(py),)),
     };
     match settled {
         Ok(_) => Ok(()),
-        Err(error) if !error.is_instance_of::<pyo3::exceptions::PyException>(py) => Err(error),
+        Err(error) if !error.is_instance_of::<pyo3::exceptions::PyException>(py) => {
+            requeue_dropped_callbacks(future, &callbacks);
+            Err(error)
+        }
         Err(error) => {
             error.write_unraisable(py, Some(future));
             Ok(())
         }
+    }
+}
+
+/// After a signal handler raised inside the loop's `call_soon` (pure Python in asyncio's own
+/// loops) while `set_result` scheduled `future`'s callbacks, the future is done but asyncio has
+/// dropped the callbacks not queued yet, so the task awaiting it would never wake. Queues each
+/// callback of `callbacks` (`(callback, context)` pairs, taken before `set_result`) that is not
+/// in the loop's ready queue. Best effort: a loop without asyncio's `_ready` queue (uvloop's
+/// `call_soon` is compiled, so no handler runs inside it) is left alone.
+fn requeue_dropped_callbacks(future: &Bound<'_, PyAny>, callbacks: &[Bound<'_, PyAny>]) {
+    let requeued = || -> PyResult<()> {
+        if callbacks.is_empty() {
+            return Ok(());
+        }
+        let event_loop = future.call_method0("get_loop")?;
+        let Ok(ready) = event_loop.getattr("_ready") else {
+            return Ok(());
+        };
+        let mut queued = Vec::new();
+        for handle in ready.try_iter()? {
+            let handle = handle?;
+            let args = handle.getattr("_args")?;
+            if args.len()? == 1 && args.get_item(0)?.is(future) {
+                queued.push(handle.getattr("_callback")?);
+            }
+        }
+        for pair in callbacks {
+            let (callback, context) = (pair.get_item(0)?, pair.get_item(1)?);
+            if queued.iter().any(|q| q.is(&callback)) {
+                continue;
+            }
+            let kwargs = pyo3::types::PyDict::new(future.py());
+            kwargs.set_item("context", context)?;
+            event_loop.call_method("call_soon", (callback, future), Some(&kwargs))?;
+        }
+        Ok(())
+    };
+    if let Err(error) = requeued() {
+        log::error!("a task waiting on flujo-sqlite may never wake after an interrupt: {error}");
     }
 }
