@@ -195,8 +195,9 @@ impl CompletionPort {
             };
             // Signal handlers run here, after the (long) conversion and before `set_result`,
             // which calls back into Python: a handler that raised in there would leave the
-            // future done with its waiter never woken (only a few bytecodes of the loop's
-            // `call_soon` are left for that). What is not delivered waits for the next drain.
+            // future done with its waiter never woken (`settle` repairs that for the few
+            // bytecodes of the loop's `call_soon` left). What is not delivered waits for the
+            // next drain.
             if let Err(interrupt) = py.check_signals() {
                 self.hold(std::iter::once((future, value)).chain(converted), finished);
                 return Err(interrupt);
