@@ -132,6 +132,78 @@ async def test_a_corrupted_page_costs_only_its_rows_and_the_rest_loads_again(
         assert await backend.load_state("after") is not None
 
 
+def claim_rowid_zero_for_the_last_row(path: Path, page_size: int, page: int) -> int:
+    """Rewrites the rowid of the last row of leaf ``page`` (one byte: a rowid below 128) to 0,
+    as damage can; returns the rowid it had."""
+    data = bytearray(path.read_bytes())
+    start = (page - 1) * page_size
+    (cells,) = struct.unpack_from(">H", data, start + 3)
+    (offset,) = struct.unpack_from(">H", data, start + 8 + 2 * (cells - 1))
+    cell = start + offset
+    while data[cell] & 0x80:  # the payload length, a varint
+        cell += 1
+    rowid = data[cell + 1]
+    assert rowid < 0x80, "a one-byte rowid"
+    data[cell + 1] = 0
+    path.write_bytes(bytes(data))
+    return rowid
+
+
+async def test_a_row_out_of_order_before_an_unreadable_page_does_not_loop_the_scan(
+    tmp_path: Path,
+) -> None:
+    """The last row of a damaged leaf claims rowid 0 and the next leaf cannot be read: the scan
+    resumed from that row and read the same rows again, forever, at full CPU and with a warning
+    per row (a truncated file did this)."""
+    db_path = tmp_path / "wf.db"
+    await write_states(db_path)
+    page_size, leaves = leaf_pages(db_path, "workflow_state")
+    (first, rows_first), (second, rows_second) = leaves[0], leaves[1]
+    claim_rowid_zero_for_the_last_row(db_path, page_size, first)
+    smash_page(db_path, page_size, second)
+
+    report = await asyncio.wait_for(recover(db_path), 120)
+
+    assert report["tables"]["workflow_state"]["rescued"] >= ROWS - rows_second - 1
+    async with SQLiteBackend(db_path) as backend:
+        assert await backend.load_state(f"run-{ROWS - 1:04}") is not None
+        assert await backend.load_state("run-0000") is not None
+
+
+async def test_a_user_table_with_a_column_named_rowid_is_copied_whole(tmp_path: Path) -> None:
+    """A column called ``_rowid_`` (or ``rowid``, ``oid``) takes that name from the real rowid:
+    paging by it read NULLs and repeated values wrongly (603 rows became 500, reported as all
+    rescued), and a text one raised a PanicException."""
+    db_path = tmp_path / "wf.db"
+    await write_states(db_path)
+    conn = sqlite3.connect(db_path)
+    try:
+        conn.execute("CREATE TABLE notes (_rowid_ INTEGER, rowid TEXT, body TEXT)")
+        conn.executemany(
+            "INSERT INTO notes VALUES (?, ?, ?)", [(7, "same", f"same-{i}") for i in range(600)]
+        )
+        conn.executemany(
+            "INSERT INTO notes VALUES (NULL, NULL, ?)", [(f"null-{i}",) for i in range(3)]
+        )
+        conn.commit()
+    finally:
+        conn.close()
+
+    report = await recover(db_path)
+
+    assert report["tables"]["notes"] == {"rescued": 603, "skipped": 0}
+    conn = sqlite3.connect(db_path)
+    try:
+        assert conn.execute("SELECT count(*), count(_rowid_), count(rowid) FROM notes").fetchone() == (
+            603,
+            600,
+            600,
+        )
+        assert conn.execute("SELECT max(oid) FROM notes").fetchone() == (603,)
+    finally:
+        conn.close()
+
+
 async def test_the_class_alias_recovers_a_healthy_file_whole(tmp_path: Path) -> None:
     db_path = tmp_path / "wf.db"
     await write_states(db_path)

@@ -727,9 +727,22 @@ fn copy_table(
         .collect::<Vec<_>>()
         .join(", ");
     let quoted_table = quote(table);
+    let Some(rowid) = rowid_alias(&columns) else {
+        log::warn!(
+            "table {table} has columns named rowid, oid and _rowid_; reading it in one pass"
+        );
+        return copy_without_rowid(
+            source,
+            target,
+            table,
+            &column_list,
+            columns.len(),
+            target_path,
+        );
+    };
     let scan = source.prepare(&format!(
-        "SELECT _rowid_, {column_list} FROM {quoted_table} \
-         WHERE _rowid_ >= ?1 ORDER BY _rowid_ LIMIT ?2"
+        "SELECT {rowid}, {column_list} FROM {quoted_table} \
+         WHERE {rowid} >= ?1 ORDER BY {rowid} LIMIT ?2"
     ));
     let scan = match scan {
         Ok(scan) => scan,
@@ -753,7 +766,7 @@ fn copy_table(
     let placeholders = vec!["?"; columns.len() + 1].join(", ");
     let mut insert = target
         .prepare(&format!(
-            "INSERT INTO {quoted_table} (_rowid_, {column_list}) VALUES ({placeholders})"
+            "INSERT INTO {quoted_table} ({rowid}, {column_list}) VALUES ({placeholders})"
         ))
         .map_err(|e| storage(target_path, e))?;
     let mut store = |row: &Row, outcome: &mut TableRecovery| -> Result<()> {
@@ -774,32 +787,42 @@ fn copy_table(
     // Rowid ranges [from, to) that could not be read, for the second pass below.
     let mut damaged: Vec<(i64, i64)> = Vec::new();
     let mut start = i64::MIN;
+    // `start` only ever grows, so the loop ends: a damaged page can hand back rows out of
+    // order (a rowid below `start`), which must not send the scan back.
     loop {
         let (rows, failure) = reader.read(start, BATCH_ROWS);
         for row in &rows {
             store(row, &mut outcome)?;
         }
-        let next = rows.last().map(|row| row_id(row).checked_add(1));
-        match (failure, next) {
+        let next = rows
+            .iter()
+            .map(row_id)
+            .filter(|&id| id >= start)
+            .max()
+            .map(|id| id.checked_add(1));
+        let error = match (failure, next) {
             (None, _) if rows.len() < BATCH_ROWS => break,
-            (None, Some(Some(next))) => start = next,
-            (None, _) | (Some(_), Some(None)) => break,
-            (Some(error), next) => {
-                let failed_at = next.flatten().unwrap_or(start);
-                let resumed = reader.next_readable(failed_at);
-                log::warn!(
-                    "table {table}: rows from rowid {failed_at} are unreadable ({error}); {}",
-                    match resumed {
-                        Some(resumed) => format!("reading again from rowid {resumed}"),
-                        None => "no later row is readable".into(),
-                    }
-                );
-                damaged.push((failed_at, resumed.unwrap_or(i64::MAX)));
-                match resumed {
-                    Some(resumed) => start = resumed,
-                    None => break,
-                }
+            (_, Some(None)) => break, // the largest rowid there is
+            (None, Some(Some(next))) => {
+                start = next;
+                continue;
             }
+            (None, None) => format!("{BATCH_ROWS} rows before rowid {start} came back"),
+            (Some(error), _) => error.to_string(),
+        };
+        let failed_at = next.flatten().unwrap_or(start);
+        let resumed = reader.next_readable(failed_at);
+        log::warn!(
+            "table {table}: rows from rowid {failed_at} are unreadable ({error}); {}",
+            match resumed {
+                Some(resumed) => format!("reading again from rowid {resumed}"),
+                None => "no later row is readable".into(),
+            }
+        );
+        damaged.push((failed_at, resumed.unwrap_or(i64::MAX)));
+        match resumed {
+            Some(resumed) => start = resumed,
+            None => break,
         }
     }
     if damaged.is_empty() {
@@ -810,7 +833,7 @@ fn copy_table(
     let mut listed = BTreeSet::new();
     let mut any_index_read = false;
     for index in indexes {
-        let read = rowids_in_index(source, table, index, &damaged, &mut listed);
+        let read = rowids_in_index(source, table, rowid, index, &damaged, &mut listed);
         any_index_read |= read;
     }
     if !any_index_read {
@@ -833,12 +856,13 @@ fn copy_table(
 fn rowids_in_index(
     source: &Connection,
     table: &str,
+    rowid: &str,
     index: &str,
     damaged: &[(i64, i64)],
     into: &mut BTreeSet<i64>,
 ) -> bool {
     let sql = format!(
-        "SELECT _rowid_ FROM {} INDEXED BY {}",
+        "SELECT {rowid} FROM {} INDEXED BY {}",
         quote(table),
         quote(index)
     );
@@ -927,6 +951,14 @@ fn copy_without_rowid(
 }
 
 /// The columns an INSERT can name (generated columns are left out by `table_info`).
+/// A name for the rowid of a table with `columns`: a column called `_rowid_`, `rowid` or `oid`
+/// (any case) takes that name over. `None` when all three are columns.
+fn rowid_alias(columns: &[String]) -> Option<&'static str> {
+    ["_rowid_", "rowid", "oid"]
+        .into_iter()
+        .find(|alias| !columns.iter().any(|c| c.eq_ignore_ascii_case(alias)))
+}
+
 fn table_columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<String>> {
     let mut stmt = conn.prepare("SELECT name FROM pragma_table_info(?1) ORDER BY cid")?;
     let names = stmt.query_map([table], |r| r.get(0))?;
