@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import math
 import sqlite3
@@ -903,3 +904,101 @@ async def test_hostile_rows_written_by_other_programs_fail_cleanly(tmp_path: Pat
         assert {item["run_id"] for item in listed} >= {SENTINEL, "bad-json", "bad-output"}
         await backend.get_workflow_stats()
         await backend.list_states()
+
+
+async def test_a_metadata_filter_changed_while_it_is_read_is_no_panic(tmp_path: Path) -> None:
+    """Encoding a filter value runs Python code (a dataclass's fields), where another thread can
+    take the GIL and add a key: the dict changed size under the iterator, and a PanicException,
+    which ``except Exception`` does not catch, came out of ``list_runs`` (most calls of 300)."""
+    import threading
+
+    @dataclass
+    class Tag:
+        x: int = 1
+
+    flt: dict[str, Any] = {f"k{i}": Tag() for i in range(50)}
+    stop = threading.Event()
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            flt[f"extra{i}"] = 1
+            i += 1
+            if i % 1000 == 0:
+                for j in range(i - 1000, i):
+                    del flt[f"extra{j}"]
+
+    interval = sys.getswitchinterval()
+    async with SQLiteBackend(tmp_path / "wf.db") as backend:
+        await backend.save_run_start({"run_id": "r1"})
+        sys.setswitchinterval(1e-6)
+        churner = threading.Thread(target=churn)
+        churner.start()
+        try:
+            for _ in range(300):
+                with contextlib.suppress(FlujoSQLiteError):  # a clear error is fine
+                    await backend.list_runs(metadata_filter=flt)
+        finally:
+            stop.set()
+            churner.join()
+            sys.setswitchinterval(interval)
+        assert [run["run_id"] for run in await backend.list_runs()] == ["r1"]
+
+
+async def test_a_nan_span_time_skips_that_span_not_the_call(tmp_path: Path) -> None:
+    """SQLite stores NaN as NULL, which the NOT NULL ``start_time`` refused: the whole
+    ``save_spans`` failed and its valid spans were lost. It is skipped like a text time."""
+    async with SQLiteBackend(tmp_path / "wf.db") as backend:
+        await backend.save_spans(
+            "r",
+            [
+                {"span_id": "good", "name": "g", "start_time": 1.0},
+                {"span_id": "bad", "name": "b", "start_time": math.nan},
+                {"span_id": "bad-end", "name": "b", "start_time": 1.0, "end_time": math.nan},
+            ],
+        )
+        assert [span["span_id"] for span in await backend.get_spans("r")] == ["good"]
+
+
+async def test_values_other_programs_store_in_text_columns_read_as_their_text(
+    tmp_path: Path,
+) -> None:
+    """A span name stored as bytes failed ``get_span_statistics`` for every span; a numeric
+    status was counted as ``'Integer(-1)'``; a real in a JSON column lost its fraction."""
+    db_path = tmp_path / "wf.db"
+    async with SQLiteBackend(db_path) as backend:
+        await backend.save_trace(
+            "r1",
+            {"span_id": "s1", "name": "step", "start_time": 1.0, "end_time": 2.0, "status": "ok"},
+        )
+        await backend.save_state("numeric-status", base_state())
+    conn = sqlite3.connect(db_path)  # no backend has the file open
+    try:
+        conn.execute("UPDATE spans SET name = ? WHERE span_id = 's1'", (b"step",))
+        # A table of our own making has TEXT affinity; another program's may have none.
+        conn.execute("CREATE TABLE loose (v)")
+        conn.execute("INSERT INTO loose VALUES (-1), (2.5)")
+        conn.execute("PRAGMA ignore_check_constraints = ON")
+        conn.execute(
+            "UPDATE workflow_state SET status = (SELECT v FROM loose WHERE v = 2.5), "
+            "pipeline_context = (SELECT v FROM loose WHERE v = 2.5) + 0.5 "
+            "WHERE run_id = 'numeric-status'"
+        )
+        stored = conn.execute(
+            "SELECT typeof(status), typeof(pipeline_context) FROM workflow_state "
+            "WHERE run_id = 'numeric-status'"
+        ).fetchone()
+        conn.commit()
+    finally:
+        conn.close()
+    async with SQLiteBackend(db_path) as backend:
+        stats = await backend.get_span_statistics()
+        assert stats["by_name"] == {"step": 1}
+        counts = (await backend.get_workflow_stats())["status_counts"]
+        loaded = await backend.load_state("numeric-status")
+    assert loaded is not None
+    if stored == ("text", "text"):  # the columns' TEXT affinity turned the numbers into text
+        assert counts.get("2.5") == 1 and loaded["pipeline_context"] == 3.0
+    else:
+        assert counts.get("2.5") == 1, counts
+        assert loaded["pipeline_context"] == 3.0 and isinstance(loaded["pipeline_context"], float)

@@ -144,12 +144,18 @@ fn span(
     let seconds = |key: &str| -> PyResult<Result<Option<f64>, BadSpanTime>> {
         Ok(match get(node, &[key])? {
             None => Ok(None),
-            Some(v) => v.extract::<f64>().map(Some).map_err(|_| {
-                BadSpanTime(format!(
+            // SQLite stores NaN as NULL, which the NOT NULL start_time would refuse along with
+            // the whole call.
+            Some(v) => match v.extract::<f64>() {
+                Ok(seconds) if !seconds.is_nan() => Ok(Some(seconds)),
+                Ok(_) => Err(BadSpanTime(format!(
+                    "span {span_id:?}: {key} must be a number of seconds, got NaN"
+                ))),
+                Err(_) => Err(BadSpanTime(format!(
                     "span {span_id:?}: {key} must be a number of seconds, got a {}",
                     type_name(&v)
-                ))
-            }),
+                ))),
+            },
         })
     };
     let start_time = match seconds("start_time")? {
@@ -269,7 +275,9 @@ pub(crate) fn metadata_conditions(
     let mut conditions = Vec::new();
     let mut pending = vec![("$".to_owned(), as_dict(filter, "metadata_filter")?.clone())];
     while let Some((path, dict)) = pending.pop() {
-        for (key, value) in dict.iter() {
+        // A snapshot: encoding a value runs the caller's code, which may change the dict.
+        for item in dict.items().iter() {
+            let (key, value) = (item.get_item(0)?, item.get_item(1)?);
             let key = text(&key, "metadata_filter keys")?;
             // A quoted label in a JSON path takes JSON string escapes.
             let label = key.replace('\\', "\\\\").replace('"', "\\\"");

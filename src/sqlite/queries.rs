@@ -142,10 +142,7 @@ pub(crate) fn stored_updated_at(
 ) -> rusqlite::Result<Option<String>> {
     conn.prepare_cached("SELECT updated_at FROM workflow_state WHERE run_id = ?1")?
         .query_row([run_id], |row| {
-            Ok(match row.get_ref(0)? {
-                ValueRef::Text(t) => owned_text(t),
-                other => format!("{other:?}"),
-            })
+            Ok(sql_text(row.get_ref(0)?).unwrap_or_else(|| "NULL".to_owned()))
         })
         .optional()
 }
@@ -360,14 +357,9 @@ fn counts_of_every_status(conn: &Connection) -> rusqlite::Result<(BTreeMap<Strin
     Ok((counts, total))
 }
 
-/// A status stored as bytes by some other program still counts under its text (the column's
-/// TEXT affinity already turns numbers into text).
+/// A status stored as bytes or a number by some other program still counts under its text.
 fn status_text(value: &Value) -> String {
-    match value {
-        Value::Text(text) => text.clone(),
-        Value::Blob(bytes) => owned_text(bytes),
-        other => format!("{other:?}"),
-    }
+    sql_text(ValueRef::from(value)).unwrap_or_default()
 }
 
 /// Background tasks per non-NULL status.
@@ -469,12 +461,22 @@ fn owned_text(bytes: &[u8]) -> String {
 /// A JSON column: its text, or `None` for SQL NULL. Non-text values (written by hand through
 /// SQL) are returned as their JSON spelling so decoding still succeeds.
 pub(crate) fn json_text(row: &Row, index: usize) -> rusqlite::Result<Option<String>> {
-    Ok(match row.get_ref(index)? {
+    Ok(sql_text(row.get_ref(index)?))
+}
+
+/// A text column's value as text, whatever another program stored there; `None` for NULL.
+/// Numbers are spelt so that JSON (and Python's `json`) reads them back as the same number: a
+/// real keeps its fraction (`1.0`, `-0.0`), and the infinities become `Infinity`.
+pub(crate) fn sql_text(value: ValueRef<'_>) -> Option<String> {
+    match value {
         ValueRef::Null => None,
         ValueRef::Integer(i) => Some(i.to_string()),
-        ValueRef::Real(f) => Some(f.to_string()),
+        ValueRef::Real(f) if f.is_infinite() => {
+            Some(if f > 0.0 { "Infinity" } else { "-Infinity" }.to_owned())
+        }
+        ValueRef::Real(f) => Some(format!("{f:?}")),
         ValueRef::Text(t) | ValueRef::Blob(t) => Some(owned_text(t)),
-    })
+    }
 }
 
 /// Background tasks (workflow states flagged `is_background_task`), most recently updated first.

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use rusqlite::{params, Connection};
 
-use super::queries::{cell, json_text};
+use super::queries::{cell, json_text, sql_text};
 use super::run_history::ensure_run;
 use super::schema::Layout;
 use crate::model::{DurationTotals, SpanRecord, SpanStatistics, StoredSpan};
@@ -131,8 +131,8 @@ pub(crate) fn span_statistics(
     let mut stats = SpanStatistics::default();
     let mut rows = stmt.query(params![pipeline_name, from, to])?;
     while let Some(row) = rows.next()? {
-        let name: String = row.get::<_, Option<String>>(0)?.unwrap_or_default();
-        let status: String = row.get::<_, Option<String>>(1)?.unwrap_or_default();
+        let name = sql_text(row.get_ref(0)?).unwrap_or_default();
+        let status = sql_text(row.get_ref(1)?).unwrap_or_default();
         let count = row.get::<_, i64>(2)?.max(0) as u64;
         let seconds: f64 = row.get::<_, Option<f64>>(3)?.unwrap_or(0.0);
         stats.total_spans += count;
