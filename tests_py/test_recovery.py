@@ -158,7 +158,7 @@ async def test_a_row_out_of_order_before_an_unreadable_page_does_not_loop_the_sc
     db_path = tmp_path / "wf.db"
     await write_states(db_path)
     page_size, leaves = leaf_pages(db_path, "workflow_state")
-    (first, rows_first), (second, rows_second) = leaves[0], leaves[1]
+    (first, _), (second, rows_second) = leaves[0], leaves[1]
     claim_rowid_zero_for_the_last_row(db_path, page_size, first)
     smash_page(db_path, page_size, second)
 
@@ -194,7 +194,9 @@ async def test_a_user_table_with_a_column_named_rowid_is_copied_whole(tmp_path: 
     assert report["tables"]["notes"] == {"rescued": 603, "skipped": 0}
     conn = sqlite3.connect(db_path)
     try:
-        assert conn.execute("SELECT count(*), count(_rowid_), count(rowid) FROM notes").fetchone() == (
+        assert conn.execute(
+            "SELECT count(*), count(_rowid_), count(rowid) FROM notes"
+        ).fetchone() == (
             603,
             600,
             600,
