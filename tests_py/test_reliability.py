@@ -1410,3 +1410,43 @@ def test_one_backend_used_from_four_threads_each_with_its_own_loop(tmp_path: Pat
 
     asyncio.run(check_and_close())
     assert integrity(db_path) == "ok"
+
+
+def test_a_loop_dropped_with_calls_in_flight_is_freed_with_its_descriptors(
+    tmp_path: Path,
+) -> None:
+    """A loop left unclosed while a call was in flight (a fire-and-forget save): its port held
+    the call's future, the future its loop, and the loop the port (its reader callback). The
+    collector could not see into the port, so every such loop kept its selector, self-pipe and
+    the port's socket pair open for good (4 descriptors a loop)."""
+    import gc
+    import warnings
+    import weakref
+
+    backend = SQLiteBackend(tmp_path / "wf.db", durability="normal")
+
+    async def warm_up() -> None:  # the backend's own connections are opened by then
+        await backend.save_state("r", build_state())
+        await asyncio.gather(*(backend.load_state("r") for _ in range(8)))
+
+    asyncio.run(warm_up())
+    fds_before = len(os.listdir("/proc/self/fd"))
+    loops = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)  # an unclosed loop, as intended
+            for _ in range(50):
+                loop = asyncio.new_event_loop()
+
+                async def fire_and_forget() -> None:
+                    asyncio.ensure_future(backend.save_state("r", build_state()))
+                    await backend.load_state("r")
+
+                loop.run_until_complete(fire_and_forget())
+                loops.append(weakref.ref(loop))
+                del loop
+            gc.collect()
+        assert [alive for alive in loops if alive() is not None] == []
+        assert len(os.listdir("/proc/self/fd")) <= fds_before + 4
+    finally:
+        backend.close_sync()

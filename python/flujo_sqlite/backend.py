@@ -39,10 +39,13 @@ else:
 __all__ = ["SQLiteBackend"]
 
 # One completion port per event loop: engine threads post finished work to it and the loop
-# resolves the futures in batches (see src/python/completion.rs).
-_PORTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, CompletionPort] = (
-    weakref.WeakKeyDictionary()
-)
+# resolves the futures in batches (see src/python/completion.rs). The loop keeps its port alive
+# (the port's drain is its reader callback); here both are held weakly, as the port holds the
+# futures waiting on it and they hold their loop: held strongly here, a loop closed or dropped
+# with calls in flight could never be freed.
+_PORTS: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, weakref.ReferenceType[CompletionPort]
+] = weakref.WeakKeyDictionary()
 # Every engine still in use or closing, whichever backend it belongs to, so that exit finds
 # them all.
 _OPEN_ENGINES: weakref.WeakSet[NativeBackend] = weakref.WeakSet()
@@ -55,19 +58,16 @@ _MAKING_PORTS = threading.Lock()
 
 def _port() -> CompletionPort:
     loop = asyncio.get_running_loop()
-    port = _PORTS.get(loop)
+    known = _PORTS.get(loop)
+    port = known() if known is not None else None
     if port is None:
         with _MAKING_PORTS:  # threads running loops of their own make theirs at once
-            port = _PORTS.get(loop)
+            known = _PORTS.get(loop)
+            port = known() if known is not None else None
             if port is None:
-                # A port holds the futures still waiting on it, and they hold their loop: a
-                # loop that closed with calls in flight would never leave the weak dict (nor
-                # its socket close).
-                for closed in [other for other in list(_PORTS) if other.is_closed()]:
-                    _PORTS.pop(closed, None)
                 port = CompletionPort()
                 loop.add_reader(port.fileno(), port.drain)
-                _PORTS[loop] = port
+                _PORTS[loop] = weakref.ref(port)
     return port
 
 

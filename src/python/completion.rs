@@ -16,8 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyRuntimeError;
+use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
+use pyo3::PyTraverseError;
 
 use super::errors::to_py_err;
 use super::results::{response_to_python, Built, ListInProgress};
@@ -63,7 +65,7 @@ impl Inbox {
 
 /// Resolves the asyncio futures of one event loop. Create one per loop with
 /// `loop.add_reader(port.fileno(), port.drain)`; the Python shim does that.
-#[pyclass(frozen, module = "flujo_sqlite._native")]
+#[pyclass(frozen, weakref, module = "flujo_sqlite._native")]
 pub(crate) struct CompletionPort {
     inbox: Arc<Inbox>,
     woken_by: UnixStream,
@@ -105,6 +107,44 @@ impl CompletionPort {
             growing: Mutex::new(Vec::new()),
             next_token: AtomicU64::new(0),
         })
+    }
+
+    /// The futures the port holds, for the garbage collector: they hold their loop, which holds
+    /// the port (its reader callback), and a loop dropped without `close()` while calls were in
+    /// flight is such a cycle. A list locked by this thread (the collector can run while one
+    /// is) is left out, which only keeps its objects alive longer.
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if let Ok(waiting) = self.waiting.try_lock() {
+            for future in waiting.values() {
+                visit.call(future)?;
+            }
+        }
+        if let Ok(converted) = self.converted.try_lock() {
+            for (future, value) in converted.iter() {
+                visit.call(future)?;
+                if let Ok(value) = value {
+                    visit.call(value)?;
+                }
+            }
+        }
+        if let Ok(growing) = self.growing.try_lock() {
+            for (future, list) in growing.iter() {
+                visit.call(future)?;
+                list.traverse(&visit)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        // Taken out first: dropping them runs arbitrary code, which must not find a lock held.
+        let waiting = self.waiting.try_lock().map(|mut w| std::mem::take(&mut *w));
+        let converted = self
+            .converted
+            .try_lock()
+            .map(|mut c| std::mem::take(&mut *c));
+        let growing = self.growing.try_lock().map(|mut g| std::mem::take(&mut *g));
+        drop((waiting, converted, growing));
     }
 
     /// The file descriptor the event loop watches.

@@ -1,10 +1,11 @@
 //! Core responses to Python objects, in the shapes Flujo's backend returns (spec section 3.1).
 
+use pyo3::gc::PyVisit;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList};
-use pyo3::IntoPyObjectExt;
+use pyo3::{IntoPyObjectExt, PyTraverseError};
 
 use super::errors::database_error;
 use super::run_results;
@@ -83,6 +84,11 @@ pub(crate) struct ListInProgress {
 }
 
 impl ListInProgress {
+    /// Visits the list built so far (the items still to convert are not Python objects yet).
+    pub(crate) fn traverse(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.list)
+    }
+
     /// Converts the next chunk of items; the finished list once the last one is in.
     pub(crate) fn advance(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         let list = self.list.bind(py);
