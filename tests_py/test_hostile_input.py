@@ -1002,3 +1002,37 @@ async def test_values_other_programs_store_in_text_columns_read_as_their_text(
     else:
         assert counts.get("2.5") == 1, counts
         assert loaded["pipeline_context"] == 3.0 and isinstance(loaded["pipeline_context"], float)
+
+
+async def test_logging_that_raises_fails_the_call_and_nothing_else(tmp_path: Path) -> None:
+    """A logging handler whose filter raises (or a Ctrl-C landing in one): the exception was
+    left pending on the thread, so a trace with two roots never came back (its future done,
+    its task never woken) and a span list with a bad time raised an unrelated SystemError."""
+    import logging
+
+    class Refusing(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            raise RuntimeError("this filter refuses " + record.getMessage()[:20])
+
+    import io
+
+    handler = logging.StreamHandler(io.StringIO())
+    handler.addFilter(Refusing())
+    logger = logging.getLogger("flujo_sqlite")
+    async with SQLiteBackend(tmp_path / "wf.db") as backend:
+        await backend.save_spans(
+            "t", [{"span_id": "a", "name": "a", "start_time": 1.0}, {"span_id": "b", "name": "b"}]
+        )
+        logger.addHandler(handler)
+        try:
+            with pytest.raises(RuntimeError, match="this filter refuses trace has 2 root"):
+                await asyncio.wait_for(backend.get_trace("t"), 30)
+            with pytest.raises(RuntimeError, match="this filter refuses span skipped"):
+                await asyncio.wait_for(
+                    backend.save_spans("t", [{"span_id": "c", "name": "c", "start_time": "x"}]), 30
+                )
+        finally:
+            logger.removeHandler(handler)
+        await backend.save_state("after", base_state())
+        assert await backend.load_state("after") is not None
+        assert (await backend.get_trace("t")) is not None

@@ -13,6 +13,7 @@ use super::arguments;
 use super::completion::CompletionPort;
 use super::errors::{backend_closed, invalid_state, to_py_err};
 use super::from_python::encode_json;
+use super::log_with_gil;
 use super::results::response_to_python;
 use super::run_arguments;
 use crate::engine::{CallerGone, Completion, Request, Response, StateEngine};
@@ -644,9 +645,14 @@ impl NativeBackend {
             }
             Err(error) => {
                 // No thread to spare: close here rather than leave queued writes unfinished.
-                log::warn!("cannot start a thread to close on ({error}); closing on this one");
+                let logged = log_with_gil!(
+                    py,
+                    warn,
+                    "cannot start a thread to close on ({error}); closing on this one"
+                );
                 self.close_blocking(py);
                 done(Ok(Response::Done));
+                logged?;
             }
         }
         Ok(future)

@@ -22,6 +22,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::PyTraverseError;
 
 use super::errors::to_py_err;
+use super::log_with_gil;
 use super::results::{response_to_python, Built, ListInProgress};
 use crate::engine::{Completion, Response};
 use crate::error::{Error, Result};
@@ -495,6 +496,11 @@ fn requeue_dropped_callbacks(future: &Bound<'_, PyAny>, callbacks: &[Bound<'_, P
         Ok(())
     };
     if let Err(error) = requeued() {
-        log::error!("a task waiting on flujo-sqlite may never wake after an interrupt: {error}");
+        // Whatever the logging raises goes the way of the interrupt being delivered.
+        let _ = log_with_gil!(
+            future.py(),
+            error,
+            "a task waiting on flujo-sqlite may never wake after an interrupt: {error}"
+        );
     }
 }

@@ -17,6 +17,18 @@ use std::sync::OnceLock;
 
 use pyo3::prelude::*;
 
+/// `log::$level!(...)` while the GIL is held, giving back what the logging raised. pyo3-log
+/// leaves an exception from Python's logging (a handler's filter that raises, a Ctrl-C landing
+/// in a handler) as the thread's pending exception, where the next call into Python would trip
+/// over it and a result being delivered would be lost; this hands it to the caller instead.
+macro_rules! log_with_gil {
+    ($py:expr, $level:ident, $($message:tt)+) => {{
+        log::$level!($($message)+);
+        pyo3::PyErr::take($py).map_or(Ok(()), Err)
+    }};
+}
+pub(crate) use log_with_gil;
+
 /// The handle to the logger levels pyo3-log caches, set once the module is registered.
 static LOG_LEVELS: OnceLock<pyo3_log::ResetHandle> = OnceLock::new();
 

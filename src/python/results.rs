@@ -8,6 +8,7 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 use pyo3::{IntoPyObjectExt, PyTraverseError};
 
 use super::errors::database_error;
+use super::log_with_gil;
 use super::run_results;
 use super::to_python::decode_json;
 use crate::engine::Response;
@@ -258,7 +259,11 @@ pub(crate) fn datetime(py: Python<'_>, value: Cell) -> PyResult<Py<PyAny>> {
     match parse.bind(py).call1((text.as_str(),)) {
         Ok(parsed) => Ok(parsed.unbind()),
         Err(_) => {
-            log::warn!("timestamp {text:?} is not ISO 8601; returning it as text");
+            log_with_gil!(
+                py,
+                warn,
+                "timestamp {text:?} is not ISO 8601; returning it as text"
+            )?;
             text.into_py_any(py)
         }
     }

@@ -9,6 +9,7 @@ use pyo3::types::{PyDict, PyList, PyString};
 use super::arguments::{integer, real, run_id, text, timestamp_text, type_name};
 use super::errors::{invalid_state, invalid_type, missing_key};
 use super::from_python::encode_json;
+use super::log_with_gil;
 use crate::model::{Evaluation, MetadataCondition, RunEnd, RunStart, SpanRecord, StepRecord};
 use crate::timestamp::now_text;
 
@@ -201,7 +202,11 @@ pub(crate) fn trace_spans(trace: &Bound<'_, PyAny>) -> PyResult<Vec<SpanRecord>>
             continue;
         }
         if depth > MAX_TRACE_DEPTH {
-            log::warn!("trace deeper than {MAX_TRACE_DEPTH} levels: deeper spans were not stored");
+            log_with_gil!(
+                trace.py(),
+                warn,
+                "trace deeper than {MAX_TRACE_DEPTH} levels: deeper spans were not stored"
+            )?;
             continue;
         }
         let record = span(node, parent)?.map_err(|BadSpanTime(why)| invalid_state(py, why))?;
@@ -259,7 +264,7 @@ pub(crate) fn span_list(
         let parent = optional(item, &["parent_span_id"], loose_text)?;
         match span(item, parent)? {
             Ok(record) => records.push(record),
-            Err(BadSpanTime(why)) => log::warn!("span skipped: {why}"),
+            Err(BadSpanTime(why)) => log_with_gil!(item.py(), warn, "span skipped: {why}")?,
         }
     }
     Ok((records, pipeline_name, pipeline_version))

@@ -7,6 +7,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
+use super::log_with_gil;
 use super::results::{cell, datetime, json_or, set_cells, CollectorPaused};
 use crate::model::{
     Cell, RunDetails, RunSummary, SpanStatistics, StepDetails, StoredEvaluation, StoredSpan,
@@ -125,11 +126,19 @@ pub(crate) fn trace(py: Python<'_>, spans: Vec<StoredSpan>) -> PyResult<Py<PyAny
     match roots.len() {
         // Only parent links that form a cycle leave no root; Flujo returns None then too.
         0 => {
-            log::warn!("trace has no root span (its parent links form a cycle); returning None");
+            log_with_gil!(
+                py,
+                warn,
+                "trace has no root span (its parent links form a cycle); returning None"
+            )?;
             return Ok(py.None());
         }
         1 => {}
-        many => log::warn!("trace has {many} root spans; returning the earliest"),
+        many => log_with_gil!(
+            py,
+            warn,
+            "trace has {many} root spans; returning the earliest"
+        )?,
     }
     Ok(nodes[roots[0]].clone().into_any().unbind())
 }
