@@ -1036,3 +1036,58 @@ async def test_logging_that_raises_fails_the_call_and_nothing_else(tmp_path: Pat
         await backend.save_state("after", base_state())
         assert await backend.load_state("after") is not None
         assert (await backend.get_trace("t")) is not None
+
+
+def test_deep_values_on_a_thread_with_a_small_stack_fail_clearly() -> None:
+    """1000 levels of nesting take ~450 KB of stack, more than a thread started after
+    ``threading.stack_size(256 * 1024)`` has: saving or loading such a value there crashed the
+    process (SIGSEGV). It is refused instead, with the usual error, in a child process."""
+    program = """
+import asyncio, os, sys, tempfile, threading
+from datetime import UTC, datetime
+from flujo_sqlite import SQLiteBackend
+from flujo_sqlite.errors import SerializationError
+
+deep = {}
+level = deep
+for _ in range(990):
+    level["a"] = {}
+    level = level["a"]
+now = datetime.now(UTC)
+state = {"pipeline_id": "p", "pipeline_name": "p", "pipeline_version": "1",
+         "current_step_index": 0, "pipeline_context": deep, "status": "running",
+         "created_at": now, "updated_at": now}
+path = os.path.join(tempfile.mkdtemp(), "wf.db")
+
+async def save_on_the_main_thread():
+    async with SQLiteBackend(path) as backend:
+        await backend.save_state("deep", state)
+
+async def use_on_a_small_stack():
+    async with SQLiteBackend(path) as backend:
+        try:
+            await backend.save_state("again", state)
+        except SerializationError as error:
+            print("save refused:", "nested" in str(error))
+        try:
+            await backend.load_state("deep")
+        except Exception as error:
+            print("load refused:", type(error).__name__, "nested" in str(error))
+        await backend.save_state("shallow", {**state, "pipeline_context": {}})
+        print("then works:", (await backend.load_state("shallow")) is not None)
+
+asyncio.run(save_on_the_main_thread())
+threading.stack_size(256 * 1024)
+worker = threading.Thread(target=lambda: asyncio.run(use_on_a_small_stack()))
+worker.start()
+worker.join()
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == [
+        "save refused: True",
+        "load refused: DatabaseError True",
+        "then works: True",
+    ], done.stdout + done.stderr

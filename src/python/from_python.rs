@@ -20,7 +20,7 @@ use pyo3::types::{
 };
 use pyo3::PyTypeInfo;
 
-use super::errors;
+use super::{errors, stack};
 
 /// Deeper states are refused, so the recursive walk cannot overflow the stack: a level of
 /// plain dicts costs about 330 bytes of stack in a release build (measured: in a thread given a
@@ -214,9 +214,10 @@ impl Failure {
                  another {type_name}; it must return something storable (a dict, list, str, \
                  number, bool or None, or an object with a serializer of its own)"
             ),
-            Reason::TooDeep => {
-                format!("cannot store {path}: it is nested more than {MAX_DEPTH} levels deep")
-            }
+            Reason::TooDeep => format!(
+                "cannot store {path}: it is nested more than {MAX_DEPTH} levels deep (or deeper \
+                 than this thread's stack holds)"
+            ),
             Reason::LoneSurrogate => format!(
                 "cannot store {path}: the str contains a lone surrogate (such as '\\udc80'), \
                  which has no UTF-8 encoding; lone surrogates are not storable"
@@ -433,7 +434,7 @@ impl<'py> Encoder<'py> {
 
     /// Marks `value` as an ancestor of what is encoded next, refusing cycles and deep nesting.
     fn enter(&mut self, value: &Bound<'py, PyAny>, depth: usize) -> Step {
-        if depth >= MAX_DEPTH {
+        if depth >= MAX_DEPTH || stack::nearly_exhausted() {
             return Err(Failure::new(Reason::TooDeep));
         }
         let address = value.as_ptr() as usize;

@@ -11,6 +11,7 @@ mod recovery;
 mod results;
 mod run_arguments;
 mod run_results;
+mod stack;
 mod to_python;
 
 use std::sync::OnceLock;

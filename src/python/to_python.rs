@@ -11,7 +11,7 @@ use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyNone, PyStr
 use pyo3::PyTypeInfo;
 use std::sync::Mutex;
 
-use super::errors;
+use super::{errors, stack};
 
 /// Deeper documents are refused rather than risk the stack (a level costs about as much as in
 /// `from_python`); neither our encoder nor `json.dumps` writes them.
@@ -138,8 +138,11 @@ impl<'py> Parser<'_, 'py> {
     }
 
     fn nested(&mut self, depth: usize) -> PyResult<()> {
-        if depth >= MAX_DEPTH {
-            return Err(self.error(&format!("nested more than {MAX_DEPTH} levels deep")));
+        if depth >= MAX_DEPTH || stack::nearly_exhausted() {
+            return Err(self.error(&format!(
+                "nested more than {MAX_DEPTH} levels deep (or deeper than this thread's stack \
+                 holds)"
+            )));
         }
         self.position += 1;
         self.skip_whitespace();
