@@ -1091,3 +1091,15 @@ worker.join()
         "load refused: DatabaseError True",
         "then works: True",
     ], done.stdout + done.stderr
+
+
+async def test_a_metadata_filter_of_a_thousand_values_is_matched(tmp_path: Path) -> None:
+    """Each value of the filter is a condition; ANDed in one chain, 334 of them made SQLite
+    refuse the query ("Expression tree is too large")."""
+    metadata = {f"k{i}": i for i in range(1000)}
+    async with SQLiteBackend(tmp_path / "wf.db") as backend:
+        await backend.save_state("r", base_state(metadata=metadata))
+        await backend.save_run_start({"run_id": "r"})
+        matched = await backend.list_runs(metadata_filter=metadata)
+        assert [run["run_id"] for run in matched] == ["r"]
+        assert await backend.list_runs(metadata_filter={**metadata, "k999": -1}) == []

@@ -424,7 +424,7 @@ fn list_runs_statement(
     } else {
         (
             "runs r".to_owned(),
-            format!("WHERE {} {page}", conditions.join(" AND ")),
+            format!("WHERE {} {page}", all_of(&conditions)),
         )
     };
     let (end_time, total_cost) = if c.contains("start_time") {
@@ -452,6 +452,19 @@ fn list_runs_statement(
         first_present(c, "r.", &["updated_at", "end_time", "start_time"]),
     );
     Ok((sql, values))
+}
+
+/// `conditions` joined by AND in a balanced tree: SQLite refuses an expression more than 1,000
+/// levels deep, which a flat chain of a metadata filter's 334 values already was.
+fn all_of(conditions: &[String]) -> String {
+    match conditions {
+        [] => "1".to_owned(),
+        [one] => one.clone(),
+        _ => {
+            let (left, right) = conditions.split_at(conditions.len() / 2);
+            format!("({}) AND ({})", all_of(left), all_of(right))
+        }
+    }
 }
 
 /// Below this many runs with a status (counted in their run records and in their states),
