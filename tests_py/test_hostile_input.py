@@ -947,7 +947,8 @@ async def test_a_metadata_filter_changed_while_it_is_read_is_no_panic(tmp_path: 
 
 async def test_a_nan_span_time_skips_that_span_not_the_call(tmp_path: Path) -> None:
     """SQLite stores NaN as NULL, which the NOT NULL ``start_time`` refused: the whole
-    ``save_spans`` failed and its valid spans were lost. It is skipped like a text time."""
+    ``save_spans`` failed and its valid spans were lost. It is skipped like a text time. A NaN
+    end is stored as no end (an unfinished span), as Flujo stores it."""
     async with SQLiteBackend(tmp_path / "wf.db") as backend:
         await backend.save_spans(
             "r",
@@ -957,7 +958,9 @@ async def test_a_nan_span_time_skips_that_span_not_the_call(tmp_path: Path) -> N
                 {"span_id": "bad-end", "name": "b", "start_time": 1.0, "end_time": math.nan},
             ],
         )
-        assert [span["span_id"] for span in await backend.get_spans("r")] == ["good"]
+        spans = {span["span_id"]: span for span in await backend.get_spans("r")}
+        assert sorted(spans) == ["bad-end", "good"]
+        assert spans["bad-end"]["end_time"] is None
 
 
 async def test_values_other_programs_store_in_text_columns_read_as_their_text(
@@ -1041,7 +1044,8 @@ async def test_logging_that_raises_fails_the_call_and_nothing_else(tmp_path: Pat
 def test_deep_values_on_a_thread_with_a_small_stack_fail_clearly() -> None:
     """1000 levels of nesting take ~450 KB of stack, more than a thread started after
     ``threading.stack_size(256 * 1024)`` has: saving or loading such a value there crashed the
-    process (SIGSEGV). It is refused instead, with the usual error, in a child process."""
+    process (SIGSEGV). It is refused instead, with the usual error, in a child process; and a
+    thread with a tiny stack (64 KiB) still saves and loads shallow values."""
     program = """
 import asyncio, os, sys, tempfile, threading
 from datetime import UTC, datetime
@@ -1076,11 +1080,18 @@ async def use_on_a_small_stack():
         await backend.save_state("shallow", {**state, "pipeline_context": {}})
         print("then works:", (await backend.load_state("shallow")) is not None)
 
+async def shallow_on_a_tiny_stack():
+    async with SQLiteBackend(path) as backend:
+        await backend.save_state("tiny", {**state, "pipeline_context": {"a": {"b": [1]}}})
+        loaded = await backend.load_state("tiny")
+        print("tiny stack works:", loaded["pipeline_context"] == {"a": {"b": [1]}})
+
 asyncio.run(save_on_the_main_thread())
-threading.stack_size(256 * 1024)
-worker = threading.Thread(target=lambda: asyncio.run(use_on_a_small_stack()))
-worker.start()
-worker.join()
+for size, work in ((256, use_on_a_small_stack), (64, shallow_on_a_tiny_stack)):
+    threading.stack_size(size * 1024)
+    worker = threading.Thread(target=lambda work=work: asyncio.run(work()))
+    worker.start()
+    worker.join()
 """
     done = subprocess.run(
         [sys.executable, "-c", program], check=False, capture_output=True, text=True, timeout=120
@@ -1090,6 +1101,7 @@ worker.join()
         "save refused: True",
         "load refused: DatabaseError True",
         "then works: True",
+        "tiny stack works: True",
     ], done.stdout + done.stderr
 
 

@@ -185,6 +185,9 @@ async def test_a_user_table_with_a_column_named_rowid_is_copied_whole(tmp_path: 
         conn.executemany(
             "INSERT INTO notes VALUES (NULL, NULL, ?)", [(f"null-{i}",) for i in range(3)]
         )
+        # A generated column, which table_info does not list, shadows the rowid too.
+        conn.execute("CREATE TABLE shouts (body TEXT, _rowid_ GENERATED ALWAYS AS (upper(body)))")
+        conn.executemany("INSERT INTO shouts (body) VALUES (?)", [(f"s{i}",) for i in range(50)])
         conn.commit()
     finally:
         conn.close()
@@ -192,6 +195,7 @@ async def test_a_user_table_with_a_column_named_rowid_is_copied_whole(tmp_path: 
     report = await recover(db_path)
 
     assert report["tables"]["notes"] == {"rescued": 603, "skipped": 0}
+    assert report["tables"]["shouts"] == {"rescued": 50, "skipped": 0}
     conn = sqlite3.connect(db_path)
     try:
         assert conn.execute(
@@ -202,6 +206,7 @@ async def test_a_user_table_with_a_column_named_rowid_is_copied_whole(tmp_path: 
             600,
         )
         assert conn.execute("SELECT max(oid) FROM notes").fetchone() == (603,)
+        assert conn.execute("SELECT count(*), max(_rowid_) FROM shouts").fetchone() == (50, "S9")
     finally:
         conn.close()
 

@@ -488,29 +488,63 @@ class _InterruptedInCallSoon(asyncio.SelectorEventLoop):
         if self.fired or self.task is None or getattr(callback, "__self__", None) is not self.task:
             return super().call_soon(callback, *args, context=context)
         self.fired = True
+        # A cancelled handle in the ready queue, as a timer that ended early leaves there.
+        super().call_soon(print).cancel()
         if self.queued_first:
             super().call_soon(callback, *args, context=context)
         raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("queued_first", [False, True], ids=["before-queued", "after-queued"])
+class _InterruptedFuture(asyncio.futures._PyFuture):  # type: ignore[name-defined]
+    """A pure-Python future whose ``set_result`` is interrupted once before it stores anything,
+    as a SIGINT handler run at its first bytecode would."""
+
+    interrupt = True
+
+    def set_result(self, result: Any) -> None:
+        if _InterruptedFuture.interrupt:
+            _InterruptedFuture.interrupt = False
+            raise KeyboardInterrupt
+        super().set_result(result)
+
+
+class _InterruptedBeforeStored(asyncio.SelectorEventLoop):
+    task: asyncio.Task[Any] | None = None
+
+    def create_future(self) -> asyncio.Future[Any]:
+        return _InterruptedFuture(loop=self)
+
+
+@pytest.mark.parametrize(
+    "where", ["before-queued", "after-queued", "before-stored"], ids=lambda where: where
+)
 def test_a_ctrl_c_inside_set_result_leaves_the_waiting_task_to_be_woken(
-    tmp_path: Path, queued_first: bool
+    tmp_path: Path, where: str
 ) -> None:
     """A SIGINT whose handler runs inside the loop's ``call_soon``, called by ``set_result`` for
     the task waiting on a save, leaves that future done and its callbacks dropped by asyncio:
     the task would never wake (a program that catches the ``KeyboardInterrupt`` and goes on
-    would hang on it). The task must be woken exactly once."""
-    loop = _InterruptedInCallSoon()
+    would hang on it). The task must be woken exactly once, with the save's result: also when
+    a cancelled handle sits in the ready queue, and when a pure-Python future was interrupted
+    before it stored the result (then it gets it at the next turn)."""
+    if where == "before-stored":
+        _InterruptedFuture.interrupt = True
+        loop: Any = _InterruptedBeforeStored()
+    else:
+        loop = _InterruptedInCallSoon()
+        loop.queued_first = where == "after-queued"
     errors: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _loop, context: errors.append(context))
     backend = SQLiteBackend(tmp_path / "wf.db")  # durability="full": the future is awaited
     try:
         task = loop.create_task(backend.save_state("r", build_state()))
-        loop.task, loop.queued_first = task, queued_first
+        loop.task = task
         with pytest.raises(KeyboardInterrupt):
             loop.run_until_complete(task)
-        assert loop.fired
+        if where == "before-stored":
+            assert not _InterruptedFuture.interrupt
+        else:
+            assert loop.fired
         loop.run_until_complete(asyncio.wait_for(asyncio.shield(task), 10))
         assert task.result() is None
         loaded = loop.run_until_complete(backend.load_state("r"))

@@ -243,8 +243,16 @@ impl CompletionPort {
                 self.hold(std::iter::once((future, value)).chain(converted), finished);
                 return Err(interrupt);
             }
-            if let Err(interrupt) = settle(py, future.bind(py), value) {
-                self.hold(converted, finished);
+            if let Err(Interrupted {
+                interrupt,
+                delivered,
+            }) = settle(py, future.bind(py), &value)
+            {
+                if delivered {
+                    self.hold(converted, finished);
+                } else {
+                    self.hold(std::iter::once((future, value)).chain(converted), finished);
+                }
                 return Err(interrupt);
             }
         }
@@ -429,10 +437,22 @@ fn is_done(future: &Bound<'_, PyAny>) -> bool {
         .unwrap_or(true)
 }
 
+/// A `KeyboardInterrupt` or `SystemExit` raised while a future was being resolved.
+struct Interrupted {
+    interrupt: PyErr,
+    /// Whether the future got its value; if not (a pure-Python future interrupted before it
+    /// stored it), the value is for the next drain.
+    delivered: bool,
+}
+
 /// Resolves `future`. A failure to do so goes to `sys.unraisablehook` (naming the future), except
 /// `KeyboardInterrupt` and `SystemExit` (a signal handler run by the callbacks `set_result`
 /// schedules), which are returned for the program to see, as asyncio's own callbacks do.
-fn settle(py: Python<'_>, future: &Bound<'_, PyAny>, value: PyResult<Py<PyAny>>) -> PyResult<()> {
+fn settle(
+    py: Python<'_>,
+    future: &Bound<'_, PyAny>,
+    value: &PyResult<Py<PyAny>>,
+) -> Result<(), Interrupted> {
     // A copy: a pure-Python future empties its own list as it schedules them.
     let callbacks = future
         .getattr("_callbacks")
@@ -445,14 +465,20 @@ fn settle(py: Python<'_>, future: &Bound<'_, PyAny>, value: PyResult<Py<PyAny>>)
         })
         .unwrap_or_default();
     let settled = match value {
-        Ok(value) => future.call_method1("set_result", (value,)),
-        Err(error) => future.call_method1("set_exception", (error.into_value(py),)),
+        Ok(value) => future.call_method1("set_result", (value.bind(py),)),
+        Err(error) => future.call_method1("set_exception", (error.value(py),)),
     };
     match settled {
         Ok(_) => Ok(()),
-        Err(error) if !error.is_instance_of::<pyo3::exceptions::PyException>(py) => {
-            requeue_dropped_callbacks(future, &callbacks);
-            Err(error)
+        Err(interrupt) if !interrupt.is_instance_of::<pyo3::exceptions::PyException>(py) => {
+            let delivered = is_done(future);
+            if delivered {
+                requeue_dropped_callbacks(future, &callbacks);
+            }
+            Err(Interrupted {
+                interrupt,
+                delivered,
+            })
         }
         Err(error) => {
             error.write_unraisable(py, Some(future));
@@ -479,8 +505,11 @@ fn requeue_dropped_callbacks(future: &Bound<'_, PyAny>, callbacks: &[Bound<'_, P
         let mut queued = Vec::new();
         for handle in ready.try_iter()? {
             let handle = handle?;
-            let args = handle.getattr("_args")?;
-            if args.len()? == 1 && args.get_item(0)?.is(future) {
+            // A cancelled handle (a timer that ended early, say) has no arguments left.
+            let Ok(args) = handle.getattr("_args") else {
+                continue;
+            };
+            if args.len().is_ok_and(|n| n == 1) && args.get_item(0).is_ok_and(|a| a.is(future)) {
                 queued.push(handle.getattr("_callback")?);
             }
         }

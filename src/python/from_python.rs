@@ -20,7 +20,8 @@ use pyo3::types::{
 };
 use pyo3::PyTypeInfo;
 
-use super::{errors, stack};
+use super::errors;
+use super::stack::StackBudget;
 
 /// Deeper states are refused, so the recursive walk cannot overflow the stack: a level of
 /// plain dicts costs about 330 bytes of stack in a release build (measured: in a thread given a
@@ -117,6 +118,7 @@ pub(crate) fn encode_json<'py>(value: &Bound<'py, PyAny>, path: &str) -> PyResul
         ancestors: Vec::new(),
         walked_keys: Vec::new(),
         foreign_calls: 0,
+        stack: StackBudget::new(),
     };
     match encoder.value(value, 0) {
         Ok(()) => Ok(encoder.out),
@@ -405,6 +407,7 @@ struct Encoder<'py> {
     /// How often the walk has run code that is not ours (a serializer, `model_dump`, an Enum's
     /// `value`, a garbage collection...), which might change a dict being walked.
     foreign_calls: u64,
+    stack: StackBudget,
 }
 
 impl<'py> Encoder<'py> {
@@ -434,7 +437,7 @@ impl<'py> Encoder<'py> {
 
     /// Marks `value` as an ancestor of what is encoded next, refusing cycles and deep nesting.
     fn enter(&mut self, value: &Bound<'py, PyAny>, depth: usize) -> Step {
-        if depth >= MAX_DEPTH || stack::nearly_exhausted() {
+        if depth >= MAX_DEPTH || self.stack.spent() {
             return Err(Failure::new(Reason::TooDeep));
         }
         let address = value.as_ptr() as usize;

@@ -145,21 +145,22 @@ fn span(
     let seconds = |key: &str| -> PyResult<Result<Option<f64>, BadSpanTime>> {
         Ok(match get(node, &[key])? {
             None => Ok(None),
-            // SQLite stores NaN as NULL, which the NOT NULL start_time would refuse along with
-            // the whole call.
-            Some(v) => match v.extract::<f64>() {
-                Ok(seconds) if !seconds.is_nan() => Ok(Some(seconds)),
-                Ok(_) => Err(BadSpanTime(format!(
-                    "span {span_id:?}: {key} must be a number of seconds, got NaN"
-                ))),
-                Err(_) => Err(BadSpanTime(format!(
+            Some(v) => v.extract::<f64>().map(Some).map_err(|_| {
+                BadSpanTime(format!(
                     "span {span_id:?}: {key} must be a number of seconds, got a {}",
                     type_name(&v)
-                ))),
-            },
+                ))
+            }),
         })
     };
     let start_time = match seconds("start_time")? {
+        // SQLite stores NaN as NULL, which the NOT NULL start_time would refuse along with the
+        // whole call. (A NaN end is stored as NULL, an unfinished span, as Flujo does.)
+        Ok(Some(start)) if start.is_nan() => {
+            return Ok(Err(BadSpanTime(format!(
+                "span {span_id:?}: start_time must be a number of seconds, got NaN"
+            ))))
+        }
         Ok(start) => start.unwrap_or(0.0),
         Err(bad) => return Ok(Err(bad)),
     };

@@ -1,16 +1,30 @@
-//! How much stack the current thread has left, for the recursive conversions of nested values.
+//! How much stack a recursive conversion of a nested value may use.
 //!
-//! They stop at 1000 levels, which takes ~450 KB of stack: well within the megabytes Python's
-//! threads get by default, but not within a thread started after
+//! Conversions stop at 1000 levels, which takes ~450 KB of stack: well within the megabytes
+//! Python's threads get by default, but not within a thread started after
 //! `threading.stack_size(256 * 1024)` (or a platform's small default), where such a value used
 //! to crash the process. There they stop where the stack would run out instead.
 
-/// Stack kept free below the deepest conversion level: room for the Python code a conversion
-/// may call (a serializer, `model_dump`) and for the error to be raised.
-const RESERVE: usize = 128 * 1024;
+/// Stack kept free below the deepest level of a conversion, for the Python code it may call (a
+/// serializer, `model_dump`) and for raising its error; at most half of what was left when the
+/// conversion began, so that a thread with a tiny stack still converts shallow values.
+const RESERVE: usize = 64 * 1024;
 
-/// Whether less than `RESERVE` of this thread's stack is left below the caller's frame
-/// (`stacker` looks the stack's bounds up once per thread); `false` where they are unknown.
-pub(crate) fn nearly_exhausted() -> bool {
-    stacker::remaining_stack().is_some_and(|left| left < RESERVE)
+/// Taken when a conversion begins; says when it has gone as deep as the stack allows.
+pub(crate) struct StackBudget {
+    /// Stop once less than this many bytes are left; 0 where the stack's size is unknown.
+    stop_below: usize,
+}
+
+impl StackBudget {
+    pub(crate) fn new() -> Self {
+        // `stacker` looks the thread's stack bounds up once per thread.
+        let stop_below = stacker::remaining_stack().map_or(0, |left| (left / 2).min(RESERVE));
+        StackBudget { stop_below }
+    }
+
+    pub(crate) fn spent(&self) -> bool {
+        self.stop_below != 0
+            && stacker::remaining_stack().is_some_and(|left| left < self.stop_below)
+    }
 }

@@ -11,7 +11,8 @@ use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyNone, PyStr
 use pyo3::PyTypeInfo;
 use std::sync::Mutex;
 
-use super::{errors, stack};
+use super::errors;
+use super::stack::StackBudget;
 
 /// Deeper documents are refused rather than risk the stack (a level costs about as much as in
 /// `from_python`); neither our encoder nor `json.dumps` writes them.
@@ -59,6 +60,7 @@ pub(crate) fn decode_json<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'p
         bytes: text.as_bytes(),
         position: 0,
         scratch: Vec::new(),
+        stack: StackBudget::new(),
     };
     let value = parser.value(0)?;
     parser.skip_whitespace();
@@ -75,6 +77,7 @@ struct Parser<'a, 'py> {
     position: usize,
     /// Reused buffer for strings with escapes.
     scratch: Vec<u8>,
+    stack: StackBudget,
 }
 
 impl<'py> Parser<'_, 'py> {
@@ -138,7 +141,7 @@ impl<'py> Parser<'_, 'py> {
     }
 
     fn nested(&mut self, depth: usize) -> PyResult<()> {
-        if depth >= MAX_DEPTH || stack::nearly_exhausted() {
+        if depth >= MAX_DEPTH || self.stack.spent() {
             return Err(self.error(&format!(
                 "nested more than {MAX_DEPTH} levels deep (or deeper than this thread's stack \
                  holds)"

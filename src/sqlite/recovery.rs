@@ -727,7 +727,7 @@ fn copy_table(
         .collect::<Vec<_>>()
         .join(", ");
     let quoted_table = quote(table);
-    let Some(rowid) = rowid_alias(&columns) else {
+    let Some(rowid) = rowid_alias(target, table).map_err(|e| storage(target_path, e))? else {
         log::warn!(
             "table {table} has columns named rowid, oid and _rowid_; reading it in one pass"
         );
@@ -950,15 +950,19 @@ fn copy_without_rowid(
     Ok(outcome)
 }
 
-/// The columns an INSERT can name (generated columns are left out by `table_info`).
-/// A name for the rowid of a table with `columns`: a column called `_rowid_`, `rowid` or `oid`
-/// (any case) takes that name over. `None` when all three are columns.
-fn rowid_alias(columns: &[String]) -> Option<&'static str> {
-    ["_rowid_", "rowid", "oid"]
+/// A name for the rowid of `table`: a column (a generated one too) called `_rowid_`, `rowid` or
+/// `oid`, in any case, takes that name over. `None` when all three are columns.
+fn rowid_alias(conn: &Connection, table: &str) -> rusqlite::Result<Option<&'static str>> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_xinfo(?1)")?;
+    let names = stmt
+        .query_map([table], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(["_rowid_", "rowid", "oid"]
         .into_iter()
-        .find(|alias| !columns.iter().any(|c| c.eq_ignore_ascii_case(alias)))
+        .find(|alias| !names.iter().any(|name| name.eq_ignore_ascii_case(alias))))
 }
 
+/// The columns an INSERT can name (generated columns are left out by `table_info`).
 fn table_columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<String>> {
     let mut stmt = conn.prepare("SELECT name FROM pragma_table_info(?1) ORDER BY cid")?;
     let names = stmt.query_map([table], |r| r.get(0))?;
