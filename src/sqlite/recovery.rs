@@ -727,28 +727,21 @@ fn copy_table(
         .collect::<Vec<_>>()
         .join(", ");
     let quoted_table = quote(table);
-    let Some(rowid) = rowid_alias(target, table).map_err(|e| storage(target_path, e))? else {
-        log::warn!(
-            "table {table} has columns named rowid, oid and _rowid_; reading it in one pass"
-        );
-        return copy_without_rowid(
-            source,
-            target,
-            table,
-            &column_list,
-            columns.len(),
-            target_path,
-        );
-    };
-    let scan = source.prepare(&format!(
-        "SELECT {rowid}, {column_list} FROM {quoted_table} \
-         WHERE {rowid} >= ?1 ORDER BY {rowid} LIMIT ?2"
-    ));
-    let scan = match scan {
-        Ok(scan) => scan,
-        Err(e) => {
+    let scan = match rowid_alias(target, table).map_err(|e| storage(target_path, e))? {
+        Some(rowid) => source
+            .prepare(&format!(
+                "SELECT {rowid}, {column_list} FROM {quoted_table} \
+                 WHERE {rowid} >= ?1 ORDER BY {rowid} LIMIT ?2"
+            ))
+            .map(|scan| (rowid, scan))
             // A WITHOUT ROWID table, or one whose definition is damaged.
-            log::warn!("table {table} cannot be read by rowid ({e}); reading it in one pass");
+            .map_err(|e| format!("cannot be read by rowid ({e})")),
+        None => Err("has columns named rowid, oid and _rowid_".to_owned()),
+    };
+    let (rowid, scan) = match scan {
+        Ok(found) => found,
+        Err(why) => {
+            log::warn!("table {table} {why}; reading it in one pass");
             return copy_without_rowid(
                 source,
                 target,
