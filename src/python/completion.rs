@@ -239,14 +239,17 @@ impl CompletionPort {
             // future done with its waiter never woken (`settle` repairs that for the few
             // bytecodes of the loop's `call_soon` left). What is not delivered waits for the
             // next drain.
-            if let Err(interrupt) = py.check_signals() {
-                self.hold(std::iter::once((future, value)).chain(converted), finished);
-                return Err(interrupt);
-            }
-            if let Err(Interrupted {
+            let interrupted = match py.check_signals() {
+                Err(interrupt) => Some(Interrupted {
+                    interrupt,
+                    delivered: false,
+                }),
+                Ok(()) => settle(py, future.bind(py), &value).err(),
+            };
+            if let Some(Interrupted {
                 interrupt,
                 delivered,
-            }) = settle(py, future.bind(py), &value)
+            }) = interrupted
             {
                 if delivered {
                     self.hold(converted, finished);
@@ -437,11 +440,11 @@ fn is_done(future: &Bound<'_, PyAny>) -> bool {
         .unwrap_or(true)
 }
 
-/// A `KeyboardInterrupt` or `SystemExit` raised while a future was being resolved.
+/// A `KeyboardInterrupt` or `SystemExit` raised just before or while a future was resolved.
 struct Interrupted {
     interrupt: PyErr,
-    /// Whether the future got its value; if not (a pure-Python future interrupted before it
-    /// stored it), the value is for the next drain.
+    /// Whether the future got its value; if not (the interrupt came first, or a pure-Python
+    /// future was interrupted before it stored it), the value is for the next drain.
     delivered: bool,
 }
 

@@ -557,6 +557,28 @@ mod tests {
     use crate::sqlite::options::SqliteOptions;
     use crate::sqlite::schema;
 
+    /// Numbers another program stored where text belongs read as JSON spells them, so that a
+    /// JSON column gives back the same number and a status counts under its plain text.
+    #[test]
+    fn values_that_are_not_text_read_as_their_text() {
+        let cases = [
+            (ValueRef::Integer(-1), "-1"),
+            (ValueRef::Real(2.5), "2.5"),
+            (ValueRef::Real(1.0), "1.0"),
+            (ValueRef::Real(-0.0), "-0.0"),
+            (ValueRef::Real(1e20), "1e20"),
+            (ValueRef::Real(f64::INFINITY), "Infinity"),
+            (ValueRef::Real(f64::NEG_INFINITY), "-Infinity"),
+            (ValueRef::Text(b"running"), "running"),
+            (ValueRef::Blob(b"failed"), "failed"),
+        ];
+        for (value, text) in cases {
+            assert_eq!(sql_text(value).as_deref(), Some(text), "{value:?}");
+        }
+        assert_eq!(sql_text(ValueRef::Null), None);
+        assert_eq!(status_text(&Value::Real(2.5)), "2.5");
+    }
+
     /// SQLite's plan for `sql`, one line per step.
     fn plan(conn: &Connection, sql: &str) -> Vec<String> {
         let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
