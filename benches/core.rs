@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput};
-use flujo_sqlite::engine::{Request, Response, StateEngine};
+use flujo_sqlite::engine::{Completion, Request, Response, StateEngine};
 use flujo_sqlite::model::{BackgroundFields, StateRecord, WorkflowQuery};
 use flujo_sqlite::sqlite::{Durability, SqliteEngine, SqliteOptions};
 use rusqlite::types::Value;
@@ -539,7 +539,7 @@ fn submit(engine: &SqliteEngine, request: Request, tx: &mpsc::Sender<Outcome>) {
     let tx = tx.clone();
     engine.submit(
         request,
-        Box::new(move |outcome| {
+        Completion::new(move |outcome| {
             let _ = tx.send(outcome);
         }),
     );

@@ -42,9 +42,6 @@ pub enum Request {
     },
     CleanupOldWorkflows {
         days_old: Age,
-        /// Set when the caller stops waiting: the cleanup then stops after its current batch
-        /// (what it deleted stays deleted), rather than going on for nobody, holding up exit.
-        caller_gone: CallerGone,
     },
     SaveRunStart(Box<RunStart>),
     SaveStepResult(Box<StepRecord>),
@@ -106,7 +103,8 @@ pub enum Request {
     },
 }
 
-/// A flag the caller of a long request sets once it no longer waits for the answer.
+/// A flag the caller sets once it no longer waits for the answer (it was cancelled, timed out
+/// or interrupted).
 #[derive(Debug, Clone, Default)]
 pub struct CallerGone(Arc<AtomicBool>);
 
@@ -120,22 +118,39 @@ impl CallerGone {
     }
 }
 
-/// Requests compare by what they ask for; whether the caller still waits is not part of that.
-impl PartialEq for CallerGone {
-    fn eq(&self, _: &Self) -> bool {
-        true
+/// How the engine answers one request, exactly once, from one of its threads; and how it learns
+/// that the caller stopped waiting.
+pub struct Completion {
+    answer: Box<dyn FnOnce(Result<Response>) + Send + 'static>,
+    caller_gone: CallerGone,
+}
+
+impl Completion {
+    pub fn new(answer: impl FnOnce(Result<Response>) + Send + 'static) -> Self {
+        Self::watching(CallerGone::default(), answer)
+    }
+
+    /// A completion whose caller sets `caller_gone` once it stops waiting.
+    pub fn watching(
+        caller_gone: CallerGone,
+        answer: impl FnOnce(Result<Response>) + Send + 'static,
+    ) -> Self {
+        Completion {
+            answer: Box::new(answer),
+            caller_gone,
+        }
+    }
+
+    pub fn caller_gone(&self) -> &CallerGone {
+        &self.caller_gone
+    }
+
+    pub fn answer(self, outcome: Result<Response>) {
+        (self.answer)(outcome)
     }
 }
 
 impl Request {
-    /// The flag a long request watches to stop early once its caller no longer waits.
-    pub fn caller_gone(&self) -> Option<&CallerGone> {
-        match self {
-            Request::CleanupOldWorkflows { caller_gone, .. } => Some(caller_gone),
-            _ => None,
-        }
-    }
-
     /// Whether the request changes the database (and so must go through the single writer).
     pub fn is_write(&self) -> bool {
         matches!(
@@ -173,12 +188,15 @@ pub enum Response {
     Evaluations(Vec<StoredEvaluation>),
 }
 
-/// Called exactly once with the outcome of a request, on an engine thread.
-pub type Completion = Box<dyn FnOnce(Result<Response>) + Send + 'static>;
-
 pub trait StateEngine: Send + Sync {
-    /// Queue `request`; `done` runs once it has finished (for writes: once durable).
-    /// After `close`, `done` is called at once with `Error::Closed`.
+    /// Queue `request`; `done` is answered once it has finished (for writes: once durable).
+    /// After `close`, `done` is answered at once with `Error::Closed`.
+    ///
+    /// A caller may stop waiting (see [`Completion::caller_gone`]). Nobody can see the answer
+    /// of a read then, so one that has not begun is answered with `Error::CallerGone` without
+    /// running: callers that keep retrying with a timeout shorter than the call must not build
+    /// a backlog that every later read waits behind. A long write (a cleanup) stops after its
+    /// current batch. Other writes run all the same, as the caller cannot tell whether they did.
     fn submit(&self, request: Request, done: Completion);
 
     /// Finish the work already queued, then stop the engine's threads. Idempotent; blocks

@@ -122,4 +122,9 @@ pub enum Error {
          have been stored: load it to check"
     )]
     Unanswered,
+
+    /// The caller stopped waiting before its read began, so the read was not run. Only a
+    /// caller that is gone is ever answered so, and it no longer listens.
+    #[error("the caller stopped waiting (cancelled or timed out) before this read began")]
+    CallerGone,
 }

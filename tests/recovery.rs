@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use flujo_sqlite::engine::{Request, Response, StateEngine};
+use flujo_sqlite::engine::{Completion, Request, Response, StateEngine};
 use flujo_sqlite::error::Error;
 use flujo_sqlite::model::{BackgroundFields, Cell, StateRecord};
 use flujo_sqlite::sqlite::{recover, FreshLayout, SqliteEngine, SqliteOptions};
@@ -14,7 +14,10 @@ const ROWS: usize = 200;
 
 fn call(engine: &SqliteEngine, request: Request) -> Result<Response, Error> {
     let (tx, rx) = mpsc::channel();
-    engine.submit(request, Box::new(move |outcome| tx.send(outcome).unwrap()));
+    engine.submit(
+        request,
+        Completion::new(move |outcome| tx.send(outcome).unwrap()),
+    );
     rx.recv_timeout(Duration::from_secs(60)).unwrap()
 }
 

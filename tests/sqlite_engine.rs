@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use flujo_sqlite::engine::{CallerGone, Request, Response, StateEngine};
+use flujo_sqlite::engine::{CallerGone, Completion, Request, Response, StateEngine};
 use flujo_sqlite::error::Error;
 use flujo_sqlite::model::{BackgroundFields, Cell, SpanRecord, StateRecord, WorkflowQuery};
 use flujo_sqlite::sqlite::{FreshLayout, SqliteEngine, SqliteOptions};
@@ -30,7 +30,20 @@ fn engine(path: &Path) -> SqliteEngine {
 
 fn call(engine: &SqliteEngine, request: Request) -> Result<Response, Error> {
     let (tx, rx) = mpsc::channel();
-    engine.submit(request, Box::new(move |outcome| tx.send(outcome).unwrap()));
+    engine.submit(
+        request,
+        Completion::new(move |outcome| tx.send(outcome).unwrap()),
+    );
+    rx.recv_timeout(Duration::from_secs(60)).unwrap()
+}
+
+/// `call` by a caller that stopped waiting before the engine began the request.
+fn call_as_gone(engine: &SqliteEngine, request: Request) -> Result<Response, Error> {
+    let (tx, rx) = mpsc::channel();
+    let caller_gone = CallerGone::default();
+    caller_gone.set();
+    let done = Completion::watching(caller_gone, move |outcome| tx.send(outcome).unwrap());
+    engine.submit(request, done);
     rx.recv_timeout(Duration::from_secs(60)).unwrap()
 }
 
@@ -78,7 +91,7 @@ fn save_all(engine: &SqliteEngine, runs: impl Iterator<Item = (String, StateReco
         let tx = tx.clone();
         engine.submit(
             request,
-            Box::new(move |outcome| tx.send(outcome.is_ok()).unwrap()),
+            Completion::new(move |outcome| tx.send(outcome.is_ok()).unwrap()),
         );
     }
     drop(tx);
@@ -275,7 +288,7 @@ fn queued_writes_commit_together_and_a_failing_one_fails_alone() {
                 record: Box::new(record("p", status, &created)),
                 expected_updated_at: None,
             },
-            Box::new(move |outcome| tx.send((i, outcome.is_ok())).unwrap()),
+            Completion::new(move |outcome| tx.send((i, outcome.is_ok())).unwrap()),
         );
     }
     drop(tx);
@@ -361,7 +374,7 @@ fn queued_writes_that_fail_halfway_undo_only_themselves() {
             let tx = tx.clone();
             e.submit(
                 request,
-                Box::new(move |outcome| tx.send((i, outcome)).unwrap()),
+                Completion::new(move |outcome| tx.send((i, outcome)).unwrap()),
             );
         }
         let mut outcomes: Vec<_> = rx.iter().take(count).collect();
@@ -523,14 +536,36 @@ fn a_cleanup_whose_caller_is_gone_deletes_nothing_more() {
         &e,
         (0..10).map(|i| (format!("r{i}"), record("p", "completed", &old))),
     );
-    let caller_gone = CallerGone::default();
-    caller_gone.set();
-    let cleanup = Request::CleanupOldWorkflows {
-        days_old: age_days(30.0),
-        caller_gone,
-    };
-    assert_eq!(call(&e, cleanup).unwrap(), Response::Count(0));
+    assert_eq!(
+        call_as_gone(&e, cleanup_request(30.0)).unwrap(),
+        Response::Count(0)
+    );
     assert_eq!(stored_run_ids(&db.path).len(), 10);
+}
+
+#[test]
+fn reads_whose_caller_is_gone_are_skipped_and_writes_are_not() {
+    let db = temp_db();
+    let e = engine(&db.path);
+    let now = utc_text(chrono::Duration::zero());
+    save(&e, "r", record("p", "running", &now));
+    let load = || Request::LoadState {
+        run_id: "r".to_owned(),
+    };
+    assert!(matches!(call(&e, load()), Ok(Response::State(Some(_)))));
+    assert!(matches!(call_as_gone(&e, load()), Err(Error::CallerGone)));
+    assert!(matches!(
+        call_as_gone(&e, Request::WorkflowStats),
+        Err(Error::CallerGone)
+    ));
+    // A gone caller cannot tell whether its save happened, so it happens, as with Flujo.
+    let save = Request::SaveState {
+        run_id: "s".to_owned(),
+        record: Box::new(record("p", "running", &now)),
+        expected_updated_at: None,
+    };
+    assert_eq!(call_as_gone(&e, save).unwrap(), Response::Done);
+    assert_eq!(stored_run_ids(&db.path).len(), 2);
 }
 
 #[test]
@@ -547,7 +582,7 @@ fn saves_queued_behind_a_long_cleanup_are_served_between_its_batches() {
                 record: Box::new(record("p", "completed", &old)),
                 expected_updated_at: None,
             },
-            Box::new(move |outcome| tx.send(outcome.is_ok()).unwrap()),
+            Completion::new(move |outcome| tx.send(outcome.is_ok()).unwrap()),
         );
     }
     drop(saved_tx);
@@ -558,7 +593,7 @@ fn saves_queued_behind_a_long_cleanup_are_served_between_its_batches() {
     let cleanup_tx = order_tx.clone();
     e.submit(
         cleanup_request(30.0),
-        Box::new(move |outcome| cleanup_tx.send(("cleanup", outcome.unwrap())).unwrap()),
+        Completion::new(move |outcome| cleanup_tx.send(("cleanup", outcome.unwrap())).unwrap()),
     );
     let now = utc_text(chrono::Duration::zero());
     for i in 0..10 {
@@ -569,7 +604,7 @@ fn saves_queued_behind_a_long_cleanup_are_served_between_its_batches() {
                 record: Box::new(record("p", "running", &now)),
                 expected_updated_at: None,
             },
-            Box::new(move |outcome| tx.send(("save", outcome.unwrap())).unwrap()),
+            Completion::new(move |outcome| tx.send(("save", outcome.unwrap())).unwrap()),
         );
     }
     drop(order_tx);
@@ -1000,7 +1035,7 @@ fn a_second_close_waits_for_the_queued_work_like_the_first() {
     let (gate_tx, gate_rx) = mpsc::channel::<()>();
     e.submit(
         save_request("held"),
-        Box::new(move |_| {
+        Completion::new(move |_| {
             entered_tx.send(()).unwrap();
             gate_rx.recv().unwrap();
         }),
@@ -1010,7 +1045,7 @@ fn a_second_close_waits_for_the_queued_work_like_the_first() {
     e.submit(
         save_request("queued"),
         // Ignored if a wrong second close already returned and dropped the receiver.
-        Box::new(move |outcome| {
+        Completion::new(move |outcome| {
             let _ = queued_tx.send(outcome);
         }),
     );
@@ -1363,6 +1398,5 @@ fn age_days(amount: f64) -> Age {
 fn cleanup_request(days_old: f64) -> Request {
     Request::CleanupOldWorkflows {
         days_old: age_days(days_old),
-        caller_gone: CallerGone::default(),
     }
 }

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import random
 import shutil
@@ -394,6 +395,39 @@ async def test_a_cleanup_whose_caller_stops_waiting_stops_after_its_batch(tmp_pa
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
         (remaining,) = conn.execute("SELECT count(*) FROM workflow_state").fetchone()
     assert 0 < remaining < 3000, "the batch under way finishes, and nothing after it runs"
+
+
+async def test_reads_whose_callers_stop_waiting_before_they_begin_are_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A caller that keeps retrying with a timeout shorter than the call used to queue a read
+    per try, each run for nobody, and every later read waited behind them all. Here the file is
+    locked by another process before the backend first opens it, so the first read waits and
+    the rest queue behind it while their callers give up."""
+    db_path = tmp_path / "wf.db"
+    tries = 20
+    with caplog.at_level(logging.DEBUG, logger="flujo_sqlite"):
+        backend = SQLiteBackend(db_path, lock_timeout=60)
+        try:
+            with lock_held(db_path) as holder:
+                waiting = asyncio.ensure_future(backend.load_state("r"))
+                for _ in range(tries):
+                    with pytest.raises(TimeoutError):
+                        await asyncio.wait_for(backend.get_workflow_stats(), timeout=0.01)
+                    with pytest.raises(TimeoutError):
+                        await asyncio.wait_for(backend.load_state("r"), timeout=0.01)
+                holder.release()
+                assert await asyncio.wait_for(waiting, 30) is None
+            assert (await backend.get_workflow_stats())["total_workflows"] == 0
+        finally:
+            await backend.close()
+    messages = [r.getMessage() for r in caplog.records]
+    loads = [m for m in messages if "skipped a read whose caller stopped waiting" in m]
+    stats_parts = [m for m in messages if "skipped a part of get_workflow_stats" in m]
+    assert len(loads) == tries, messages
+    # The statistics run in two parts, the first of which the second reader had taken (and
+    # waits for the lock with) before its caller gave up.
+    assert 2 * tries - 1 <= len(stats_parts) <= 2 * tries, messages
 
 
 async def test_lock_held_shorter_than_lock_timeout_is_waited_for(tmp_path: Path) -> None:

@@ -38,6 +38,8 @@ else:
 
 __all__ = ["SQLiteBackend"]
 
+_T = TypeVar("_T")
+
 # One completion port per event loop: engine threads post finished work to it and the loop
 # resolves the futures in batches (see src/python/completion.rs). The loop keeps its port alive
 # (the port's drain is its reader callback); here both are held weakly, as the port holds the
@@ -69,6 +71,19 @@ def _port() -> CompletionPort:
                 loop.add_reader(port.fileno(), port.drain)
                 _PORTS[loop] = weakref.ref(port)
     return port
+
+
+async def _call(method: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+    """Awaits ``method(port, *args)``, a call of the engine. A caller that stops waiting (a
+    cancelled or timed-out task, Ctrl-C) tells the engine, which then skips a read that has not
+    begun (nobody could see its answer) and stops a cleanup after its current batch."""
+    port = _port()
+    call = method(port, *args)
+    try:
+        return await call
+    except asyncio.CancelledError:
+        port.caller_gone(call)
+        raise
 
 
 # Path spellings that only a shell or a URI parser understands; as a file path each one would
@@ -253,23 +268,23 @@ class SQLiteBackend(_Base):
         nobody changed the run since: otherwise ``ConflictError`` is raised and nothing is
         written, so two workers resuming the same run cannot both advance it.
         """
-        await self._native.save_state(_port(), run_id, state, expected_updated_at)
+        await _call(self._native.save_state, run_id, state, expected_updated_at)
 
     async def load_state(self, run_id: str) -> dict[str, Any] | None:
         """The saved state of ``run_id``, or ``None``. ``created_at``/``updated_at`` are datetimes
         (aware exactly when saved aware); the rest is plain JSON data.
         """
-        return await self._native.load_state(_port(), run_id)
+        return await _call(self._native.load_state, run_id)
 
     async def delete_state(self, run_id: str) -> None:
         """Delete the state of ``run_id`` (its run history is kept; see ``delete_run``). An unknown
         id is a no-op.
         """
-        await self._native.delete_state(_port(), run_id)
+        await _call(self._native.delete_state, run_id)
 
     async def list_states(self, status: str | None = None) -> list[dict[str, Any]]:
         """``run_id``, ``status``, ``created_at`` and ``updated_at`` of every state, newest first."""
-        return await self._native.list_states(_port(), status)
+        return await _call(self._native.list_states, status)
 
     async def list_workflows(
         self,
@@ -281,11 +296,11 @@ class SQLiteBackend(_Base):
         """Run summaries without payloads, newest first; ``""`` filters mean no filter. A
         ``limit`` of ``None`` or below 0 means no limit; ``offset`` must be ``None`` or ``>= 0``.
         """
-        return await self._native.list_workflows(_port(), status, pipeline_id, limit, offset)
+        return await _call(self._native.list_workflows, status, pipeline_id, limit, offset)
 
     async def get_workflow_stats(self) -> dict[str, Any]:
         """Totals, counts by status, runs created in the last 24 hours, the average execution time."""
-        return await self._native.get_workflow_stats(_port())
+        return await _call(self._native.get_workflow_stats)
 
     def get_workflow_stats_sync(self) -> dict[str, Any]:
         """``get_workflow_stats`` for synchronous code (waits without holding the GIL)."""
@@ -295,13 +310,13 @@ class SQLiteBackend(_Base):
         """Failed runs updated in the last ``hours_back`` hours (an exact instant comparison),
         newest first.
         """
-        return await self._native.get_failed_workflows(_port(), hours_back)
+        return await _call(self._native.get_failed_workflows, hours_back)
 
     async def cleanup_old_workflows(self, days_old: float = 30) -> int:
         """Delete states created more than ``days_old`` days ago (fractions allowed); returns how
         many. Runs in short batches so other calls are never held up for long.
         """
-        return await self._native.cleanup_old_workflows(_port(), days_old)
+        return await _call(self._native.cleanup_old_workflows, days_old)
 
     # Run history, written by Flujo's runner and read by `flujo lens`.
 
@@ -309,23 +324,23 @@ class SQLiteBackend(_Base):
         """Record that a run started (Flujo's runner calls this). A second call updates the run in
         place and keeps its steps and spans.
         """
-        await self._native.save_run_start(_port(), run_data)
+        await _call(self._native.save_run_start, run_data)
 
     async def save_step_result(self, step_data: dict[str, Any]) -> None:
         """Record one step's result; a run not recorded yet gets a placeholder."""
-        await self._native.save_step_result(_port(), step_data)
+        await _call(self._native.save_step_result, step_data)
 
     async def save_run_end(self, run_id: str, end_data: dict[str, Any]) -> None:
         """Record that a run finished; an unknown run is a no-op."""
-        await self._native.save_run_end(_port(), run_id, end_data)
+        await _call(self._native.save_run_end, run_id, end_data)
 
     async def get_run_details(self, run_id: str) -> dict[str, Any] | None:
         """The run record, with the keys of both Flujo releases, or ``None``."""
-        return await self._native.get_run_details(_port(), run_id)
+        return await _call(self._native.get_run_details, run_id)
 
     async def list_run_steps(self, run_id: str) -> list[dict[str, Any]]:
         """The run's step records in step order."""
-        return await self._native.list_run_steps(_port(), run_id)
+        return await _call(self._native.list_run_steps, run_id)
 
     async def list_runs(
         self,
@@ -338,33 +353,33 @@ class SQLiteBackend(_Base):
         """Run records newest first; ``metadata_filter`` keeps runs whose state metadata contains it
         (matched in SQL, before paging).
         """
-        return await self._native.list_runs(
-            _port(), status, pipeline_name, limit, offset, metadata_filter
+        return await _call(
+            self._native.list_runs, status, pipeline_name, limit, offset, metadata_filter
         )
 
     async def delete_run(self, run_id: str) -> None:
         """Delete the run record with its steps, spans, trace and evaluations (not its state)."""
-        await self._native.delete_run(_port(), run_id)
+        await _call(self._native.delete_run, run_id)
 
     # Traces and spans.
 
     async def save_trace(self, run_id: str, trace: dict[str, Any]) -> None:
         """Replace the run's spans with this trace tree; an empty trace changes nothing."""
-        await self._native.save_trace(_port(), run_id, trace)
+        await _call(self._native.save_trace, run_id, trace)
 
     async def save_spans(self, run_id: str, spans: list[dict[str, Any]]) -> None:
         """Append spans (a flat list) to the run."""
-        await self._native.save_spans(_port(), run_id, spans)
+        await _call(self._native.save_spans, run_id, spans)
 
     async def get_trace(self, run_id: str) -> dict[str, Any] | None:
         """The run's spans as a tree (the root span with nested ``children``), or ``None``."""
-        return await self._native.get_trace(_port(), run_id)
+        return await _call(self._native.get_trace, run_id)
 
     async def get_spans(
         self, run_id: str, status: str | None = None, name: str | None = None
     ) -> list[dict[str, Any]]:
         """The run's spans, flat, in start order, optionally filtered by status and name."""
-        return await self._native.get_spans(_port(), run_id, status, name)
+        return await _call(self._native.get_spans, run_id, status, name)
 
     async def get_span_statistics(
         self,
@@ -372,17 +387,17 @@ class SQLiteBackend(_Base):
         time_range: tuple[float, float] | None = None,
     ) -> dict[str, Any]:
         """Counts by name and status and average durations of finished spans."""
-        return await self._native.get_span_statistics(_port(), pipeline_name, time_range)
+        return await _call(self._native.get_span_statistics, pipeline_name, time_range)
 
     # System state, evaluations and background tasks (Flujo 0.6.11).
 
     async def set_system_state(self, key: str, value: dict[str, Any]) -> None:
         """Store a JSON value under ``key``."""
-        await self._native.set_system_state(_port(), key, value)
+        await _call(self._native.set_system_state, key, value)
 
     async def get_system_state(self, key: str) -> dict[str, Any] | None:
         """``{key, value, updated_at}`` for ``key``, or ``None``."""
-        return await self._native.get_system_state(_port(), key)
+        return await _call(self._native.get_system_state, key)
 
     async def persist_evaluation(
         self,
@@ -393,13 +408,13 @@ class SQLiteBackend(_Base):
         metadata: dict[str, Any] | None = None,
     ) -> None:
         """Record an evaluation score for a run."""
-        await self._native.persist_evaluation(_port(), run_id, score, feedback, step_name, metadata)
+        await _call(self._native.persist_evaluation, run_id, score, feedback, step_name, metadata)
 
     async def list_evaluations(
         self, limit: int = 20, run_id: str | None = None
     ) -> list[dict[str, Any]]:
         """Evaluations, newest first, optionally of one run."""
-        return await self._native.list_evaluations(_port(), limit, run_id)
+        return await _call(self._native.list_evaluations, limit, run_id)
 
     async def list_background_tasks(
         self,
@@ -409,21 +424,19 @@ class SQLiteBackend(_Base):
         offset: int = 0,
     ) -> list[dict[str, Any]]:
         """States flagged as background tasks, most recently updated first."""
-        return await self._native.list_background_tasks(
-            _port(), parent_run_id, status, limit, offset
-        )
+        return await _call(self._native.list_background_tasks, parent_run_id, status, limit, offset)
 
     async def get_failed_background_tasks(
         self, parent_run_id: str | None = None, hours_back: float = 24
     ) -> list[dict[str, Any]]:
         """Failed background tasks updated in the last ``hours_back`` hours."""
-        return await self._native.get_failed_background_tasks(_port(), parent_run_id, hours_back)
+        return await _call(self._native.get_failed_background_tasks, parent_run_id, hours_back)
 
     async def cleanup_stale_background_tasks(self, stale_hours: float = 24) -> int:
         """Mark running background tasks not updated for ``stale_hours`` as failed; returns how
         many.
         """
-        return await self._native.cleanup_stale_background_tasks(_port(), stale_hours)
+        return await _call(self._native.cleanup_stale_background_tasks, stale_hours)
 
     # Lifecycle.
 

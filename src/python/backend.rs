@@ -7,7 +7,6 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use pyo3::prelude::*;
-use pyo3::types::PyCFunction;
 
 use super::arguments;
 use super::completion::CompletionPort;
@@ -16,7 +15,7 @@ use super::from_python::encode_json;
 use super::log_with_gil;
 use super::results::response_to_python;
 use super::run_arguments;
-use crate::engine::{CallerGone, Completion, Request, Response, StateEngine};
+use crate::engine::{Completion, Request, Response, StateEngine};
 use crate::error::Error;
 use crate::model::{BackgroundTaskQuery, RunQuery};
 use crate::sqlite::{Durability, SqliteEngine, SqliteOptions};
@@ -124,36 +123,13 @@ impl NativeBackend {
         } else {
             Some(LONE_READ_WAIT)
         };
-        let caller_gone = request.caller_gone().cloned();
         let (future, done) = port.get().track(py)?;
         self.engine.submit(request, done);
-        if let Some(caller_gone) = caller_gone {
-            // On the future itself: the caller may be handed a stand-in for it (see
-            // `await_lone_request`).
-            set_when_cancelled(py, &future, caller_gone)?;
-        }
         match wait {
             Some(wait) => port.get().await_lone_request(py, future, wait),
             None => Ok(future),
         }
     }
-}
-
-/// Sets `caller_gone` once `future` is cancelled (a timeout, Ctrl-C), so that a long request
-/// stops after its current batch rather than going on for nobody.
-fn set_when_cancelled(
-    py: Python<'_>,
-    future: &Bound<'_, PyAny>,
-    caller_gone: CallerGone,
-) -> PyResult<()> {
-    let on_done = PyCFunction::new_closure(py, None, None, move |args, _| -> PyResult<()> {
-        if args.get_item(0)?.call_method0("cancelled")?.is_truthy()? {
-            caller_gone.set();
-        }
-        Ok(())
-    })?;
-    future.call_method1("add_done_callback", (on_done,))?;
-    Ok(())
 }
 
 #[pymethods]
@@ -314,7 +290,6 @@ impl NativeBackend {
     ) -> PyResult<Bound<'py, PyAny>> {
         let request = Request::CleanupOldWorkflows {
             days_old: arguments::age(days_old, "days_old", Age::days)?,
-            caller_gone: CallerGone::default(),
         };
         self.submit(py, port, request)
     }
@@ -607,7 +582,7 @@ impl NativeBackend {
         let outcome = py.detach(move || {
             engine.submit(
                 Request::WorkflowStats,
-                Box::new(move |outcome| {
+                Completion::new(move |outcome| {
                     let _ = sender.send(outcome);
                 }),
             );
@@ -625,7 +600,7 @@ impl NativeBackend {
     ) -> PyResult<Bound<'py, PyAny>> {
         let (future, done) = port.get().track(py)?;
         if self.forked() {
-            done(Ok(Response::Done)); // the parent's engine; the parent closes it
+            done.answer(Ok(Response::Done)); // the parent's engine; the parent closes it
             return Ok(future);
         }
         let engine = Arc::clone(&self.engine);
@@ -636,7 +611,7 @@ impl NativeBackend {
             .spawn(move || {
                 engine.close();
                 if let Ok(done) = take.recv() {
-                    done(Ok(Response::Done));
+                    done.answer(Ok(Response::Done));
                 }
             });
         match spawned {
@@ -651,7 +626,7 @@ impl NativeBackend {
                     "cannot start a thread to close on ({error}); closing on this one"
                 );
                 self.close_blocking(py);
-                done(Ok(Response::Done));
+                done.answer(Ok(Response::Done));
                 logged?;
             }
         }

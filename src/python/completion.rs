@@ -24,7 +24,7 @@ use pyo3::PyTraverseError;
 use super::errors::to_py_err;
 use super::log_with_gil;
 use super::results::{response_to_python, Built, ListInProgress};
-use crate::engine::{Completion, Response};
+use crate::engine::{CallerGone, Completion, Response};
 use crate::error::{Error, Result};
 
 /// Finished work waiting for the event loop; shared with engine threads (no Python inside).
@@ -70,13 +70,19 @@ impl Inbox {
 pub(crate) struct CompletionPort {
     inbox: Arc<Inbox>,
     woken_by: UnixStream,
-    /// Futures awaiting an outcome. Only touched with the GIL held, on the loop's thread.
-    waiting: Mutex<HashMap<u64, Py<PyAny>>>,
+    /// Calls awaiting an outcome. Only touched with the GIL held, on the loop's thread.
+    waiting: Mutex<HashMap<u64, Waiting>>,
     /// Results already converted when an interrupt stopped a drain; delivered first next time.
     converted: Mutex<Vec<Converted>>,
     /// Long lists being converted, a chunk per drain; each drain wakes the loop for the next.
     growing: Mutex<Vec<(Py<PyAny>, ListInProgress)>>,
     next_token: AtomicU64,
+}
+
+/// A call's future, and the flag that tells the engine when its caller stops waiting.
+struct Waiting {
+    future: Py<PyAny>,
+    caller_gone: CallerGone,
 }
 
 /// A future and the value (or exception) to resolve it with.
@@ -116,8 +122,8 @@ impl CompletionPort {
     /// is) is left out, which only keeps its objects alive longer.
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         if let Ok(waiting) = self.waiting.try_lock() {
-            for future in waiting.values() {
-                visit.call(future)?;
+            for call in waiting.values() {
+                visit.call(&call.future)?;
             }
         }
         if let Ok(converted) = self.converted.try_lock() {
@@ -146,6 +152,16 @@ impl CompletionPort {
             .map(|mut c| std::mem::take(&mut *c));
         let growing = self.growing.try_lock().map(|mut g| std::mem::take(&mut *g));
         drop((waiting, converted, growing));
+    }
+
+    /// Tells the engine that the caller of `call` (an awaitable one of our methods returned)
+    /// stopped waiting: a read not begun yet is then skipped, a cleanup stops after its batch.
+    /// Rare, so a scan; a call already answered is not found, and needs nothing.
+    fn caller_gone(&self, call: &Bound<'_, PyAny>) {
+        let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(gone) = waiting.values().find(|w| w.future.is(call)) {
+            gone.caller_gone.set();
+        }
     }
 
     /// The file descriptor the event loop watches.
@@ -269,7 +285,8 @@ impl CompletionPort {
             .waiting
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&token)?;
+            .remove(&token)?
+            .future;
         if is_done(future.bind(py)) {
             return None;
         }
@@ -368,17 +385,25 @@ impl CompletionPort {
     /// A new asyncio future on the running loop, and the completion that resolves it.
     pub(crate) fn track<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, Completion)> {
         let future = running_loop(py)?.call_method0("create_future")?;
+        let caller_gone = CallerGone::default();
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         self.waiting
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(token, future.clone().unbind());
+            .insert(
+                token,
+                Waiting {
+                    future: future.clone().unbind(),
+                    caller_gone: caller_gone.clone(),
+                },
+            );
         let answer = Answer {
             inbox: Arc::clone(&self.inbox),
             token,
             given: false,
         };
-        Ok((future, Box::new(move |outcome| answer.give(outcome))))
+        let done = Completion::watching(caller_gone, move |outcome| answer.give(outcome));
+        Ok((future, done))
     }
 }
 

@@ -1,6 +1,7 @@
 //! The one place where core errors become Python exceptions. The classes live in
 //! `flujo_sqlite/errors.py` (they need multiple inheritance from stdlib exceptions).
 
+use pyo3::exceptions::asyncio::CancelledError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyType;
@@ -50,6 +51,7 @@ fn raised_as(py: Python<'_>, kind: &Error, message: String) -> PyErr {
         Error::Corrupt { .. } => corrupt_database(py, message),
         Error::Closed { .. } | Error::ForkedWhileInUse { .. } => backend_closed(py, message),
         Error::Conflict { .. } => conflict(py, message),
+        Error::CallerGone => CancelledError::new_err(message),
         Error::CannotOpen { .. }
         | Error::SchemaTooNew { .. }
         | Error::FileReplaced { .. }

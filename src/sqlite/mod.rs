@@ -205,7 +205,7 @@ impl StateEngine for SqliteEngine {
     fn submit(&self, request: Request, done: Completion) {
         let queues = self.queues.read().unwrap_or_else(|p| p.into_inner());
         let Some(queues) = queues.as_ref() else {
-            return done(Err(Error::Closed {
+            return done.answer(Err(Error::Closed {
                 path: self.path.clone(),
             }));
         };
@@ -222,7 +222,7 @@ impl StateEngine for SqliteEngine {
                 submitted,
             };
             if let Err(refused) = queues.writes.send(job) {
-                (refused.0.done)(Err(closed()));
+                refused.0.done.answer(Err(closed()));
             }
         } else if let Err(refused) = queues.reads.send(ReadJob::Request(Job {
             request,
@@ -230,7 +230,7 @@ impl StateEngine for SqliteEngine {
             submitted,
         })) {
             if let ReadJob::Request(job) = refused.0 {
-                (job.done)(Err(closed()));
+                job.done.answer(Err(closed()));
             }
         }
     }

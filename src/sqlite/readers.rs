@@ -44,6 +44,14 @@ fn serve(shared: &Shared, jobs: &Receiver<ReadJob>) {
     shared.wait_for_predecessor();
     let mut conn: Option<Connection> = None;
     while let Some(job) = spin::next(jobs) {
+        let job = match job {
+            ReadJob::Request(job) if job.done.caller_gone().is_set() => {
+                log::debug!("skipped a read whose caller stopped waiting before it began");
+                job.done.answer(Err(Error::CallerGone));
+                continue;
+            }
+            job => job,
+        };
         let submitted = match &job {
             ReadJob::Request(job) => job.submitted,
             ReadJob::Part { submitted, .. } => *submitted,
@@ -67,7 +75,7 @@ fn serve(shared: &Shared, jobs: &Receiver<ReadJob>) {
                         execute_read(conn, &layout, shared, &job.request)
                     })
                 });
-                (job.done)(outcome);
+                job.done.answer(outcome);
             }
             ReadJob::Part { run, .. } => run(shared, ready.map(|(conn, _)| conn)),
         }

@@ -22,11 +22,14 @@ use super::connection::{classify, retry_while_locked};
 use super::queries::{self, WorkflowCounts};
 use super::readers::ReadJob;
 use super::Shared;
-use crate::engine::{Completion, Response};
+use crate::engine::{CallerGone, Completion, Response};
 use crate::error::{Error, Result};
 
 /// Queues both parts; the one that finishes second answers `done`.
 pub(super) fn submit(reads: &Sender<ReadJob>, done: Completion, path: &Path, submitted: Instant) {
+    // Each part looks before it begins; a caller gone by then hears `CallerGone` (unheard).
+    let gone = done.caller_gone().clone();
+    let counts_gone = gone.clone();
     let join = Arc::new(Mutex::new(Parts {
         counts: None,
         average: None,
@@ -37,14 +40,26 @@ pub(super) fn submit(reads: &Sender<ReadJob>, done: Completion, path: &Path, sub
     let parts = [
         ReadJob::Part {
             run: Box::new(move |shared, conn| {
-                let outcome = run(shared, conn, submitted, queries::workflow_counts);
+                let outcome = run(
+                    shared,
+                    conn,
+                    &counts_gone,
+                    submitted,
+                    queries::workflow_counts,
+                );
                 finish(&counts, |parts| parts.counts = Some(outcome));
             }),
             submitted,
         },
         ReadJob::Part {
             run: Box::new(move |shared, conn| {
-                let outcome = run(shared, conn, submitted, queries::average_execution_time);
+                let outcome = run(
+                    shared,
+                    conn,
+                    &gone,
+                    submitted,
+                    queries::average_execution_time,
+                );
                 finish(&average, |parts| parts.average = Some(outcome));
             }),
             submitted,
@@ -64,13 +79,18 @@ pub(super) fn submit(reads: &Sender<ReadJob>, done: Completion, path: &Path, sub
 }
 
 /// One part's query on the connection a reader handed it, retried while the file is locked, as
-/// a whole request would be.
+/// a whole request would be; skipped once the caller is gone, as a whole request would be.
 fn run<T>(
     shared: &Shared,
     conn: Result<&Connection>,
+    caller_gone: &CallerGone,
     submitted: Instant,
     query: impl Fn(&Connection) -> rusqlite::Result<T>,
 ) -> Result<T> {
+    if caller_gone.is_set() {
+        log::debug!("skipped a part of get_workflow_stats whose caller stopped waiting");
+        return Err(Error::CallerGone);
+    }
     let conn = conn?;
     retry_while_locked(&shared.options, submitted, || {
         query(conn).map_err(|e| classify(&shared.options.path, e))
@@ -103,7 +123,7 @@ fn finish(join: &Mutex<Parts>, record: impl FnOnce(&mut Parts)) {
     };
     // Outside the lock: the completion hands the result to Python.
     if let Some((done, outcome)) = answer {
-        done(outcome);
+        done.answer(outcome);
     }
 }
 
@@ -120,7 +140,7 @@ mod tests {
         let parts = Parts {
             counts: None,
             average: None,
-            done: Some(Box::new(move |outcome| tx.send(outcome).unwrap())),
+            done: Some(Completion::new(move |outcome| tx.send(outcome).unwrap())),
         };
         (Mutex::new(parts), rx)
     }

@@ -154,7 +154,7 @@ impl Writer<'_> {
                     batch = waiting;
                     for job in expired {
                         let waited = job.submitted.elapsed();
-                        (job.done)(Err(Error::Locked {
+                        job.done.answer(Err(Error::Locked {
                             path: options.path.clone(),
                             waited,
                         }));
@@ -185,9 +185,9 @@ impl Writer<'_> {
                     // SQLite rolled the whole transaction back itself (a full disk, an I/O
                     // error): nothing of this batch is stored, whatever earlier writes reported.
                     let error = error.clone();
-                    (job.done)(outcome);
+                    job.done.answer(outcome);
                     for (done, _) in outcomes {
-                        done(Err(error.clone()));
+                        done.answer(Err(error.clone()));
                     }
                     return fail_all(jobs.collect(), &error);
                 }
@@ -216,7 +216,7 @@ impl Writer<'_> {
             _ => None,
         };
         for (done, outcome) in outcomes {
-            done(match &commit_error {
+            done.answer(match &commit_error {
                 Some(error) => outcome.and(Err(error.clone())),
                 None => outcome,
             });
@@ -228,11 +228,7 @@ impl Writer<'_> {
     }
 
     fn cleanup(&mut self, job: Job, jobs: &Receiver<Job>) {
-        let Request::CleanupOldWorkflows {
-            days_old,
-            caller_gone,
-        } = job.request
-        else {
+        let Request::CleanupOldWorkflows { days_old } = job.request else {
             unreachable!("only cleanups are passed here")
         };
         let window = days_old.window();
@@ -240,7 +236,7 @@ impl Writer<'_> {
         // again and again; one checkpoint at the end, off this thread, copies each page once.
         let outcome = self
             .pause_autocheckpoint(job.submitted)
-            .and_then(|()| self.delete_old(&window, &caller_gone, jobs));
+            .and_then(|()| self.delete_old(&window, job.done.caller_gone(), jobs));
         match &outcome {
             Ok(0) if self.checkpoint.is_none() => self.restore_autocheckpoint(),
             Ok(0) => {} // turned back on when the running checkpoint is done
@@ -251,7 +247,7 @@ impl Writer<'_> {
         if let Ok(deleted @ 1..) = outcome {
             log::info!("cleanup_old_workflows deleted {deleted} workflow states");
         }
-        (job.done)(outcome.map(Response::Count));
+        job.done.answer(outcome.map(Response::Count));
     }
 
     /// Deletes in batches that grow while no other write is waiting and shrink as soon as one
@@ -559,6 +555,6 @@ fn span_error(path: &Path, layout: &Layout, error: rusqlite::Error) -> Error {
 
 fn fail_all(batch: Vec<Job>, error: &Error) {
     for job in batch {
-        (job.done)(Err(error.clone()));
+        job.done.answer(Err(error.clone()));
     }
 }
