@@ -14,8 +14,8 @@ pub enum Error {
 
     /// Another connection kept the write lock for longer than the configured wait.
     #[error(
-        "database {path} is locked: another connection held its write lock for {waited:.1?} \
-         and we gave up waiting. Check for other processes (or a long-running transaction, \
+        "database {path} is locked: this call waited {waited:.1?} for another connection's \
+         write lock and gave up. Check for other processes (or a long-running transaction, \
          e.g. an open sqlite3 shell) using this file, or raise `lock_timeout`."
     )]
     Locked { path: PathBuf, waited: Duration },
@@ -68,10 +68,11 @@ pub enum Error {
     /// it. Writes are refused from then on, since they would go into a file nobody will find.
     #[error(
         "database {path} was moved, replaced or deleted while this backend had it open, so \
-         this write was not stored (nor written anywhere else). A backend never moves its own \
-         file: another program did, or a `recover()` you ran elsewhere (Flujo's own backend \
-         moves a file it cannot open aside as `<name>.corrupt.<timestamp>`). Put the file back \
-         or decide which one to keep, then create a new backend"
+         this call was refused: a write is not stored, there or anywhere else. A backend never \
+         moves its own file: another program did, or a `recover()` you ran elsewhere (Flujo's \
+         own backend moves a file it cannot open aside as `<name>.corrupt.<timestamp>`, \
+         without the writes still in its -wal file). Put the file back or decide which one to \
+         keep, then create a new backend"
     )]
     FileReplaced { path: PathBuf },
 

@@ -568,6 +568,72 @@ fn reads_whose_caller_is_gone_are_skipped_and_writes_are_not() {
     assert_eq!(stored_run_ids(&db.path).len(), 2);
 }
 
+/// Another process waiting to write cannot be seen, and SQLite's busy handler looks again only
+/// every 100 ms: a cleanup that takes the lock back right after each batch kept it from writing
+/// for the whole cleanup (Flujo 0.4.35, starting meanwhile, gives up after 5 s and moves the
+/// file aside as corrupt). A second engine on the file stands for that process.
+#[test]
+fn a_long_cleanup_lets_writers_of_other_connections_in() {
+    const OLD_RUNS: usize = 320_000;
+    let db = temp_db();
+    let e = engine(&db.path);
+    let now = utc_text(chrono::Duration::zero());
+    save(&e, "warm", record("p", "running", &now));
+    let old = utc_text(chrono::Duration::days(40));
+    {
+        let mut conn = Connection::open(&db.path).unwrap();
+        let tx = conn.transaction().unwrap();
+        let mut insert = tx
+            .prepare(
+                "INSERT INTO workflow_state (run_id, pipeline_id, pipeline_name, \
+                 pipeline_version, current_step_index, pipeline_context, status, created_at, \
+                 updated_at) VALUES (?1, 'p', 'n', '1', 0, '{}', 'completed', ?2, ?2)",
+            )
+            .unwrap();
+        for i in 0..OLD_RUNS as u64 {
+            // Scattered, as real run ids are: each batch then touches pages all over the index.
+            let run_id = format!("{:016x}", i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            insert.execute(rusqlite::params![run_id, old]).unwrap();
+        }
+        drop(insert);
+        tx.commit().unwrap();
+    }
+    let mut options = SqliteOptions::new(&db.path);
+    options.lock_wait = Duration::from_secs(2);
+    let other = SqliteEngine::start(options).unwrap();
+    save(&other, "other-warm", record("p", "running", &now));
+
+    let (done_tx, done_rx) = mpsc::channel();
+    let started = std::time::Instant::now();
+    e.submit(
+        cleanup_request(30.0),
+        Completion::new(move |outcome| done_tx.send(outcome).unwrap()),
+    );
+    let mut saved_meanwhile = 0;
+    let deleted = loop {
+        if let Ok(outcome) = done_rx.try_recv() {
+            break outcome.unwrap();
+        }
+        let during = Request::SaveState {
+            run_id: format!("during{saved_meanwhile}"),
+            record: Box::new(record("p", "running", &now)),
+            expected_updated_at: None,
+        };
+        if let Err(error) = call(&other, during) {
+            panic!("{error} (after {:?} of cleanup)", started.elapsed());
+        }
+        saved_meanwhile += 1;
+    };
+    let took = started.elapsed();
+    assert_eq!(deleted, Response::Count(OLD_RUNS as u64));
+    // Otherwise the other engine's saves could not have waited past their lock_wait anyway.
+    assert!(
+        took > 2 * Duration::from_secs(2),
+        "the cleanup took only {took:?}, too short to show anything: raise OLD_RUNS"
+    );
+    assert!(saved_meanwhile > 1, "{saved_meanwhile}");
+}
+
 #[test]
 fn saves_queued_behind_a_long_cleanup_are_served_between_its_batches() {
     let db = temp_db();

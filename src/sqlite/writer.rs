@@ -37,6 +37,13 @@ const CLEANUP_ROWS_MIN: usize = 250;
 const CLEANUP_ROWS_MAX: usize = 16_000;
 /// A cleanup batch only grows while it takes less than half of this.
 const CLEANUP_BATCH_BUDGET: Duration = Duration::from_millis(100);
+/// How long a cleanup goes on taking the write lock back after each batch before it leaves the
+/// lock alone for `LET_OTHER_PROCESSES_IN`. Writers of other processes cannot be seen waiting,
+/// and SQLite's busy handler (ours, Flujo's, the sqlite3 shell's) looks again only every
+/// 100 ms: without such a gap one waits for the whole cleanup, and Flujo 0.4.35 starting up
+/// meanwhile gives up after 5 s and moves the file aside as corrupt.
+const CLEANUP_HOLDS_LOCK_FOR: Duration = Duration::from_secs(1);
+const LET_OTHER_PROCESSES_IN: Duration = Duration::from_millis(100);
 
 pub(super) fn spawn(shared: Arc<Shared>, jobs: Receiver<Job>) -> Result<JoinHandle<()>> {
     let path = shared.options.path.clone();
@@ -261,6 +268,7 @@ impl Writer<'_> {
         let mut deleted: u64 = 0;
         let mut rows = CLEANUP_ROWS_FIRST;
         let mut checkpointed_for_room = false;
+        let mut held_since = Instant::now();
         loop {
             if caller_gone.is_set() {
                 log::info!(
@@ -303,17 +311,30 @@ impl Writer<'_> {
                 "cleanup: {deleted} rows deleted so far ({rows} in {:?})",
                 started.elapsed()
             );
+            if held_since.elapsed() >= CLEANUP_HOLDS_LOCK_FOR {
+                // This process's own writes are still served meanwhile, each a short commit.
+                let pause_ends = Instant::now() + LET_OTHER_PROCESSES_IN;
+                while let Ok(first) = jobs.recv_deadline(pause_ends) {
+                    self.serve_during_cleanup(first, jobs);
+                }
+                held_since = Instant::now();
+            }
             if let Ok(first) = jobs.try_recv() {
                 rows = (rows / 4).max(CLEANUP_ROWS_MIN);
-                if matches!(first.request, Request::CleanupOldWorkflows { .. }) {
-                    self.cleanups.push_back(first);
-                } else {
-                    let waiting = self.gather(first, jobs);
-                    self.commit(waiting);
-                }
+                self.serve_during_cleanup(first, jobs);
             } else if started.elapsed() < CLEANUP_BATCH_BUDGET / 2 {
                 rows = (rows * 2).min(CLEANUP_ROWS_MAX);
             }
+        }
+    }
+
+    /// Commits the writes queued behind a cleanup, with `first`; another cleanup waits its turn.
+    fn serve_during_cleanup(&mut self, first: Job, jobs: &Receiver<Job>) {
+        if matches!(first.request, Request::CleanupOldWorkflows { .. }) {
+            self.cleanups.push_back(first);
+        } else {
+            let waiting = self.gather(first, jobs);
+            self.commit(waiting);
         }
     }
 
