@@ -24,6 +24,17 @@ pub fn same_instant(a: &str, b: &str) -> bool {
     }
 }
 
+/// Whether one of two timestamp texts is naive and the other aware, with the naive one read as
+/// UTC denoting the same instant: the mix-up of a caller passing `datetime.now()` where the
+/// stored time carries an offset (or the reverse), rather than a real difference.
+pub fn differ_only_in_awareness(a: &str, b: &str) -> bool {
+    match (parse(a), parse(b)) {
+        (Some(Parsed::Aware(x)), Some(Parsed::Naive(y)))
+        | (Some(Parsed::Naive(y)), Some(Parsed::Aware(x))) => x.naive_utc() == y,
+        _ => false,
+    }
+}
+
 enum Parsed {
     Aware(DateTime<Utc>),
     Naive(chrono::NaiveDateTime),
@@ -145,6 +156,26 @@ mod tests {
         assert_eq!(w.cutoff, "2026-11-26 04:28:10.000000");
         assert_eq!(w.text_low, "2026-11-25");
         assert_eq!(w.text_high, "2026-11-28");
+    }
+
+    #[test]
+    fn awareness_alone_is_told_from_a_different_instant() {
+        assert!(differ_only_in_awareness(
+            "2026-11-27 04:28:10+00:00",
+            "2026-11-27T04:28:10"
+        ));
+        assert!(differ_only_in_awareness(
+            "2026-11-27 04:28:10",
+            "2026-11-27T09:58:10+05:30"
+        ));
+        assert!(!differ_only_in_awareness(
+            "2026-11-27 04:28:10+00:00",
+            "2026-11-27 04:28:11"
+        ));
+        assert!(!differ_only_in_awareness(
+            "2026-11-27 04:28:10+00:00",
+            "2026-11-27 04:28:10+00:00"
+        ));
     }
 
     #[test]

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from flujo_sqlite import ConflictError, SQLiteBackend
+from flujo_sqlite import ConflictError, InvalidStateError, SQLiteBackend
 
 
 def state(status: str, updated_at: datetime, step: int = 0) -> dict:
@@ -103,3 +103,51 @@ async def test_a_write_by_another_program_is_detected(tmp_path: Path) -> None:
             await backend.save_state(
                 "run", state("running", t0 + timedelta(seconds=10)), expected_updated_at=fresh
             )
+
+
+async def test_a_conditional_save_that_keeps_updated_at_is_refused(tmp_path: Path) -> None:
+    """The stored updated_at is the token: a save that kept it let a second worker holding the
+    same token overwrite the first one's save without a ConflictError (the guide's states carry
+    whole-second times, so two saves within a second share one)."""
+    async with SQLiteBackend(tmp_path / "wf.db") as backend:
+        t0 = datetime(2026, 1, 1, 12, tzinfo=UTC)
+        await backend.save_state("run", state("paused", t0))
+        seen = (await backend.load_state("run"))["updated_at"]
+        # The same instant, also when spelled as Flujo's text.
+        for expected in (seen, "2026-01-01T12:00:00+00:00"):
+            with pytest.raises(InvalidStateError, match="must give the state a new updated_at"):
+                await backend.save_state(
+                    "run", state("running", t0, step=1), expected_updated_at=expected
+                )
+        assert (await backend.load_state("run"))["current_step_index"] == 0
+        await backend.save_state(
+            "run",
+            state("running", t0 + timedelta(microseconds=1), step=1),
+            expected_updated_at=seen,
+        )
+        with pytest.raises(ConflictError):
+            await backend.save_state(
+                "run", state("running", t0 + timedelta(seconds=1), step=2), expected_updated_at=seen
+            )
+        assert (await backend.load_state("run"))["current_step_index"] == 1
+
+
+async def test_a_naive_expected_time_against_an_aware_stored_one_says_so(tmp_path: Path) -> None:
+    async with SQLiteBackend(tmp_path / "wf.db") as backend:
+        t0 = datetime(2026, 1, 1, 12, tzinfo=UTC)
+        await backend.save_state("run", state("paused", t0))
+        with pytest.raises(InvalidStateError, match="only one of them has a UTC offset") as raised:
+            await backend.save_state(
+                "run",
+                state("running", t0 + timedelta(seconds=1)),
+                expected_updated_at=t0.replace(tzinfo=None),
+            )
+        assert "load_state" in str(raised.value)
+        # A real difference is still a conflict.
+        with pytest.raises(ConflictError):
+            await backend.save_state(
+                "run",
+                state("running", t0 + timedelta(seconds=1)),
+                expected_updated_at=datetime(2026, 1, 1, 11),
+            )
+        assert (await backend.load_state("run"))["status"] == "paused"

@@ -19,7 +19,7 @@ use crate::engine::{Completion, Request, Response, StateEngine};
 use crate::error::Error;
 use crate::model::{BackgroundTaskQuery, RunQuery};
 use crate::sqlite::{Durability, SqliteEngine, SqliteOptions};
-use crate::timestamp::Age;
+use crate::timestamp::{same_instant, Age};
 
 /// How long a caller waits on the loop thread for a lone point read (~10-30 us on a reader)
 /// before letting the loop sleep; parking the loop and waking it through the socket costs
@@ -200,13 +200,32 @@ impl NativeBackend {
         state: &Bound<'py, PyAny>,
         expected_updated_at: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let run_id = arguments::run_id(run_id)?;
+        let record = arguments::state_record(state)?;
+        let expected_updated_at = expected_updated_at
+            .filter(|v| !v.is_none())
+            .map(|v| arguments::timestamp_text(v, "expected_updated_at"))
+            .transpose()?;
+        if let Some(expected) = &expected_updated_at {
+            // The stored updated_at is the token a conditional save checks: one that keeps it
+            // would let a second worker holding the same token overwrite this save unnoticed.
+            if same_instant(&record.updated_at, expected) {
+                return Err(invalid_state(
+                    py,
+                    format!(
+                        "a save with expected_updated_at must give the state a new updated_at, \
+                         but it is still {expected}: another worker that loaded the same state \
+                         could then overwrite this save without a ConflictError. Set \
+                         state[\"updated_at\"] to the time of this save, with its \
+                         microseconds (two saves within a second would otherwise share it)"
+                    ),
+                ));
+            }
+        }
         let request = Request::SaveState {
-            run_id: arguments::run_id(run_id)?,
-            record: Box::new(arguments::state_record(state)?),
-            expected_updated_at: expected_updated_at
-                .filter(|v| !v.is_none())
-                .map(|v| arguments::timestamp_text(v, "expected_updated_at"))
-                .transpose()?,
+            run_id,
+            record: Box::new(record),
+            expected_updated_at,
         };
         self.submit(py, port, request)
     }

@@ -22,7 +22,7 @@ use super::schema::Layout;
 use super::{queries, run_history, spin, system, traces, uses_layout, Job, Shared};
 use crate::engine::{CallerGone, Completion, Request, Response};
 use crate::error::{Error, Result};
-use crate::timestamp::{same_instant, TimeWindow};
+use crate::timestamp::{differ_only_in_awareness, same_instant, TimeWindow};
 
 /// Writes committed in one transaction at most; bounds the latency a batch adds to its first caller.
 const MAX_BATCH: usize = 256;
@@ -505,6 +505,17 @@ fn execute_write(
             if let Some(expected) = expected_updated_at {
                 // Checked inside the write transaction, so no other writer can slip in between.
                 let found = queries::stored_updated_at(conn, run_id).map_err(fail)?;
+                if let Some(found) = found
+                    .as_deref()
+                    .filter(|f| differ_only_in_awareness(f, expected))
+                {
+                    return Err(Error::InvalidInput(format!(
+                        "expected_updated_at {expected} and the stored updated_at {found} of run \
+                         {run_id:?} are the same time, but only one of them has a UTC offset, so \
+                         they cannot be compared: pass the updated_at that load_state returned, \
+                         which keeps the kind (naive or aware) it was saved with"
+                    )));
+                }
                 if !found.as_deref().is_some_and(|f| same_instant(f, expected)) {
                     return Err(Error::Conflict {
                         run_id: run_id.clone(),
