@@ -926,6 +926,13 @@ def test_paths_only_a_shell_or_uri_parser_understands_are_refused(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_password_in_a_uri_given_as_the_path_is_not_repeated() -> None:
+    with pytest.raises(InvalidStateError, match="is a postgresql:// URI") as raised:
+        SQLiteBackend("postgresql://admin:hun@t/er2@db.internal/flujo")
+    assert "admin:***@db.internal" in str(raised.value)
+    assert "er2" not in str(raised.value)
+
+
 def test_a_uri_made_into_a_path_is_refused_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -15,11 +15,13 @@ import os
 import re
 import threading
 import weakref
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
 from ._native import CompletionPort, NativeBackend, wait_for_dropped_backends
+from .config import hide_password
 from .errors import DatabaseError, InvalidStateError, InvalidTypeError
 
 if TYPE_CHECKING:
@@ -121,7 +123,8 @@ def _file_path(value: object, what: str) -> Path:
         )
     if uri:
         raise InvalidStateError(
-            f"{what} {text!r} is a {uri.group(1)}:// URI, not a file path: SQLiteBackend keeps "
+            f"{what} {hide_password(text)!r} is a {uri.group(1)}:// URI, not a file path: "
+            "SQLiteBackend keeps "
             "its data in a local SQLite file, so pass that file's path"
         )
     variable = _VARIABLE.match(text)

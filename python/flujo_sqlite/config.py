@@ -64,7 +64,9 @@ _IN_MEMORY_URIS = ("memory", "memory://", "mem://", "inmemory://")
 _SQLITE_SCHEMES = ("sqlite", "sqlite3")
 # A URI scheme per RFC 3986; one letter is a Windows drive (C:\...), not a scheme.
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):")
-_PASSWORD_IN_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^/:@]*:)[^/@]*@")
+# Up to the last "@": a password may hold "@" or "/" that its writer did not percent-encode, and
+# hiding a little of the host too is better than showing part of the password.
+_PASSWORD_IN_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^/:@]*:).*@", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,7 @@ def _sqlite_path_from_uri(uri: str, base_dir: Path, origin: str) -> Path:
             f"{origin} is empty. Write a SQLite URI such as 'sqlite:///flujo_ops.db', "
             "or remove it to get that default."
         )
-    shown = _hide_password(uri)
+    shown = hide_password(uri)
     scheme_match = _SCHEME.match(uri)
     if scheme_match is None:
         raise ConfigurationError(
@@ -213,5 +215,6 @@ def _sqlite_path_from_uri(uri: str, base_dir: Path, origin: str) -> Path:
     return (base_dir / rest).resolve()
 
 
-def _hide_password(uri: str) -> str:
+def hide_password(uri: str) -> str:
+    """``uri`` with the password of its user info, if any, replaced by ``***``."""
     return _PASSWORD_IN_URI.sub(r"\1***@", uri)

@@ -136,6 +136,14 @@ pub(crate) fn classify(path: &Path, error: rusqlite::Error) -> Error {
             path: path.to_owned(),
             detail,
         },
+        // Only a value of the caller's can be that big: say what to change, not that the
+        // database failed.
+        Some(ErrorCode::TooBig) => Error::InvalidInput(format!(
+            "a value is too big to store in {} ({detail}): SQLite keeps at most 1,000,000,000 \
+             bytes in one value (a state's pipeline_context, step_history or output, once \
+             encoded as JSON); keep large payloads elsewhere and store a reference to them",
+            path.display()
+        )),
         Some(ErrorCode::CannotOpen) => Error::CannotOpen {
             path: path.to_owned(),
             detail: cannot_open_hint(path, detail),
