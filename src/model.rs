@@ -231,11 +231,32 @@ pub struct RunSummary {
     pub metadata: Option<String>,
 }
 
-/// A run's `workflow_state.metadata` must hold `value` (JSON text) at `path` (a SQLite JSON path).
+/// One condition of `list_runs`' metadata filter on the JSON value at `path` (a SQLite JSON path
+/// such as `$."env"."region"` or `$."xs"[0]`) of a run's `workflow_state.metadata`. Together
+/// they give Flujo's "contains": each dict of the filter is a subset of the object stored there,
+/// and every other value equals the stored one as Python's `==` has it (`1`, `1.0` and `True`
+/// are equal, and a dict inside a list must match whole).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetadataCondition {
     pub path: String,
-    pub value: String,
+    pub test: MetadataTest,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetadataTest {
+    /// An object, with any keys.
+    Object,
+    /// An object with exactly this many keys.
+    ObjectOfSize(usize),
+    /// An array with exactly this many items.
+    ArrayOfLength(usize),
+    Text(String),
+    /// A number or a boolean (`true` being 1) equal to this one.
+    Integer(i64),
+    Real(f64),
+    Null,
+    /// A value no JSON type of Python's matches, compared as its JSON encoding.
+    EncodedAs(String),
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -553,6 +553,73 @@ async def test_list_runs_metadata_filter(
     assert item["metadata"] == metadata["m2"]
 
 
+def contains(stored: Any, subset: dict[str, Any]) -> bool:
+    """Flujo 0.6.11's rule (spec, list_runs): each dict of the filter is a subset of the stored
+    object at its place; any other value must be ``==`` to the stored one."""
+    return isinstance(stored, dict) and all(
+        key in stored
+        and (contains(stored[key], value) if isinstance(value, dict) else stored[key] == value)
+        for key, value in subset.items()
+    )
+
+
+async def test_list_runs_metadata_filter_matches_as_python_compares(
+    backend: SQLiteBackend, make_state: Callable[..., dict[str, Any]]
+) -> None:
+    """An empty dict in the filter matches any dict there, and numbers compare by value
+    (``1 == 1.0 == True``), in lists too, as Flujo 0.6.11 filters; both used to match nothing.
+    Then random filters against random metadata, checked against the rule itself."""
+    import random
+
+    stored = {
+        "nested": {"env": {"region": "eu", "tier": 1}, "ok": True},
+        "float": {"score": 1.0, "xs": [1.0, 2.0], "rows": [{"a": 1, "b": [2]}]},
+        "flags": {"ok": 1, "score": True, "env": []},
+    }
+    base = utc_now() - timedelta(hours=1)
+    for i, (run_id, meta) in enumerate(stored.items()):
+        await backend.save_run_start({"run_id": run_id, "start_time": base + timedelta(minutes=i)})
+        await backend.save_state(run_id, make_state(metadata=meta))
+
+    async def ids(flt: dict[str, Any]) -> list[str]:
+        return [r["run_id"] for r in await backend.list_runs(metadata_filter=flt)]
+
+    assert await ids({"env": {}}) == ["nested"]  # a list is no dict
+    assert await ids({"env": {"region": "eu", "tier": 1.0}}) == ["nested"]
+    assert await ids({"score": 1}) == ["flags", "float"]
+    assert await ids({"xs": [1, 2]}) == ["float"]
+    assert await ids({"xs": [2, 1]}) == []
+    assert await ids({"xs": [1]}) == []
+    assert await ids({"rows": [{"a": 1.0, "b": [2.0]}]}) == ["float"]
+    assert await ids({"rows": [{"a": 1}]}) == []  # a dict inside a list matches whole
+    assert await ids({"ok": 1.0}) == ["flags", "nested"]
+    assert await ids({"env": []}) == ["flags"]
+
+    rng = random.Random(20261128)
+    leaves = [0, 1, 1.0, 2, 2.5, True, False, None, "a", "1", "", [], {}]
+
+    def value(depth: int) -> Any:
+        kind = rng.random()
+        if depth < 3 and kind < 0.25:
+            return {rng.choice("abc"): value(depth + 1) for _ in range(rng.randint(0, 3))}
+        if depth < 3 and kind < 0.4:
+            return [value(depth + 1) for _ in range(rng.randint(0, 2))]
+        return rng.choice(leaves)
+
+    metadata = [{rng.choice("abc"): value(1) for _ in range(rng.randint(0, 3))} for _ in range(24)]
+    for i, meta in enumerate(metadata):
+        await backend.save_run_start(
+            {"run_id": f"m{i:02}", "start_time": base + timedelta(hours=1, minutes=i)}
+        )
+        await backend.save_state(f"m{i:02}", make_state(metadata=meta))
+    filters = [{rng.choice("abc"): value(1)} for _ in range(150)]
+    # A filter made of a stored run's own values matches it, at least.
+    filters += [dict(rng.sample(sorted(m.items()), k=min(len(m), 2))) for m in metadata if m]
+    for flt in filters:
+        expected = sorted(f"m{i:02}" for i, meta in enumerate(metadata) if contains(meta, flt))
+        assert sorted(i for i in await ids(flt) if i.startswith("m")) == expected, flt
+
+
 async def test_list_runs_metadata_filter_keys_with_json_path_characters(
     backend: SQLiteBackend, make_state: Callable[..., dict[str, Any]]
 ) -> None:
@@ -974,6 +1041,17 @@ async def test_save_spans_skips_only_spans_whose_times_are_not_numbers(
         )
     assert [s["span_id"] for s in await backend.get_spans("r")] == ["root"]
     assert "span skipped" in caplog.text and "end_time must be a number" in caplog.text
+    assert 'the text "tomorrow"' in caplog.text
+    # Text that reads as a number is one, as Flujo's float() reads it.
+    await backend.save_spans(
+        "numeric", [{"span_id": "text", "name": "p", "start_time": " 7.5", "end_time": "9"}]
+    )
+    await backend.save_trace("t", {"span_id": "t", "name": "p", "start_time": "1e3"})
+    spans = {
+        s["span_id"]: s for s in await backend.get_spans("numeric") + await backend.get_spans("t")
+    }
+    assert (spans["text"]["start_time"], spans["text"]["end_time"]) == (7.5, 9.0)
+    assert spans["t"]["start_time"] == 1000.0
 
     class Opaque:
         pass
@@ -1165,6 +1243,8 @@ async def test_evaluations(backend: SQLiteBackend) -> None:
     assert [e["score"] for e in await backend.list_evaluations(run_id="a")] == [0.3, 0.1]
     assert [e["score"] for e in await backend.list_evaluations(limit=1, run_id="b")] == [0.4]
     assert await backend.list_evaluations(run_id="nobody") == []
+    # As in Flujo, an empty run id is no filter.
+    assert [e["score"] for e in await backend.list_evaluations(run_id="")] == [0.4, 0.3, 0.2, 0.1]
 
 
 async def test_evaluation_times_written_by_flujo_are_listed_with_an_offset(
@@ -1245,6 +1325,19 @@ async def test_background_tasks_list_and_filter(
     stats = await backend.get_workflow_stats()
     assert stats["background_status_counts"] == {"running": 2, "completed": 2, "failed": 1}
     assert stats["status_counts"] == {"running": 3, "completed": 2, "failed": 1}
+    # Unlike the other lists (and as in Flujo 0.6.11), an empty filter here is matched as it is.
+    assert await ids(parent_run_id="") == []
+    assert await ids(status="") == []
+    assert await backend.get_failed_background_tasks(parent_run_id="", hours_back=1) == []
+    await backend.save_state(
+        "orphan",
+        make_state(status="failed", is_background_task=True, parent_run_id="", task_id="o"),
+    )
+    assert await ids(parent_run_id="") == ["orphan"]
+    assert [
+        t["run_id"]
+        for t in await backend.get_failed_background_tasks(parent_run_id="", hours_back=1)
+    ] == ["orphan"]
 
 
 async def test_failed_background_tasks_hours_window(

@@ -20,7 +20,7 @@ pub(crate) fn type_name(value: &Bound<'_, PyAny>) -> String {
 
 /// A short quotation of a str argument for an error message (never a repr of arbitrary objects:
 /// those can be huge or raise).
-fn preview(value: &Bound<'_, PyAny>) -> String {
+pub(crate) fn preview(value: &Bound<'_, PyAny>) -> String {
     const LIMIT: usize = 60;
     let Ok(text) = value
         .cast::<PyString>()
@@ -183,17 +183,25 @@ pub(crate) fn workflow_query(
     })
 }
 
+/// A filter where only `None` means "no filter" and any text, the empty one too, is matched as
+/// it is, as Flujo 0.6.11's background-task lists do.
+pub(crate) fn literal_filter(
+    value: Option<&Bound<'_, PyAny>>,
+    what: &str,
+) -> PyResult<Option<String>> {
+    value
+        .filter(|v| !v.is_none())
+        .map(|v| text(v, what))
+        .transpose()
+}
+
 /// A filter argument: `None` or a str. An empty one means "no filter", as in Flujo, and is
 /// passed on as `None`, the engine's only spelling of that.
 pub(crate) fn optional_filter(
     value: Option<&Bound<'_, PyAny>>,
     what: &str,
 ) -> PyResult<Option<String>> {
-    Ok(value
-        .filter(|v| !v.is_none())
-        .map(|v| text(v, what))
-        .transpose()?
-        .filter(|text| !text.is_empty()))
+    Ok(literal_filter(value, what)?.filter(|text| !text.is_empty()))
 }
 
 /// A "how far back" argument: a real number of hours or days, given to `unit` (`Age::hours` or

@@ -539,10 +539,12 @@ impl NativeBackend {
     ) -> PyResult<Bound<'py, PyAny>> {
         let request = Request::ListEvaluations {
             limit: arguments::workflow_query(None, None, limit, None)?.limit,
+            // As in Flujo, an empty run id lists every run's evaluations.
             run_id: run_id
                 .filter(|r| !r.is_none())
                 .map(arguments::run_id)
-                .transpose()?,
+                .transpose()?
+                .filter(|r| !r.is_empty()),
         };
         self.submit(py, port, request)
     }
@@ -559,8 +561,8 @@ impl NativeBackend {
     ) -> PyResult<Bound<'py, PyAny>> {
         let paging = arguments::workflow_query(None, None, limit, offset)?;
         let request = Request::ListBackgroundTasks(BackgroundTaskQuery {
-            parent_run_id: arguments::optional_filter(parent_run_id, "parent_run_id")?,
-            status: arguments::optional_filter(status, "status")?,
+            parent_run_id: arguments::literal_filter(parent_run_id, "parent_run_id")?,
+            status: arguments::literal_filter(status, "status")?,
             limit: paging.limit,
             offset: paging.offset,
         });
@@ -575,7 +577,7 @@ impl NativeBackend {
         hours_back: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let request = Request::FailedBackgroundTasks {
-            parent_run_id: arguments::optional_filter(parent_run_id, "parent_run_id")?,
+            parent_run_id: arguments::literal_filter(parent_run_id, "parent_run_id")?,
             hours_back: arguments::age(hours_back, "hours_back", Age::hours)?,
         };
         self.submit(py, port, request)

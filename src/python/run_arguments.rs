@@ -4,13 +4,15 @@
 //! `execution_time_ms` and `created_at`, often with timestamps already turned into text.
 
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyString};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString};
 
-use super::arguments::{integer, real, run_id, text, timestamp_text, type_name};
+use super::arguments::{integer, preview, real, run_id, text, timestamp_text, type_name};
 use super::errors::{invalid_state, invalid_type, missing_key};
 use super::from_python::encode_json;
 use super::log_with_gil;
-use crate::model::{Evaluation, MetadataCondition, RunEnd, RunStart, SpanRecord, StepRecord};
+use crate::model::{
+    Evaluation, MetadataCondition, MetadataTest, RunEnd, RunStart, SpanRecord, StepRecord,
+};
 use crate::timestamp::now_text;
 
 /// Deeper trees are cut there, as Flujo does: a runaway trace must not exhaust the stack.
@@ -145,12 +147,23 @@ fn span(
     let seconds = |key: &str| -> PyResult<Result<Option<f64>, BadSpanTime>> {
         Ok(match get(node, &[key])? {
             None => Ok(None),
-            Some(v) => v.extract::<f64>().map(Some).map_err(|_| {
-                BadSpanTime(format!(
-                    "span {span_id:?}: {key} must be a number of seconds, got a {}",
-                    type_name(&v)
-                ))
-            }),
+            Some(v) => v
+                .extract::<f64>()
+                // Text that reads as a number, as Python's float() (and so Flujo) reads it.
+                .or_else(|e| match v.cast::<PyString>() {
+                    Ok(_) => v.py().get_type::<PyFloat>().call1((&v,))?.extract::<f64>(),
+                    Err(_) => Err(e),
+                })
+                .map(Some)
+                .map_err(|_| {
+                    BadSpanTime(format!(
+                        "span {span_id:?}: {key} must be a number of seconds, got {}",
+                        match v.cast::<PyString>() {
+                            Ok(_) => format!("the text {}", preview(&v)),
+                            Err(_) => format!("a {}", type_name(&v)),
+                        }
+                    ))
+                }),
         })
     };
     let start_time = match seconds("start_time")? {
@@ -271,7 +284,9 @@ pub(crate) fn span_list(
     Ok((records, pipeline_name, pipeline_version))
 }
 
-/// `metadata_filter`: every leaf of the dict must be present and equal in the run's metadata.
+/// `metadata_filter` as conditions on a run's metadata, with Flujo's meaning: each dict of the
+/// filter must be contained in the object stored at its place, any other value must equal
+/// the stored one (see `MetadataTest`).
 pub(crate) fn metadata_conditions(
     filter: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Vec<MetadataCondition>> {
@@ -279,25 +294,71 @@ pub(crate) fn metadata_conditions(
         return Ok(Vec::new());
     };
     let mut conditions = Vec::new();
-    let mut pending = vec![("$".to_owned(), as_dict(filter, "metadata_filter")?.clone())];
-    while let Some((path, dict)) = pending.pop() {
-        // A snapshot: encoding a value runs the caller's code, which may change the dict.
-        for item in dict.items().iter() {
-            let (key, value) = (item.get_item(0)?, item.get_item(1)?);
-            let key = text(&key, "metadata_filter keys")?;
-            // A quoted label in a JSON path takes JSON string escapes.
-            let label = key.replace('\\', "\\\\").replace('"', "\\\"");
-            let path = format!("{path}.\"{label}\"");
-            match value.cast::<PyDict>() {
-                Ok(nested) if !nested.is_empty() => pending.push((path, nested.clone())),
-                _ => conditions.push(MetadataCondition {
-                    value: encode_json(&value, "metadata_filter")?,
-                    path,
-                }),
+    let mut pending = vec![(
+        "$".to_owned(),
+        as_dict(filter, "metadata_filter")?.clone().into_any(),
+        Compared::Contains,
+    )];
+    while let Some((path, value, compared)) = pending.pop() {
+        let mut test = |test| {
+            conditions.push(MetadataCondition {
+                path: path.clone(),
+                test,
+            })
+        };
+        if let Ok(dict) = value.cast::<PyDict>() {
+            match compared {
+                // The whole filter is a dict, and so is what its keys are found in.
+                _ if path == "$" => {}
+                Compared::Contains if dict.is_empty() => test(MetadataTest::Object),
+                Compared::Contains => {}
+                Compared::Equals => test(MetadataTest::ObjectOfSize(dict.len())),
             }
+            // A snapshot: encoding a value runs the caller's code, which may change the dict.
+            for item in dict.items().iter() {
+                let (key, value) = (item.get_item(0)?, item.get_item(1)?);
+                let key = text(&key, "metadata_filter keys")?;
+                // A quoted label in a JSON path takes JSON string escapes.
+                let label = key.replace('\\', "\\\\").replace('"', "\\\"");
+                pending.push((format!("{path}.\"{label}\""), value, compared));
+            }
+        } else if let Ok(list) = value.cast::<PyList>() {
+            let items: Vec<_> = list.iter().collect();
+            test(MetadataTest::ArrayOfLength(items.len()));
+            for (index, item) in items.into_iter().enumerate() {
+                pending.push((format!("{path}[{index}]"), item, Compared::Equals));
+            }
+        } else if value.is_none() {
+            test(MetadataTest::Null);
+        } else if let Ok(text) = value.cast::<PyString>() {
+            test(MetadataTest::Text(text.to_str()?.to_owned()));
+        } else if let Ok(flag) = value.cast::<PyBool>() {
+            test(MetadataTest::Integer(i64::from(flag.is_true())));
+        } else if value.is_instance_of::<PyInt>() {
+            test(match value.extract::<i64>() {
+                Ok(n) => MetadataTest::Integer(n),
+                // As SQLite reads a JSON integer beyond 64 bits.
+                Err(_) => MetadataTest::Real(value.extract::<f64>()?),
+            });
+        } else if let Ok(x) = value.cast::<PyFloat>() {
+            test(MetadataTest::Real(x.value()));
+        } else {
+            test(MetadataTest::EncodedAs(encode_json(
+                &value,
+                "metadata_filter",
+            )?));
         }
     }
     Ok(conditions)
+}
+
+/// How a value of the metadata filter is compared with the stored one.
+#[derive(Clone, Copy)]
+enum Compared {
+    /// A dict is contained in the stored object (Flujo's rule for the filter's own dicts).
+    Contains,
+    /// Equal as Python's `==` has it (inside a list, a dict must match whole).
+    Equals,
 }
 
 pub(crate) fn evaluation(

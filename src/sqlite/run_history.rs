@@ -10,7 +10,8 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 use super::queries::{cell, json_text, sql_limit, sql_offset};
 use super::schema::Layout;
 use crate::model::{
-    MetadataCondition, RunDetails, RunEnd, RunQuery, RunStart, RunSummary, StepDetails, StepRecord,
+    MetadataCondition, MetadataTest, RunDetails, RunEnd, RunQuery, RunStart, RunSummary,
+    StepDetails, StepRecord,
 };
 use crate::timestamp::now_text;
 
@@ -398,14 +399,47 @@ fn list_runs_statement(
         values.push(Value::Text(name.to_owned()));
         conditions.push(format!("{SHOWN_PIPELINE_NAME} = ?{}", values.len()));
     }
-    for MetadataCondition { path, value } in &query.metadata {
+    for MetadataCondition { path, test } in &query.metadata {
         values.push(Value::Text(path.clone()));
-        values.push(Value::Text(value.clone()));
-        let (p, v) = (values.len() - 1, values.len());
-        conditions.push(format!(
-            "json_valid(w.metadata) AND json_type(w.metadata, ?{p}) IS json_type(?{v}) \
-             AND json_extract(w.metadata, ?{p}) IS json_extract(?{v}, '$')"
-        ));
+        let p = values.len();
+        let compared_with = match test {
+            MetadataTest::ObjectOfSize(n) | MetadataTest::ArrayOfLength(n) => {
+                Some(Value::Integer(*n as i64))
+            }
+            MetadataTest::Text(text) | MetadataTest::EncodedAs(text) => {
+                Some(Value::Text(text.clone()))
+            }
+            MetadataTest::Integer(n) => Some(Value::Integer(*n)),
+            MetadataTest::Real(x) => Some(Value::Real(*x)),
+            MetadataTest::Object | MetadataTest::Null => None,
+        };
+        let v = compared_with.map_or(0, |value| {
+            values.push(value);
+            values.len()
+        });
+        // json_valid first: the JSON functions raise on text that is not JSON.
+        let at = format!("json_valid(w.metadata) AND json_type(w.metadata, ?{p})");
+        conditions.push(match test {
+            MetadataTest::Object => format!("{at} = 'object'"),
+            MetadataTest::ObjectOfSize(_) => format!(
+                "{at} = 'object' AND (SELECT count(*) FROM json_each(w.metadata, ?{p})) = ?{v}"
+            ),
+            MetadataTest::ArrayOfLength(_) => {
+                format!("{at} = 'array' AND json_array_length(w.metadata, ?{p}) = ?{v}")
+            }
+            MetadataTest::Text(_) => {
+                format!("{at} = 'text' AND json_extract(w.metadata, ?{p}) = ?{v}")
+            }
+            // json_extract reads true and false as 1 and 0, and SQL compares 1 and 1.0 equal.
+            MetadataTest::Integer(_) | MetadataTest::Real(_) => format!(
+                "{at} IN ('integer', 'real', 'true', 'false') \
+                 AND json_extract(w.metadata, ?{p}) = ?{v}"
+            ),
+            MetadataTest::Null => format!("{at} = 'null'"),
+            MetadataTest::EncodedAs(_) => format!(
+                "{at} IS json_type(?{v}) AND json_extract(w.metadata, ?{p}) IS json_extract(?{v}, '$')"
+            ),
+        });
     }
     values.push(Value::Integer(sql_limit(query.limit)));
     values.push(Value::Integer(sql_offset(query.offset)));
