@@ -526,6 +526,13 @@ def test_register_serializer_needs_a_class() -> None:
         flujo_sqlite.register_serializer("Path", str)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("native", [str, int, float, bool, dict, list, type(None)])
+def test_register_serializer_refuses_what_json_stores_as_it_is(native: type) -> None:
+    """It used to accept them and never call the function for their own instances."""
+    with pytest.raises(TypeError, match="stored as JSON as it is"):
+        flujo_sqlite.register_serializer(native, repr)
+
+
 def test_register_serializer_needs_a_callable() -> None:
     with pytest.raises(TypeError, match="must be callable"):
         flujo_sqlite.register_serializer(NotCallableTarget, 42)
@@ -929,3 +936,8 @@ def test_property_decode_strings_with_surrogates_like_json_loads(text: str) -> N
     # json.loads rather than with `text`.
     dumped = json.dumps(text)
     assert decode_json(dumped) == json.loads(dumped)
+
+
+def test_a_lone_surrogate_is_named_with_its_place() -> None:
+    with pytest.raises(SerializationError, match=r"lone surrogate \('\\ud800' at index 1\)"):
+        encode_json({"k": "a\ud800b"}, "ctx")

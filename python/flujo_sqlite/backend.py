@@ -294,7 +294,7 @@ class SQLiteBackend(_Base):
         status: str | None = None,
         pipeline_id: str | None = None,
         limit: int | None = None,
-        offset: int = 0,
+        offset: int | None = 0,
     ) -> list[dict[str, Any]]:
         """Run summaries without payloads, newest first; ``""`` filters mean no filter. A
         ``limit`` of ``None`` or below 0 means no limit; ``offset`` must be ``None`` or ``>= 0``.
@@ -350,7 +350,7 @@ class SQLiteBackend(_Base):
         status: str | None = None,
         pipeline_name: str | None = None,
         limit: int | None = None,
-        offset: int = 0,
+        offset: int | None = 0,
         metadata_filter: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
         """Run records newest first; ``metadata_filter`` keeps runs whose state metadata contains it
@@ -414,9 +414,10 @@ class SQLiteBackend(_Base):
         await _call(self._native.persist_evaluation, run_id, score, feedback, step_name, metadata)
 
     async def list_evaluations(
-        self, limit: int = 20, run_id: str | None = None
+        self, limit: int | None = 20, run_id: str | None = None
     ) -> list[dict[str, Any]]:
-        """Evaluations, newest first, optionally of one run."""
+        """Evaluations, newest first, optionally of one run; a ``limit`` of ``None`` or below 0
+        lists them all."""
         return await _call(self._native.list_evaluations, limit, run_id)
 
     async def list_background_tasks(
@@ -424,7 +425,7 @@ class SQLiteBackend(_Base):
         parent_run_id: str | None = None,
         status: str | None = None,
         limit: int | None = None,
-        offset: int = 0,
+        offset: int | None = 0,
     ) -> list[dict[str, Any]]:
         """States flagged as background tasks, most recently updated first."""
         return await _call(self._native.list_background_tasks, parent_run_id, status, limit, offset)

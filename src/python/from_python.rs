@@ -74,6 +74,24 @@ pub(crate) fn register_serializer_py(
             type_name(&function.get_type()),
         )));
     }
+    let py = type_.py();
+    let stored_as_is = [
+        py.get_type::<PyString>(),
+        py.get_type::<PyInt>(),
+        py.get_type::<PyFloat>(),
+        py.get_type::<PyBool>(),
+        py.get_type::<PyDict>(),
+        py.get_type::<PyList>(),
+        py.None().into_bound(py).get_type(),
+    ];
+    if stored_as_is.iter().any(|t| t.is(type_)) {
+        return Err(PyTypeError::new_err(format!(
+            "{} is stored as JSON as it is, so a serializer for it would never be called; \
+             register_serializer is for other classes (a subclass of {0} may have one of its \
+             own)",
+            type_name(type_),
+        )));
+    }
     register_serializer(type_, function);
     Ok(())
 }
@@ -145,7 +163,10 @@ enum Reason {
     SerializerKeptItsType {
         type_name: String,
     },
-    LoneSurrogate,
+    LoneSurrogate {
+        /// The surrogate's code point and its index in the str, when Python said.
+        found: Option<(u32, usize)>,
+    },
     /// The dict gained or lost keys while it was being walked: code of the user's that the walk
     /// called (a serializer, `model_dump`, ...) changed it.
     ChangedDuringWalk,
@@ -220,9 +241,13 @@ impl Failure {
                 "cannot store {path}: it is nested more than {MAX_DEPTH} levels deep (or deeper \
                  than this thread's stack holds)"
             ),
-            Reason::LoneSurrogate => format!(
-                "cannot store {path}: the str contains a lone surrogate (such as '\\udc80'), \
-                 which has no UTF-8 encoding; lone surrogates are not storable"
+            Reason::LoneSurrogate { found } => format!(
+                "cannot store {path}: the str contains a lone surrogate{}, which has no UTF-8 \
+                 encoding; lone surrogates are not storable (text decoded with \
+                 errors='surrogateescape' holds them: decode it properly or store it escaped)",
+                found.map_or_else(String::new, |(code, at)| format!(
+                    " ('\\u{code:04x}' at index {at})"
+                ))
             ),
             Reason::ChangedDuringWalk => format!(
                 "cannot store {path}: the dict changed while it was being stored, so a stored \
@@ -277,6 +302,26 @@ fn key_segment(key: &Bound<'_, PyAny>) -> String {
         Ok(repr) => format!("[{}]", repr.to_string_lossy()),
         Err(_) => "[<key whose repr() failed>]".to_owned(),
     }
+}
+
+/// The code point and index of the lone surrogate a `UnicodeEncodeError` of `text` points at.
+fn lone_surrogate(text: &Bound<'_, PyString>, error: &PyErr) -> Option<(u32, usize)> {
+    let at: usize = error
+        .value(text.py())
+        .getattr("start")
+        .ok()?
+        .extract()
+        .ok()?;
+    let found = text.get_item(at).ok()?;
+    let code: u32 = found
+        .py()
+        .import("builtins")
+        .ok()?
+        .call_method1("ord", (found,))
+        .ok()?
+        .extract()
+        .ok()?;
+    Some((code, at))
 }
 
 /// The Python types behind the non-fast-path rules, imported once.
@@ -455,7 +500,9 @@ impl<'py> Encoder<'py> {
     fn string(&mut self, text: &Bound<'py, PyString>) -> Step {
         let text = text.to_str().map_err(|error| {
             if error.is_instance_of::<PyUnicodeEncodeError>(text.py()) {
-                Failure::new(Reason::LoneSurrogate)
+                Failure::new(Reason::LoneSurrogate {
+                    found: lone_surrogate(text, &error),
+                })
             } else {
                 raised(text, error)
             }
