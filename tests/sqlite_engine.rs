@@ -7,7 +7,7 @@ use std::time::Duration;
 use flujo_sqlite::engine::{CallerGone, Completion, Request, Response, StateEngine};
 use flujo_sqlite::error::Error;
 use flujo_sqlite::model::{BackgroundFields, Cell, SpanRecord, StateRecord, WorkflowQuery};
-use flujo_sqlite::sqlite::{FreshLayout, SqliteEngine, SqliteOptions};
+use flujo_sqlite::sqlite::{Durability, FreshLayout, SqliteEngine, SqliteOptions};
 use flujo_sqlite::timestamp::Age;
 use rusqlite::Connection;
 
@@ -1465,4 +1465,60 @@ fn cleanup_request(days_old: f64) -> Request {
     Request::CleanupOldWorkflows {
         days_old: age_days(days_old),
     }
+}
+
+/// Warnings logged by any engine of this test binary.
+static WARNINGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+struct CaptureWarnings;
+
+impl log::Log for CaptureWarnings {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            WARNINGS.lock().unwrap().push(record.args().to_string());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+#[test]
+fn a_wal_that_a_reader_keeps_from_being_copied_back_is_warned_about() {
+    if log::set_logger(&CaptureWarnings).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+    let db = temp_db();
+    let mut options = SqliteOptions::new(&db.path);
+    options.durability = Durability::Normal;
+    let e = SqliteEngine::start(options).unwrap();
+    let now = utc_text(chrono::Duration::zero());
+    save(&e, "first", record("p", "running", &now));
+    let reader = Connection::open(&db.path).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let _: i64 = reader
+        .query_row("SELECT count(*) FROM workflow_state", [], |r| r.get(0))
+        .unwrap();
+    let warned = || {
+        WARNINGS
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|w| w.contains("has grown to") && w.contains(&*db.path.to_string_lossy()))
+            .count()
+    };
+    let mut saved = 0;
+    while warned() == 0 {
+        save(&e, &format!("r{saved}"), record("p", "running", &now));
+        saved += 1;
+        assert!(saved < 20_000, "no warning after {saved} saves");
+    }
+    let wal = std::fs::metadata(format!("{}-wal", db.path.display()))
+        .unwrap()
+        .len();
+    assert!(wal >= 128 << 20, "warned at {wal} bytes");
+    reader.execute_batch("COMMIT").unwrap();
 }

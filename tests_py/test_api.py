@@ -1928,6 +1928,28 @@ async def test_corrupt_database_error_is_a_sqlite_database_error(tmp_path: Path)
     await backend.close()
 
 
+async def test_a_log_level_raised_at_run_time_reaches_a_backend_already_open(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Levels are cached on the Rust side; a backend used to keep the ones it started with."""
+    old = datetime.now(timezone.utc) - timedelta(days=60)
+    deleted = "cleanup_old_workflows deleted"
+    logger = logging.getLogger("flujo_sqlite")
+    with caplog.at_level(logging.INFO, logger="flujo_sqlite"):  # restores the level after
+        logger.setLevel(logging.WARNING)
+        async with SQLiteBackend(tmp_path / "wf.db") as backend:
+            await backend.save_state("a", build_state(created_at=old, updated_at=old))
+            assert await backend.cleanup_old_workflows(30) == 1
+            assert not [r for r in caplog.records if deleted in r.getMessage()]
+            logger.setLevel(logging.INFO)
+            await asyncio.sleep(1.1)  # the cache is refreshed at most once a second
+            await backend.save_state("b", build_state(created_at=old, updated_at=old))
+            assert await backend.cleanup_old_workflows(30) == 1
+    assert [r.getMessage() for r in caplog.records if deleted in r.getMessage()] == [
+        f"{deleted} 1 workflow states from {tmp_path / 'wf.db'}"
+    ]
+
+
 async def test_logging_configured_after_a_first_backend_applies_to_the_next(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

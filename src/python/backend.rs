@@ -118,6 +118,7 @@ impl NativeBackend {
         request: Request,
     ) -> PyResult<Bound<'py, PyAny>> {
         self.refuse_if_forked(py)?;
+        super::refresh_log_levels_now_and_then();
         let wait = if request.is_write() {
             self.lone_write_wait
         } else {

@@ -14,7 +14,9 @@ mod run_results;
 mod stack;
 mod to_python;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::time::Instant;
 
 use pyo3::prelude::*;
 
@@ -34,10 +36,21 @@ pub(crate) use log_with_gil;
 static LOG_LEVELS: OnceLock<pyo3_log::ResetHandle> = OnceLock::new();
 
 /// Clears the logger levels pyo3-log caches (so that a debug record costs no trip through the
-/// GIL), once per new backend: logging configured since the last one then takes effect.
+/// GIL): logging configured since then takes effect.
 pub(crate) fn refresh_log_levels() {
     if let Some(levels) = LOG_LEVELS.get() {
         levels.reset();
+    }
+}
+
+/// `refresh_log_levels`, at most once a second, for every call: a level changed at run time
+/// (raised to DEBUG to look into a problem) reaches backends already open within a second.
+pub(crate) fn refresh_log_levels_now_and_then() {
+    static STARTED: OnceLock<Instant> = OnceLock::new();
+    static LAST_SECOND: AtomicU64 = AtomicU64::new(0);
+    let second = STARTED.get_or_init(Instant::now).elapsed().as_secs();
+    if LAST_SECOND.swap(second, Ordering::Relaxed) != second {
+        refresh_log_levels();
     }
 }
 

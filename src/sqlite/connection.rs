@@ -251,6 +251,18 @@ pub(crate) fn retry_while_locked<T>(
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_value_too_big_for_sqlite_is_the_callers_to_change() {
+        let too_big = rusqlite::Error::SqliteFailure(
+            ffi::Error::new(ffi::SQLITE_TOOBIG),
+            Some("string or blob too big".into()),
+        );
+        let Error::InvalidInput(message) = classify(Path::new("wf.db"), too_big) else {
+            panic!("not an input error");
+        };
+        assert!(message.contains("1,000,000,000 bytes"), "{message}");
+    }
+
     fn cache_size(conn: &Connection) -> i64 {
         conn.query_row("PRAGMA cache_size", [], |r| r.get(0))
             .unwrap()

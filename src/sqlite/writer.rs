@@ -56,6 +56,7 @@ pub(super) fn spawn(shared: Arc<Shared>, jobs: Receiver<Job>) -> Result<JoinHand
                 cleanups: VecDeque::new(),
                 checkpoint: None,
                 checkpoint_again: false,
+                wal_watch: WalWatch::default(),
             }
             .serve(&jobs)
         })
@@ -76,6 +77,51 @@ struct Writer<'a> {
     checkpoint: Option<JoinHandle<()>>,
     /// A cleanup ended while that checkpoint was running: start another when it is done.
     checkpoint_again: bool,
+    wal_watch: WalWatch,
+}
+
+/// Notices a WAL that checkpoints cannot copy back, which otherwise grows with every save
+/// without a word: a connection holding an old read transaction open (an `sqlite3` shell left
+/// inside `BEGIN`, a stuck process) keeps SQLite from reusing it. Looks only while automatic
+/// checkpoints run (a cleanup turns them off and grows the WAL on purpose).
+#[derive(Default)]
+struct WalWatch {
+    commits_since_look: u32,
+    /// The size last warned about; a warning is repeated each time the WAL doubles.
+    warned_at: u64,
+}
+
+/// A look costs a `stat` call: one every this many commits.
+const WAL_LOOK_EVERY: u32 = 64;
+/// Four times the size at which the writer checkpoints (see `connection`).
+const WAL_WORRYING_BYTES: u64 = 128 << 20;
+
+impl WalWatch {
+    fn after_commit(&mut self, path: &Path) {
+        self.commits_since_look += 1;
+        if self.commits_since_look < WAL_LOOK_EVERY {
+            return;
+        }
+        self.commits_since_look = 0;
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let Ok(size) = std::fs::metadata(&wal).map(|m| m.len()) else {
+            return;
+        };
+        if size < WAL_WORRYING_BYTES {
+            self.warned_at = 0;
+        } else if size >= 2 * self.warned_at {
+            log::warn!(
+                "the -wal file of {} has grown to {} MB: a connection holding a read \
+                 transaction open (an sqlite3 shell inside BEGIN, a stuck process) keeps \
+                 checkpoints from copying it back into the database. It is cut back once that \
+                 transaction ends; until then it grows with every write",
+                path.display(),
+                size >> 20
+            );
+            self.warned_at = size;
+        }
+    }
 }
 
 impl Writer<'_> {
@@ -96,6 +142,9 @@ impl Writer<'_> {
             } else {
                 let batch = self.gather(first, jobs);
                 self.commit(batch);
+                if self.checkpoint.is_none() {
+                    self.wal_watch.after_commit(&self.shared.options.path);
+                }
             }
         }
     }
@@ -252,7 +301,10 @@ impl Writer<'_> {
             _ => self.start_checkpoint(),
         }
         if let Ok(deleted @ 1..) = outcome {
-            log::info!("cleanup_old_workflows deleted {deleted} workflow states");
+            log::info!(
+                "cleanup_old_workflows deleted {deleted} workflow states from {}",
+                self.shared.options.path.display()
+            );
         }
         job.done.answer(outcome.map(Response::Count));
     }
@@ -272,8 +324,9 @@ impl Writer<'_> {
         loop {
             if caller_gone.is_set() {
                 log::info!(
-                    "cleanup_old_workflows stopped after {deleted} deletions: its caller \
-                     stopped waiting (cancelled, timed out or interrupted)"
+                    "cleanup_old_workflows on {} stopped after {deleted} deletions: its caller \
+                     stopped waiting (cancelled, timed out or interrupted)",
+                    self.shared.options.path.display()
                 );
                 return Ok(deleted);
             }
@@ -286,8 +339,9 @@ impl Writer<'_> {
                 // index pages). Only a full disk for a batch of one row stops the cleanup.
                 Err(Error::DiskFull { .. }) if !checkpointed_for_room || rows > 1 => {
                     log::warn!(
-                        "cleanup: the disk is full after {deleted} deletions; checkpointing \
-                         the WAL to reuse its space and going on in smaller batches"
+                        "cleanup of {}: the disk is full after {deleted} deletions; \
+                         checkpointing the WAL to reuse its space and going on in smaller batches",
+                        self.shared.options.path.display()
                     );
                     self.checkpoint_here();
                     checkpointed_for_room = true;
@@ -385,7 +439,10 @@ impl Writer<'_> {
             .and_then(|(conn, _)| passive_checkpoint(conn, &path));
         match checkpointed {
             Ok((logged, copied)) => {
-                log::debug!("checkpoint during cleanup: {copied} of {logged} WAL pages")
+                log::debug!(
+                    "checkpoint during cleanup of {}: {copied} of {logged} WAL pages",
+                    path.display()
+                )
             }
             Err(error) => log::warn!("checkpoint during cleanup failed: {error}"),
         }
@@ -402,7 +459,10 @@ impl Writer<'_> {
                     .and_then(|conn| passive_checkpoint(&conn, &options.path));
                 match outcome {
                     Ok((logged, copied)) => {
-                        log::debug!("checkpoint after cleanup: {copied} of {logged} WAL pages")
+                        log::debug!(
+                            "checkpoint after cleanup of {}: {copied} of {logged} WAL pages",
+                            options.path.display()
+                        )
                     }
                     // Not the caller's problem: auto-checkpoints copy it later.
                     Err(error) => log::warn!("checkpoint after cleanup failed: {error}"),
