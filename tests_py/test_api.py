@@ -1932,7 +1932,7 @@ async def test_a_log_level_raised_at_run_time_reaches_a_backend_already_open(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Levels are cached on the Rust side; a backend used to keep the ones it started with."""
-    old = datetime.now(timezone.utc) - timedelta(days=60)
+    old = datetime.now(UTC) - timedelta(days=60)
     deleted = "cleanup_old_workflows deleted"
     logger = logging.getLogger("flujo_sqlite")
     with caplog.at_level(logging.INFO, logger="flujo_sqlite"):  # restores the level after
