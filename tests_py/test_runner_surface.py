@@ -1240,6 +1240,11 @@ async def test_evaluations(backend: SQLiteBackend) -> None:
     assert (by_score[0.2]["feedback"], by_score[0.2]["step_name"]) == (None, None)
     assert by_score[0.2]["metadata"] is None
     assert [e["score"] for e in await backend.list_evaluations(limit=2)] == [0.4, 0.3]
+    assert (
+        len(await backend.list_evaluations(limit=None))
+        == len(await backend.list_evaluations(limit=-1))
+        == 4
+    )
     assert [e["score"] for e in await backend.list_evaluations(run_id="a")] == [0.3, 0.1]
     assert [e["score"] for e in await backend.list_evaluations(limit=1, run_id="b")] == [0.4]
     assert await backend.list_evaluations(run_id="nobody") == []
