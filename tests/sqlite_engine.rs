@@ -1522,3 +1522,35 @@ fn a_wal_that_a_reader_keeps_from_being_copied_back_is_warned_about() {
     assert!(wal >= 128 << 20, "warned at {wal} bytes");
     reader.execute_batch("COMMIT").unwrap();
 }
+
+/// A program that moves the database aside while a backend has it open (Flujo's backend does,
+/// taking it for corrupt) takes the file without its -wal: writes must reach the file itself
+/// once writes pause, or the acknowledged ones would be in neither file.
+#[test]
+fn writes_reach_the_database_file_itself_once_writes_pause() {
+    let db = temp_db();
+    let e = engine(&db.path);
+    save(
+        &e,
+        "r1",
+        record("p", "running", &utc_text(chrono::Duration::zero())),
+    );
+    let alone = db.path.with_extension("alone.db");
+    let started = std::time::Instant::now();
+    let in_file_alone = loop {
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::copy(&db.path, &alone).unwrap();
+        let found = Connection::open(&alone).and_then(|conn| {
+            conn.query_row(
+                "SELECT count(*) FROM workflow_state WHERE run_id = 'r1'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+        });
+        // Before the copy back the file holds no table at all.
+        if matches!(found, Ok(1)) || started.elapsed() > Duration::from_secs(10) {
+            break found;
+        }
+    };
+    assert!(matches!(in_file_alone, Ok(1)), "{in_file_alone:?}");
+}

@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 
 /// How long a thread waits actively for the next request before parking.
 const SPIN: Duration = Duration::from_micros(100);
@@ -16,26 +16,51 @@ const SPIN: Duration = Duration::from_micros(100);
 /// Set while one engine thread is spinning; the others park straight away.
 static SPINNING: AtomicBool = AtomicBool::new(false);
 
+/// What waiting for the next item gave.
+pub(super) enum Waited<T> {
+    Item(T),
+    /// Nothing came for the time given.
+    Idle,
+    /// Every sender is gone and the queue is empty.
+    Closed,
+}
+
 /// The next item: spun for briefly when no other thread is spinning, else waited for.
 /// `None` once every sender is gone and the queue is empty.
 pub(super) fn next<T>(queue: &Receiver<T>) -> Option<T> {
+    match next_within(queue, None) {
+        Waited::Item(item) => Some(item),
+        Waited::Idle | Waited::Closed => None,
+    }
+}
+
+/// `next`, giving up once nothing has come for `idle` (when given).
+pub(super) fn next_within<T>(queue: &Receiver<T>, idle: Option<Duration>) -> Waited<T> {
+    let started = Instant::now();
     if SPINNING
         .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
         .is_ok()
     {
-        let started = Instant::now();
         let spun = loop {
             match queue.try_recv() {
-                Ok(item) => break Some(item),
-                Err(TryRecvError::Disconnected) => break None,
+                Ok(item) => break Some(Waited::Item(item)),
+                Err(TryRecvError::Disconnected) => break Some(Waited::Closed),
                 Err(TryRecvError::Empty) if started.elapsed() < SPIN => std::hint::spin_loop(),
                 Err(TryRecvError::Empty) => break None,
             }
         };
         SPINNING.store(false, Ordering::Release);
-        if spun.is_some() {
-            return spun;
+        if let Some(waited) = spun {
+            return waited;
         }
     }
-    queue.recv().ok()
+    let outcome = match idle {
+        Some(idle) => queue.recv_timeout(idle.saturating_sub(started.elapsed())),
+        None => queue.recv().map_err(|_| RecvTimeoutError::Disconnected),
+    };
+    match outcome {
+        Ok(item) => Waited::Item(item),
+        Err(RecvTimeoutError::Timeout) => Waited::Idle,
+        Err(RecvTimeoutError::Disconnected) => Waited::Closed,
+    }
 }

@@ -57,6 +57,7 @@ pub(super) fn spawn(shared: Arc<Shared>, jobs: Receiver<Job>) -> Result<JoinHand
                 checkpoint: None,
                 checkpoint_again: false,
                 wal_watch: WalWatch::default(),
+                file_behind_wal: false,
             }
             .serve(&jobs)
         })
@@ -78,7 +79,12 @@ struct Writer<'a> {
     /// A cleanup ended while that checkpoint was running: start another when it is done.
     checkpoint_again: bool,
     wal_watch: WalWatch,
+    /// Commits since the last checkpoint may not be in the database file yet.
+    file_behind_wal: bool,
 }
+
+/// How long writes must pause before the writer copies the WAL back into the file.
+const CHECKPOINT_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// Notices a WAL that checkpoints cannot copy back, which otherwise grows with every save
 /// without a word: a connection holding an old read transaction open (an `sqlite3` shell left
@@ -130,10 +136,14 @@ impl Writer<'_> {
         loop {
             let first = match self.cleanups.pop_front() {
                 Some(job) => job,
-                None => match spin::next(jobs) {
-                    Some(job) => job,
+                None => match spin::next_within(jobs, self.idle_checkpoint_due()) {
+                    spin::Waited::Item(job) => job,
+                    spin::Waited::Idle => {
+                        self.checkpoint_when_idle();
+                        continue;
+                    }
                     // The engine closed and everything queued is done.
-                    None => return self.join_checkpoint(),
+                    spin::Waited::Closed => return self.join_checkpoint(),
                 },
             };
             self.tend_checkpoint();
@@ -142,6 +152,7 @@ impl Writer<'_> {
             } else {
                 let batch = self.gather(first, jobs);
                 self.commit(batch);
+                self.file_behind_wal = true;
                 if self.checkpoint.is_none() {
                     self.wal_watch.after_commit(&self.shared.options.path);
                 }
@@ -479,6 +490,30 @@ impl Writer<'_> {
 
     /// Once the background checkpoint is done, starts the one a later cleanup asked for or
     /// turns auto-checkpoints back on. Never waits.
+    /// How long to wait for the next write before copying the WAL back into the file, if
+    /// anything is to be copied and no other checkpoint is under way.
+    fn idle_checkpoint_due(&self) -> Option<Duration> {
+        (self.file_behind_wal && self.checkpoint.is_none()).then_some(CHECKPOINT_WHEN_IDLE_FOR)
+    }
+
+    /// Copies the WAL back into the database file once writes pause. A program that moves the
+    /// file aside while we have it open (Flujo's backend does, as "corrupt") takes only the
+    /// file: the acknowledged writes still in the WAL would be in neither file.
+    fn checkpoint_when_idle(&mut self) {
+        self.file_behind_wal = false;
+        let path = self.shared.options.path.clone();
+        let Some(conn) = self.conn.as_ref() else {
+            return;
+        };
+        match passive_checkpoint(conn, &path) {
+            Ok((logged, copied)) => log::debug!(
+                "checkpoint of {} while idle: {copied} of {logged} WAL pages",
+                path.display()
+            ),
+            Err(error) => log::debug!("checkpoint while idle failed: {error}"),
+        }
+    }
+
     fn tend_checkpoint(&mut self) {
         if !self
             .checkpoint
