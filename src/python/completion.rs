@@ -70,13 +70,13 @@ impl Inbox {
 pub(crate) struct CompletionPort {
     inbox: Arc<Inbox>,
     woken_by: UnixStream,
-    /// Calls awaiting an outcome. Only touched with the GIL held, on the loop's thread.
+    /// Calls awaiting an outcome, by the address of their future (see `track`). Only touched
+    /// with the GIL held, on the loop's thread.
     waiting: Mutex<HashMap<u64, Waiting>>,
     /// Results already converted when an interrupt stopped a drain; delivered first next time.
     converted: Mutex<Vec<Converted>>,
     /// Long lists being converted, a chunk per drain; each drain wakes the loop for the next.
     growing: Mutex<Vec<(Py<PyAny>, ListInProgress)>>,
-    next_token: AtomicU64,
 }
 
 /// A call's future, and the flag that tells the engine when its caller stops waiting.
@@ -112,7 +112,6 @@ impl CompletionPort {
             waiting: Mutex::new(HashMap::new()),
             converted: Mutex::new(Vec::new()),
             growing: Mutex::new(Vec::new()),
-            next_token: AtomicU64::new(0),
         })
     }
 
@@ -156,10 +155,10 @@ impl CompletionPort {
 
     /// Tells the engine that the caller of `call` (an awaitable one of our methods returned)
     /// stopped waiting: a read not begun yet is then skipped, a cleanup stops after its batch.
-    /// Rare, so a scan; a call already answered is not found, and needs nothing.
+    /// A call already answered (or a stand-in for one) is not found, and needs nothing.
     fn caller_gone(&self, call: &Bound<'_, PyAny>) {
         let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(gone) = waiting.values().find(|w| w.future.is(call)) {
+        if let Some(gone) = waiting.get(&token_of(call)).filter(|w| w.future.is(call)) {
             gone.caller_gone.set();
         }
     }
@@ -386,7 +385,10 @@ impl CompletionPort {
     pub(crate) fn track<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, Completion)> {
         let future = running_loop(py)?.call_method0("create_future")?;
         let caller_gone = CallerGone::default();
-        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        // The future's address: no other live object has it, and the port holds the future
+        // until its one outcome is taken, so no outcome can reach a later future at the same
+        // address. (A counter would need a second map for `caller_gone` to find a call.)
+        let token = token_of(&future);
         self.waiting
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -405,6 +407,10 @@ impl CompletionPort {
         let done = Completion::watching(caller_gone, move |outcome| answer.give(outcome));
         Ok((future, done))
     }
+}
+
+fn token_of(future: &Bound<'_, PyAny>) -> u64 {
+    future.as_ptr() as usize as u64
 }
 
 /// The outcome of one tracked call, owed to its future. Dropped without being given (which
