@@ -571,12 +571,13 @@ fn reads_whose_caller_is_gone_are_skipped_and_writes_are_not() {
 /// Another process waiting to write cannot be seen, and SQLite's busy handler looks again only
 /// every 100 ms: a cleanup that takes the lock back right after each batch kept it from writing
 /// for the whole cleanup (Flujo 0.4.35, starting meanwhile, gives up after 5 s and moves the
-/// file aside as corrupt). A second engine on the file stands for that process.
+/// file aside as corrupt). A second engine on the file stands for that process. Halfway, the
+/// backend is closed, which must not end the gaps (closing waits for the cleanup).
 #[test]
 fn a_long_cleanup_lets_writers_of_other_connections_in() {
     const OLD_RUNS: usize = 320_000;
     let db = temp_db();
-    let e = engine(&db.path);
+    let e = std::sync::Arc::new(engine(&db.path));
     let now = utc_text(chrono::Duration::zero());
     save(&e, "warm", record("p", "running", &now));
     let old = utc_text(chrono::Duration::days(40));
@@ -610,9 +611,14 @@ fn a_long_cleanup_lets_writers_of_other_connections_in() {
         Completion::new(move |outcome| done_tx.send(outcome).unwrap()),
     );
     let mut saved_meanwhile = 0;
+    let mut closing = None;
     let deleted = loop {
         if let Ok(outcome) = done_rx.try_recv() {
             break outcome.unwrap();
+        }
+        if closing.is_none() && started.elapsed() > Duration::from_millis(1500) {
+            let e = std::sync::Arc::clone(&e);
+            closing = Some(std::thread::spawn(move || e.close()));
         }
         let during = Request::SaveState {
             run_id: format!("during{saved_meanwhile}"),
@@ -626,6 +632,7 @@ fn a_long_cleanup_lets_writers_of_other_connections_in() {
     };
     let took = started.elapsed();
     assert_eq!(deleted, Response::Count(OLD_RUNS as u64));
+    closing.expect("closed halfway").join().unwrap();
     // Otherwise the other engine's saves could not have waited past their lock_wait anyway.
     assert!(
         took > 2 * Duration::from_secs(2),

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use rusqlite::Connection;
 
 use super::connection::{self, classify, retry_while_locked, Role};
@@ -379,8 +379,18 @@ impl Writer<'_> {
             if held_since.elapsed() >= CLEANUP_HOLDS_LOCK_FOR {
                 // This process's own writes are still served meanwhile, each a short commit.
                 let pause_ends = Instant::now() + LET_OTHER_PROCESSES_IN;
-                while let Ok(first) = jobs.recv_deadline(pause_ends) {
-                    self.serve_during_cleanup(first, jobs);
+                loop {
+                    match jobs.recv_deadline(pause_ends) {
+                        Ok(first) => self.serve_during_cleanup(first, jobs),
+                        Err(RecvTimeoutError::Timeout) => break,
+                        // Closing: nothing more will come, but the pause is still owed.
+                        Err(RecvTimeoutError::Disconnected) => {
+                            std::thread::sleep(
+                                pause_ends.saturating_duration_since(Instant::now()),
+                            );
+                            break;
+                        }
+                    }
                 }
                 held_since = Instant::now();
             }
