@@ -250,11 +250,19 @@ pub enum MetadataTest {
     ObjectOfSize(usize),
     /// An array with exactly this many items.
     ArrayOfLength(usize),
+    /// An array whose items equal those of this JSON array one by one, where each number or
+    /// boolean stands for its value and each array or object only for being one (they get
+    /// conditions of their own). One condition for a list of any length.
+    ArrayLike(String),
     Text(String),
     /// A number or a boolean (`true` being 1) equal to this one.
     Integer(i64),
     Real(f64),
+    /// An integer beyond 64 bits, written exactly so.
+    BigInteger(String),
     Null,
+    /// Nothing stored as JSON can equal it (a tuple, which Python never finds equal to a list).
+    Nothing,
     /// A value no JSON type of Python's matches, compared as its JSON encoding.
     EncodedAs(String),
 }

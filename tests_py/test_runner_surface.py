@@ -594,6 +594,23 @@ async def test_list_runs_metadata_filter_matches_as_python_compares(
     assert await ids({"rows": [{"a": 1}]}) == []  # a dict inside a list matches whole
     assert await ids({"ok": 1.0}) == ["flags", "nested"]
     assert await ids({"env": []}) == ["flags"]
+    assert await ids({"xs": (1.0, 2.0)}) == []  # Python finds no tuple equal to a list
+
+    # Integers beyond 64 bits compare exactly; keys with control characters; long lists.
+    long = [i if i % 3 else float(i) for i in range(20_000)] + [None, "s", True, [1, {"k": 2}]]
+    extra = {"big": 2**70, "a\x00b\n": 1, "long": long}
+    await backend.save_run_start({"run_id": "extra", "start_time": base + timedelta(minutes=9)})
+    await backend.save_state("extra", make_state(metadata=extra))
+    assert await ids({"big": 2**70}) == ["extra"]
+    assert await ids({"big": 2**70 + 1}) == []
+    assert await ids({"big": 10**400}) == []
+    assert await ids({"a\x00b\n": 1.0}) == ["extra"]
+    assert await ids(
+        {"long": [float(i) for i in range(20_000)] + [None, "s", 1, [1.0, {"k": 2}]]}
+    ) == ["extra"]
+    assert await ids({"long": [*long[:-1], [1, {"k": 3}]]}) == []
+    assert await ids({"long": [*long[:-2], "t", long[-1]]}) == []
+    assert await ids({"long": long[:-1]}) == []
 
     rng = random.Random(20261128)
     leaves = [0, 1, 1.0, 2, 2.5, True, False, None, "a", "1", "", [], {}]

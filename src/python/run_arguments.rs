@@ -4,7 +4,7 @@
 //! `execution_time_ms` and `created_at`, often with timestamps already turned into text.
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 use super::arguments::{integer, preview, real, run_id, text, timestamp_text, type_name};
 use super::errors::{invalid_state, invalid_type, missing_key};
@@ -318,16 +318,30 @@ pub(crate) fn metadata_conditions(
             for item in dict.items().iter() {
                 let (key, value) = (item.get_item(0)?, item.get_item(1)?);
                 let key = text(&key, "metadata_filter keys")?;
-                // A quoted label in a JSON path takes JSON string escapes.
-                let label = key.replace('\\', "\\\\").replace('"', "\\\"");
-                pending.push((format!("{path}.\"{label}\""), value, compared));
+                pending.push((format!("{path}.{}", path_label(&key)), value, compared));
             }
         } else if let Ok(list) = value.cast::<PyList>() {
             let items: Vec<_> = list.iter().collect();
-            test(MetadataTest::ArrayOfLength(items.len()));
-            for (index, item) in items.into_iter().enumerate() {
-                pending.push((format!("{path}[{index}]"), item, Compared::Equals));
+            match plain_items(&items)? {
+                // Its arrays and objects are each compared on their own, at their place.
+                Some(like) => {
+                    test(MetadataTest::ArrayLike(like));
+                    for (index, item) in items.into_iter().enumerate() {
+                        if item.cast::<PyDict>().is_ok() || item.cast::<PyList>().is_ok() {
+                            pending.push((format!("{path}[{index}]"), item, Compared::Equals));
+                        }
+                    }
+                }
+                None => {
+                    test(MetadataTest::ArrayOfLength(items.len()));
+                    for (index, item) in items.into_iter().enumerate() {
+                        pending.push((format!("{path}[{index}]"), item, Compared::Equals));
+                    }
+                }
             }
+        } else if value.cast::<PyTuple>().is_ok() {
+            // Python finds no tuple equal to a list, and JSON holds only lists.
+            test(MetadataTest::Nothing);
         } else if value.is_none() {
             test(MetadataTest::Null);
         } else if let Ok(text) = value.cast::<PyString>() {
@@ -337,8 +351,12 @@ pub(crate) fn metadata_conditions(
         } else if value.is_instance_of::<PyInt>() {
             test(match value.extract::<i64>() {
                 Ok(n) => MetadataTest::Integer(n),
-                // As SQLite reads a JSON integer beyond 64 bits.
-                Err(_) => MetadataTest::Real(value.extract::<f64>()?),
+                Err(_) => match value.str() {
+                    Ok(digits) => MetadataTest::BigInteger(digits.to_str()?.to_owned()),
+                    // Longer than Python writes out (sys.get_int_max_str_digits()), so no
+                    // stored JSON holds it either.
+                    Err(_) => MetadataTest::Nothing,
+                },
             });
         } else if let Ok(x) = value.cast::<PyFloat>() {
             test(MetadataTest::Real(x.value()));
@@ -350,6 +368,57 @@ pub(crate) fn metadata_conditions(
         }
     }
     Ok(conditions)
+}
+
+/// A key as a quoted label of a SQLite JSON path, with JSON string escapes: a control character
+/// (a NUL above all) is not allowed in the path as it is.
+fn path_label(key: &str) -> String {
+    let mut label = String::with_capacity(key.len() + 2);
+    label.push('"');
+    for c in key.chars() {
+        match c {
+            '"' => label.push_str("\\\""),
+            '\\' => label.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => label.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => label.push(c),
+        }
+    }
+    label.push('"');
+    label
+}
+
+/// The items of a filter's list as a JSON array for `MetadataTest::ArrayLike`, when each is text,
+/// None, a bool, a 64-bit int, a finite float, or a dict or list (written `[]`: compared on its
+/// own); `None` when some other value needs a condition of its own.
+fn plain_items(items: &[Bound<'_, PyAny>]) -> PyResult<Option<String>> {
+    let mut json = String::from("[");
+    for (index, item) in items.iter().enumerate() {
+        if index > 0 {
+            json.push(',');
+        }
+        if item.cast::<PyDict>().is_ok() || item.cast::<PyList>().is_ok() {
+            json.push_str("[]");
+        } else if item.is_none() {
+            json.push_str("null");
+        } else if let Ok(text) = item.cast::<PyString>() {
+            json.push_str(&encode_json(text.as_any(), "metadata_filter")?);
+        } else if let Ok(flag) = item.cast::<PyBool>() {
+            json.push_str(if flag.is_true() { "true" } else { "false" });
+        } else if let (true, Ok(n)) = (item.is_instance_of::<PyInt>(), item.extract::<i64>()) {
+            json.push_str(&n.to_string());
+        } else if let Some(x) = item
+            .cast::<PyFloat>()
+            .ok()
+            .map(|x| x.value())
+            .filter(|x| x.is_finite())
+        {
+            json.push_str(&format!("{x:?}"));
+        } else {
+            return Ok(None);
+        }
+    }
+    json.push(']');
+    Ok(Some(json))
 }
 
 /// How a value of the metadata filter is compared with the stored one.

@@ -347,6 +347,17 @@ pub(crate) fn list_run_steps(
 /// placeholder "unknown" (what Flujo 0.4.35's runner saves there) and the run has a name.
 const SHOWN_PIPELINE_NAME: &str = "coalesce(nullif(w.pipeline_name, 'unknown'), r.pipeline_name)";
 
+/// A `json_each` item `e` spelled so that two items Python finds equal read the same: numbers
+/// and booleans as their value (`1`, `1.0` and `true` all as `1`; integers exactly), text
+/// quoted, and an array or object as `~`, whose contents are compared elsewhere.
+const SPELLED_AS_PYTHON_COMPARES: &str = "CASE e.type \
+     WHEN 'text' THEN json_quote(e.atom) WHEN 'null' THEN 'null' \
+     WHEN 'true' THEN '1' WHEN 'false' THEN '0' \
+     WHEN 'integer' THEN CAST(e.atom AS TEXT) \
+     WHEN 'real' THEN iif(e.atom = CAST(e.atom AS INTEGER), \
+         CAST(CAST(e.atom AS INTEGER) AS TEXT), printf('%!.17g', e.atom)) \
+     ELSE '~' END";
+
 /// Runs newest first, joined with their workflow state (whose name, version and status win,
 /// as in Flujo 0.6.11), filtered by the name shown. Every filter, the metadata one included,
 /// and the paging run in SQL.
@@ -406,12 +417,13 @@ fn list_runs_statement(
             MetadataTest::ObjectOfSize(n) | MetadataTest::ArrayOfLength(n) => {
                 Some(Value::Integer(*n as i64))
             }
-            MetadataTest::Text(text) | MetadataTest::EncodedAs(text) => {
-                Some(Value::Text(text.clone()))
-            }
+            MetadataTest::Text(text)
+            | MetadataTest::EncodedAs(text)
+            | MetadataTest::ArrayLike(text)
+            | MetadataTest::BigInteger(text) => Some(Value::Text(text.clone())),
             MetadataTest::Integer(n) => Some(Value::Integer(*n)),
             MetadataTest::Real(x) => Some(Value::Real(*x)),
-            MetadataTest::Object | MetadataTest::Null => None,
+            MetadataTest::Object | MetadataTest::Null | MetadataTest::Nothing => None,
         };
         let v = compared_with.map_or(0, |value| {
             values.push(value);
@@ -427,6 +439,20 @@ fn list_runs_statement(
             MetadataTest::ArrayOfLength(_) => {
                 format!("{at} = 'array' AND json_array_length(w.metadata, ?{p}) = ?{v}")
             }
+            // Each side's items spelled one way per value, in order; compared whole, so a long
+            // list costs one pass over each side rather than a condition per item.
+            MetadataTest::ArrayLike(_) => format!(
+                "{at} = 'array' AND \
+                 (SELECT group_concat({}, ',' ORDER BY e.key) \
+                  FROM json_each(w.metadata, ?{p}) e) IS \
+                 (SELECT group_concat({}, ',' ORDER BY e.key) FROM json_each(?{v}) e)",
+                SPELLED_AS_PYTHON_COMPARES,
+                SPELLED_AS_PYTHON_COMPARES,
+            ),
+            MetadataTest::BigInteger(_) => {
+                format!("{at} = 'integer' AND (w.metadata -> ?{p}) = ?{v}")
+            }
+            MetadataTest::Nothing => "0".to_owned(),
             MetadataTest::Text(_) => {
                 format!("{at} = 'text' AND json_extract(w.metadata, ?{p}) = ?{v}")
             }
