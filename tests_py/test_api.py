@@ -28,7 +28,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pydantic
@@ -926,9 +926,17 @@ def test_paths_only_a_shell_or_uri_parser_understands_are_refused(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_password_in_a_uri_given_as_the_path_is_not_repeated() -> None:
-    with pytest.raises(InvalidStateError, match="is a postgresql:// URI") as raised:
-        SQLiteBackend("postgresql://admin:hun@t/er2@db.internal/flujo")
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "postgresql://admin:hun@t/er2@db.internal/flujo",
+        PurePosixPath("postgres://admin:hun@t/er2@db.internal/flujo"),  # "postgres:/admin..."
+        "sqlite://admin:hun@t/er2@db.internal/flujo.db",
+    ],
+)
+def test_a_password_in_a_uri_given_as_the_path_is_not_repeated(uri: str | PurePosixPath) -> None:
+    with pytest.raises(InvalidStateError, match="URI") as raised:
+        SQLiteBackend(uri)
     assert "admin:***@db.internal" in str(raised.value)
     assert "er2" not in str(raised.value)
 

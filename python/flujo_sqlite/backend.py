@@ -118,7 +118,8 @@ def _file_path(value: object, what: str) -> Path:
     uri = (_URI_IN_A_PATH if isinstance(value, PurePath) else _URI).match(text)
     if uri and _SQLITE_SCHEME.match(uri.group(1)):
         raise InvalidStateError(
-            f"{what} {text!r} is a URI, not a file path: pass the file's path itself, or put "
+            f"{what} {hide_password(text)!r} is a URI, not a file path: pass the file's path "
+            "itself, or put "
             "the URI in FLUJO_STATE_URI and call flujo_sqlite.load_backend_from_config()"
         )
     if uri:

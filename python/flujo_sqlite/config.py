@@ -65,8 +65,9 @@ _SQLITE_SCHEMES = ("sqlite", "sqlite3")
 # A URI scheme per RFC 3986; one letter is a Windows drive (C:\...), not a scheme.
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):")
 # Up to the last "@": a password may hold "@" or "/" that its writer did not percent-encode, and
-# hiding a little of the host too is better than showing part of the password.
-_PASSWORD_IN_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^/:@]*:).*@", re.DOTALL)
+# hiding a little of the host too is better than showing part of the password. One slash after
+# the scheme is enough: pathlib turns "postgres://..." made into a path into "postgres:/...".
+_PASSWORD_IN_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*:/+[^/:@]*:).*@", re.DOTALL)
 
 
 @dataclass(frozen=True)
