@@ -1561,3 +1561,31 @@ fn writes_reach_the_database_file_itself_once_writes_pause() {
     };
     assert!(matches!(in_file_alone, Ok(1)), "{in_file_alone:?}");
 }
+
+/// New files get 2 KB pages (see `schema::NEW_FILE_PAGE_SIZE`); a file that has pages keeps its
+/// page size, which only a VACUUM could change.
+#[test]
+fn new_files_get_small_pages_and_existing_files_keep_theirs() {
+    let page_size = |path: &Path| -> i64 {
+        Connection::open(path)
+            .unwrap()
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap()
+    };
+    let now = utc_text(chrono::Duration::zero());
+    let new = temp_db();
+    let e = engine(&new.path);
+    save(&e, "r", record("p", "running", &now));
+    e.close();
+    assert_eq!(page_size(&new.path), 2048);
+
+    let existing = temp_db();
+    Connection::open(&existing.path)
+        .unwrap()
+        .execute_batch("PRAGMA page_size = 4096; CREATE TABLE other (x)")
+        .unwrap();
+    let e = engine(&existing.path);
+    save(&e, "r", record("p", "running", &now));
+    e.close();
+    assert_eq!(page_size(&existing.path), 4096);
+}

@@ -376,6 +376,16 @@ const RETIRED_INDEXES: [&str; 4] = [
     "idx_flujo_sqlite_state_background_updated",
 ];
 
+/// The page size of the files we create (SQLite's default is 4 KB; files Flujo created keep
+/// theirs). A save writes one page of each b-tree it touches, the table's leaf and one of each
+/// index, and changes little of each: with 2 KB pages it writes half as much to the WAL and
+/// copies half as much back. Measured (interleaved runs, flat-out `durability="normal"` saves
+/// into a new file): ~2.5 KB states 12,300-13,800 against 10,000-10,900 saves/s, 17 KB states
+/// +6-12 %, files ~35 % smaller for the former; `full` saves the same (each waits for its
+/// fsync). On a 100,000-run file of ~4 KB states, where a state then spans one more overflow
+/// page, lists measured the same and loads and statistics 0-15 % slower.
+const NEW_FILE_PAGE_SIZE: i64 = 2048;
+
 /// Brings the file to a layout we can serve, writing only when something is missing (so a
 /// fully set-up file opens without taking the write lock), and reports that layout.
 pub(crate) fn prepare(conn: &mut Connection, options: &SqliteOptions) -> Result<Layout, Error> {
@@ -400,6 +410,14 @@ pub(crate) fn prepare(conn: &mut Connection, options: &SqliteOptions) -> Result<
         return Err(Error::NotFlujo {
             path: options.path.clone(),
         });
+    }
+    // Only a file with no page yet takes a page size; it is fixed from the first write on.
+    let pages: i64 = conn
+        .query_row("PRAGMA page_count", [], |r| r.get(0))
+        .map_err(fail)?;
+    if pages == 0 {
+        conn.pragma_update(None, "page_size", NEW_FILE_PAGE_SIZE)
+            .map_err(fail)?;
     }
     let journal_mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
