@@ -321,6 +321,26 @@ def test_pipeline_runs_to_completion(flujo_env: FlujoEnv, backend: str, tmp_path
     assert set(STEPS) <= set(span_names) and len(span_names) == len(STEPS) + 1
 
 
+def test_step_outputs_flujo_stores_its_own_way(
+    flujo_env: FlujoEnv, backend: str, tmp_path: Path
+) -> None:
+    """(e) Callables and a type registered with Flujo's serializer, as step outputs."""
+    db, log, run_id = tmp_path / "state.db", tmp_path / "steps.log", "e2e-odd"
+    out = _run_program("odd_outputs.py", flujo_env, backend, db, run_id, log)
+    assert out["steps"] == ["pick_tools", "quote"] and all(out["success"])
+
+    api = _inspect(flujo_env, backend, db, run_id)
+    assert api["load_state"]["status"] == "completed"
+    assert api["load_state"]["last_step_output"] == {
+        "total": {"cents": 999, "currency": "USD"},
+        "tool": "len",
+    }
+    assert [(s["step_name"], s["output"]) for s in api["list_run_steps"]] == [
+        ("pick_tools", {"tools": ["len", "upper"], "choice": "len", "for": "start"}),
+        ("quote", {"total": {"cents": 999, "currency": "USD"}, "tool": "len"}),
+    ]
+
+
 # --------------------------------------------------------------------------------------------------
 # (b) + (c) killed mid-pipeline, resumed in a new process
 

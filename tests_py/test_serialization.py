@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import decimal
 import enum
+import functools
 import json
 import math
 import sys
@@ -563,10 +564,6 @@ def test_unsupported_object_message() -> None:
 @pytest.mark.parametrize(
     ("value", "type_name"),
     [
-        (lambda: None, "function"),
-        (Plain, "type"),
-        (Model, "pydantic._internal._model_construction.ModelMetaclass"),
-        (Point, "type"),
         (sys, "module"),
         (object(), "object"),
         (Ellipsis, "ellipsis"),
@@ -578,6 +575,66 @@ def test_unsupported_values_are_refused(value: object, type_name: str) -> None:
         SerializationError, match=rf"^cannot store state\['a'\]\[2\] \(a {type_name}\)"
     ):
         encode_json({"a": [1, 2, value]}, "state")
+
+
+class CallableObject:
+    def __call__(self) -> None:
+        pass
+
+
+def test_callables_are_stored_by_name_as_flujo_stores_them() -> None:
+    """Flujo's runner saves a step's output whatever it is; Flujo's backend stores a callable
+    as its name, and refusing one crashed the run (Flujo 0.4.35) or lost its step record."""
+    values = [
+        len,
+        str.upper,
+        lambda: 0,
+        Plain,
+        Model,
+        Point,
+        functools.partial(len),
+        CallableObject(),
+    ]
+    assert json.loads(encode_json(values)) == [
+        "len",
+        "upper",
+        "<lambda>",
+        "Plain",
+        "Model",
+        "Point",
+        repr(values[6]),
+        repr(values[7]),
+    ]
+
+
+def test_sequences_are_stored_as_lists() -> None:
+    assert json.loads(encode_json({"d": collections.deque([1, 2]), "r": range(3)})) == {
+        "d": [1, 2],
+        "r": [0, 1, 2],
+    }
+    looped: collections.deque[object] = collections.deque([1])
+    looped.append(looped)
+    with pytest.raises(SerializationError, match="reference cycle"):
+        encode_json(looped)
+
+
+def test_serializers_registered_with_flujo_apply() -> None:
+    serialization = pytest.importorskip("flujo.utils.serialization")
+
+    class Money:
+        def __init__(self, cents: int) -> None:
+            self.cents = cents
+
+    serialization.register_custom_serializer(Money, lambda m: {"cents": m.cents, "cur": "USD"})
+    try:
+        assert json.loads(encode_json({"price": Money(999)})) == {
+            "price": {"cents": 999, "cur": "USD"}
+        }
+        # Ours win where both have one.
+        flujo_sqlite.register_serializer(Money, lambda m: m.cents)
+        assert json.loads(encode_json([Money(5)])) == [5]
+    finally:
+        serialization.reset_custom_serializer_registry()
 
 
 def test_open_file_is_refused() -> None:

@@ -11,6 +11,7 @@ __all__ = [
     "__version__",
     "decode_json",
     "encode_json",
+    "honor_flujo_serializers",
     "recover",
     "register_serializer",
     "wait_for_dropped_backends",
@@ -155,6 +156,10 @@ def wait_for_dropped_backends() -> None:
 
 def register_serializer(type_: type, function: Callable[[Any], Any]) -> None:
     """Store instances of ``type_`` (and its subclasses) as ``function(obj)``, encoded again."""
+
+def honor_flujo_serializers(lookup: Callable[[Any], Callable[[Any], Any] | None]) -> None:
+    """Makes the encoder ask ``lookup`` (Flujo's ``lookup_custom_serializer``) for a value none
+    of ours serializes."""
 
 def encode_json(value: Any, path: str = "value") -> str:
     """The JSON text ``save_state`` would store for ``value``."""

@@ -20,7 +20,12 @@ from datetime import datetime
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
-from ._native import CompletionPort, NativeBackend, wait_for_dropped_backends
+from ._native import (
+    CompletionPort,
+    NativeBackend,
+    honor_flujo_serializers,
+    wait_for_dropped_backends,
+)
 from .config import hide_password
 from .errors import DatabaseError, InvalidStateError, InvalidTypeError
 
@@ -37,6 +42,15 @@ else:
         from flujo.state.backends.base import StateBackend as _Base
     except ImportError:
         _Base = object
+
+try:  # Types registered with Flujo's own register_custom_serializer are stored as in Flujo.
+    from flujo.utils.serialization import (  # type: ignore[import-not-found, unused-ignore]
+        lookup_custom_serializer,
+    )
+except ImportError:
+    pass
+else:
+    honor_flujo_serializers(lookup_custom_serializer)
 
 __all__ = ["SQLiteBackend"]
 

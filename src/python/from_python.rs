@@ -35,6 +35,15 @@ const MAX_DEPTH: usize = 1000;
 /// Serializers registered from Python, in registration order.
 static SERIALIZERS: Mutex<Vec<(Py<PyType>, Py<PyAny>)>> = Mutex::new(Vec::new());
 
+/// Flujo's `lookup_custom_serializer`, when Flujo is installed: the serializers registered with
+/// Flujo's own `register_custom_serializer` apply here too, as they do in Flujo's backend.
+static FLUJO_SERIALIZER_LOOKUP: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+#[pyfunction]
+pub(crate) fn honor_flujo_serializers(lookup: Bound<'_, PyAny>) {
+    let _ = FLUJO_SERIALIZER_LOOKUP.set(lookup.py(), lookup.unbind());
+}
+
 /// Registers `function` as the serializer of `type_` and its subclasses; registering the same
 /// type again replaces its function but keeps its place in the isinstance order.
 pub(crate) fn register_serializer(type_: &Bound<'_, PyType>, function: Bound<'_, PyAny>) {
@@ -330,6 +339,7 @@ static DATE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static TIME: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static UUID: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static DECIMAL: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static SEQUENCE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static DATACLASS_FIELDS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 fn is_instance_of(
@@ -704,7 +714,15 @@ impl<'py> Encoder<'py> {
         let py = value.py();
         // Every failure below is an exception raised by `value` itself.
         let failed = |error| raised(value, error);
-        if let Some(serializer) = registered_serializer(value).map_err(failed)? {
+        let serializer = match registered_serializer(value).map_err(failed)? {
+            Some(ours) => Some(ours),
+            None => match FLUJO_SERIALIZER_LOOKUP.get(py) {
+                Some(lookup) => Some(lookup.bind(py).call1((value,)).map_err(failed)?)
+                    .filter(|found| !found.is_none()),
+                None => None,
+            },
+        };
+        if let Some(serializer) = serializer {
             let replacement = serializer.call1((value,)).map_err(failed)?;
             if replacement.get_type().is(value.get_type()) {
                 // It would be called again on its own result, until the depth limit said so.
@@ -762,7 +780,8 @@ impl<'py> Encoder<'py> {
             write_float(&mut self.out, complex.imag());
             self.out.push('}');
         } else if value.is_instance_of::<PyType>() {
-            return Err(unsupported(value));
+            // Looked at before `model_dump`: a model class is stored by its name too.
+            self.string(&callable_name(value).map_err(failed)?)?;
         } else if value.get_type().hasattr("model_dump").map_err(failed)? {
             // Looked up on the type so that an instance's `__getattr__` cannot fake a model.
             let kwargs = PyDict::new(py);
@@ -779,6 +798,16 @@ impl<'py> Encoder<'py> {
             return Ok(Converted::Replaced(
                 dataclass_fields(value).map_err(failed)?.into_any(),
             ));
+        } else if is_instance_of(value, &SEQUENCE, "collections.abc", "Sequence").map_err(failed)? {
+            // A deque, a range...: a list, as Flujo 0.6.11 stores any sequence.
+            let items = value
+                .try_iter()
+                .and_then(Iterator::collect::<PyResult<Vec<_>>>)
+                .map_err(failed)?;
+            return Ok(Converted::Tuple(PyTuple::new(py, items).map_err(failed)?));
+        } else if value.is_callable() {
+            // A function, a lambda, a bound method: its name, as both Flujo releases store it.
+            self.string(&callable_name(value).map_err(failed)?)?;
         } else {
             return Err(unsupported(value));
         }
@@ -813,6 +842,18 @@ impl<'py> Encoder<'py> {
         self.leave();
         Ok(())
     }
+}
+
+/// What Flujo stores for a callable: its `__name__`, else its `__qualname__`, else its repr.
+fn callable_name<'py>(value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyString>> {
+    for attribute in ["__name__", "__qualname__"] {
+        if let Ok(name) = value.getattr(attribute) {
+            if let Ok(name) = name.cast_into::<PyString>() {
+                return Ok(name);
+            }
+        }
+    }
+    value.repr()
 }
 
 fn unsupported(value: &Bound<'_, PyAny>) -> Box<Failure> {

@@ -74,6 +74,10 @@ pub(crate) fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
         module
     )?)?;
     module.add_function(wrap_pyfunction!(from_python::encode_json_py, module)?)?;
+    module.add_function(wrap_pyfunction!(
+        from_python::honor_flujo_serializers,
+        module
+    )?)?;
 
     module.add_function(wrap_pyfunction!(to_python::decode_json_py, module)?)?;
     module.add_function(wrap_pyfunction!(recovery::recover_py, module)?)?;
