@@ -16,6 +16,7 @@ import functools
 import json
 import math
 import sys
+import types
 import typing
 import uuid
 
@@ -633,8 +634,36 @@ def test_serializers_registered_with_flujo_apply() -> None:
         # Ours win where both have one.
         flujo_sqlite.register_serializer(Money, lambda m: m.cents)
         assert json.loads(encode_json([Money(5)])) == [5]
+
+        # As in Flujo, one that raises or hands the value back leaves it to the usual rules.
+        @dataclasses.dataclass(slots=True)
+        class Point:
+            x: int
+            y: int
+
+        def aware_only(moment: datetime.datetime) -> str:
+            if moment.tzinfo is None:
+                raise ValueError("naive datetime")
+            return "aware"
+
+        serialization.register_custom_serializer(Point, lambda p: p)
+        serialization.register_custom_serializer(datetime.datetime, aware_only)
+        naive = datetime.datetime(2024, 1, 2, 3, 4)
+        assert json.loads(encode_json({"p": Point(1, 2), "seen": naive})) == {
+            "p": {"x": 1, "y": 2},
+            "seen": "2024-01-02T03:04:00",
+        }
     finally:
         serialization.reset_custom_serializer_registry()
+
+
+def test_other_mappings_are_stored_as_dicts_and_user_strings_as_text() -> None:
+    stored = {
+        "u": collections.UserDict({"a": 1}),
+        "m": types.MappingProxyType({"b": [2]}),
+        "s": collections.UserString("text"),
+    }
+    assert json.loads(encode_json(stored)) == {"u": {"a": 1}, "m": {"b": [2]}, "s": "text"}
 
 
 def test_open_file_is_refused() -> None:

@@ -340,6 +340,8 @@ static TIME: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static UUID: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static DECIMAL: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static SEQUENCE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static MAPPING: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static USER_STRING: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static DATACLASS_FIELDS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
 fn is_instance_of(
@@ -714,15 +716,7 @@ impl<'py> Encoder<'py> {
         let py = value.py();
         // Every failure below is an exception raised by `value` itself.
         let failed = |error| raised(value, error);
-        let serializer = match registered_serializer(value).map_err(failed)? {
-            Some(ours) => Some(ours),
-            None => match FLUJO_SERIALIZER_LOOKUP.get(py) {
-                Some(lookup) => Some(lookup.bind(py).call1((value,)).map_err(failed)?)
-                    .filter(|found| !found.is_none()),
-                None => None,
-            },
-        };
-        if let Some(serializer) = serializer {
+        if let Some(serializer) = registered_serializer(value).map_err(failed)? {
             let replacement = serializer.call1((value,)).map_err(failed)?;
             if replacement.get_type().is(value.get_type()) {
                 // It would be called again on its own result, until the depth limit said so.
@@ -730,6 +724,9 @@ impl<'py> Encoder<'py> {
                     type_name: type_name(&value.get_type()),
                 }));
             }
+            return Ok(Converted::Replaced(replacement));
+        }
+        if let Some(replacement) = flujo_serialized(value).map_err(failed)? {
             return Ok(Converted::Replaced(replacement));
         }
         // Subclasses of the fast-path types (IntEnum, StrEnum, OrderedDict, namedtuple...).
@@ -798,6 +795,13 @@ impl<'py> Encoder<'py> {
             return Ok(Converted::Replaced(
                 dataclass_fields(value).map_err(failed)?.into_any(),
             ));
+        } else if is_instance_of(value, &MAPPING, "collections.abc", "Mapping").map_err(failed)? {
+            // A UserDict, a MappingProxyType...: a dict, as Flujo 0.6.11 stores any mapping.
+            let dict = py.get_type::<PyDict>().call1((value,)).map_err(failed)?;
+            return Ok(Converted::Replaced(dict));
+        } else if is_instance_of(value, &USER_STRING, "collections", "UserString").map_err(failed)? {
+            // A sequence too, of more UserStrings: its text, not a list of lists of characters.
+            self.string(&value.str().map_err(failed)?)?;
         } else if is_instance_of(value, &SEQUENCE, "collections.abc", "Sequence").map_err(failed)? {
             // A deque, a range...: a list, as Flujo 0.6.11 stores any sequence.
             let items = value
@@ -841,6 +845,27 @@ impl<'py> Encoder<'py> {
         self.out.push(']');
         self.leave();
         Ok(())
+    }
+}
+
+/// `value` as the serializer registered with Flujo for its type makes it, if any does. As in
+/// Flujo, a serializer that raises or hands back a value of the same type (Flujo's own
+/// `register_custom_type` does for a class without `__dict__`) leaves `value` to the usual
+/// rules.
+fn flujo_serialized<'py>(value: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let py = value.py();
+    let Some(lookup) = FLUJO_SERIALIZER_LOOKUP.get(py) else {
+        return Ok(None);
+    };
+    let serializer = lookup.bind(py).call1((value,))?;
+    if serializer.is_none() {
+        return Ok(None);
+    }
+    match serializer.call1((value,)) {
+        Ok(replacement) => Ok(Some(replacement).filter(|r| !r.get_type().is(value.get_type()))),
+        // An interrupt is not the serializer's failure.
+        Err(error) if error.is_instance_of::<PyException>(py) => Ok(None),
+        Err(interrupt) => Err(interrupt),
     }
 }
 
