@@ -799,7 +799,9 @@ impl<'py> Encoder<'py> {
             // A UserDict, a MappingProxyType...: a dict, as Flujo 0.6.11 stores any mapping.
             let dict = py.get_type::<PyDict>().call1((value,)).map_err(failed)?;
             return Ok(Converted::Replaced(dict));
-        } else if is_instance_of(value, &USER_STRING, "collections", "UserString").map_err(failed)? {
+        } else if is_instance_of(value, &USER_STRING, "collections", "UserString")
+            .map_err(failed)?
+        {
             // A sequence too, of more UserStrings: its text, not a list of lists of characters.
             self.string(&value.str().map_err(failed)?)?;
         } else if is_instance_of(value, &SEQUENCE, "collections.abc", "Sequence").map_err(failed)? {

@@ -58,6 +58,7 @@ pub(super) fn spawn(shared: Arc<Shared>, jobs: Receiver<Job>) -> Result<JoinHand
                 checkpoint_again: false,
                 wal_watch: WalWatch::default(),
                 file_behind_wal: false,
+                last_commit: Instant::now(),
             }
             .serve(&jobs)
         })
@@ -81,10 +82,14 @@ struct Writer<'a> {
     wal_watch: WalWatch,
     /// Commits since the last checkpoint may not be in the database file yet.
     file_behind_wal: bool,
+    /// When the last commit (or idle checkpoint try) was.
+    last_commit: Instant,
 }
 
 /// How long writes must pause before the writer copies the WAL back into the file.
 const CHECKPOINT_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
+/// How often an idle writer looks whether the checkpoint a cleanup started is done.
+const CHECKPOINT_THREAD_POLL: Duration = Duration::from_millis(100);
 
 /// Notices a WAL that checkpoints cannot copy back, which otherwise grows with every save
 /// without a word: a connection holding an old read transaction open (an `sqlite3` shell left
@@ -136,10 +141,16 @@ impl Writer<'_> {
         loop {
             let first = match self.cleanups.pop_front() {
                 Some(job) => job,
-                None => match spin::next_within(jobs, self.idle_checkpoint_due()) {
+                None => match spin::next_within(jobs, self.next_look()) {
                     spin::Waited::Item(job) => job,
                     spin::Waited::Idle => {
-                        self.checkpoint_when_idle();
+                        self.tend_checkpoint();
+                        if self.checkpoint.is_none()
+                            && self.file_behind_wal
+                            && self.last_commit.elapsed() >= CHECKPOINT_WHEN_IDLE_FOR
+                        {
+                            self.checkpoint_when_idle();
+                        }
                         continue;
                     }
                     // The engine closed and everything queued is done.
@@ -153,6 +164,7 @@ impl Writer<'_> {
                 let batch = self.gather(first, jobs);
                 self.commit(batch);
                 self.file_behind_wal = true;
+                self.last_commit = Instant::now();
                 if self.checkpoint.is_none() {
                     self.wal_watch.after_commit(&self.shared.options.path);
                 }
@@ -317,6 +329,10 @@ impl Writer<'_> {
                 self.shared.options.path.display()
             );
         }
+        // Saves served between its batches, and any after its checkpoint began, are left for the
+        // copy once writes pause.
+        self.file_behind_wal = true;
+        self.last_commit = Instant::now();
         job.done.answer(outcome.map(Response::Count));
     }
 
@@ -500,28 +516,43 @@ impl Writer<'_> {
 
     /// Once the background checkpoint is done, starts the one a later cleanup asked for or
     /// turns auto-checkpoints back on. Never waits.
-    /// How long to wait for the next write before copying the WAL back into the file, if
-    /// anything is to be copied and no other checkpoint is under way.
-    fn idle_checkpoint_due(&self) -> Option<Duration> {
-        (self.file_behind_wal && self.checkpoint.is_none()).then_some(CHECKPOINT_WHEN_IDLE_FOR)
+    /// How long to wait for the next write before looking after checkpoints: the one a cleanup
+    /// left running (to turn automatic ones back on, or start the next, once it is done), and
+    /// the copy of the WAL into the file once writes have paused. `None`: nothing to look after.
+    fn next_look(&self) -> Option<Duration> {
+        if self.checkpoint.is_some() {
+            Some(CHECKPOINT_THREAD_POLL)
+        } else if self.file_behind_wal {
+            Some(CHECKPOINT_WHEN_IDLE_FOR.saturating_sub(self.last_commit.elapsed()))
+        } else {
+            None
+        }
     }
 
     /// Copies the WAL back into the database file once writes pause. A program that moves the
     /// file aside while we have it open (Flujo's backend does, as "corrupt") takes only the
-    /// file: the acknowledged writes still in the WAL would be in neither file.
+    /// file: the acknowledged writes still in the WAL would be in neither file. A reader still
+    /// using part of the WAL keeps part of it from being copied: tried again a second later.
     fn checkpoint_when_idle(&mut self) {
-        self.file_behind_wal = false;
         let path = self.shared.options.path.clone();
         let Some(conn) = self.conn.as_ref() else {
+            self.file_behind_wal = false;
             return;
         };
-        match passive_checkpoint(conn, &path) {
-            Ok((logged, copied)) => log::debug!(
-                "checkpoint of {} while idle: {copied} of {logged} WAL pages",
-                path.display()
-            ),
-            Err(error) => log::debug!("checkpoint while idle failed: {error}"),
-        }
+        self.file_behind_wal = match passive_checkpoint(conn, &path) {
+            Ok((logged, copied)) => {
+                log::debug!(
+                    "checkpoint of {} while idle: {copied} of {logged} WAL pages",
+                    path.display()
+                );
+                copied < logged
+            }
+            Err(error) => {
+                log::debug!("checkpoint while idle failed: {error}");
+                true
+            }
+        };
+        self.last_commit = Instant::now();
     }
 
     fn tend_checkpoint(&mut self) {
