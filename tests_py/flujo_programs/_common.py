@@ -167,6 +167,16 @@ async def run_to_result(runner: Any, data: Any, run_id: str) -> Any:
     return result
 
 
+async def run_and_report(pipeline: Any, backend: Any, args: argparse.Namespace) -> None:
+    """Runs ``pipeline`` on ``"start"`` to its result, prints the summary, closes the backend."""
+    runner = make_runner(pipeline, backend, args.pipeline_name)
+    try:
+        result = await run_to_result(runner, "start", args.run_id)
+        emit(summarize(result, run_id=args.run_id))
+    finally:
+        await close_backend(backend)
+
+
 def context_status(ctx: Any) -> Any:
     if ctx is None:
         return None

@@ -33,12 +33,7 @@ async def main() -> None:
     pipeline = Pipeline.from_step(Step.from_callable(pick_tools, name="pick_tools")) >> (
         Step.from_callable(quote, name="quote")
     )
-    runner = c.make_runner(pipeline, backend, args.pipeline_name)
-    try:
-        result = await c.run_to_result(runner, "start", args.run_id)
-        c.emit(c.summarize(result, run_id=args.run_id))
-    finally:
-        await c.close_backend(backend)
+    await c.run_and_report(pipeline, backend, args)
 
 
 if __name__ == "__main__":

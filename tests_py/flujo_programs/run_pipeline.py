@@ -27,12 +27,7 @@ async def main() -> None:
     pipeline = Pipeline.from_step(steps[0])
     for step in steps[1:]:
         pipeline = pipeline >> step
-    runner = c.make_runner(pipeline, backend, args.pipeline_name)
-    try:
-        result = await c.run_to_result(runner, "start", args.run_id)
-        c.emit(c.summarize(result, run_id=args.run_id))
-    finally:
-        await c.close_backend(backend)
+    await c.run_and_report(pipeline, backend, args)
 
 
 if __name__ == "__main__":
