@@ -25,9 +25,11 @@ import importlib.metadata
 import logging
 import sqlite3
 import time
+from collections import UserDict
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import flujo_sqlite
@@ -1041,6 +1043,27 @@ async def test_save_spans_appends(backend: SQLiteBackend) -> None:
     assert spans[1]["name"] == "span" and spans[1]["attributes"] == {}
     trace = await backend.get_trace("r")
     assert trace is not None and [c["span_id"] for c in trace["children"]] == ["a", "b"]
+
+    # Other mappings are kept as the object they hold (they used to become {}).
+    await backend.save_trace(
+        "m",
+        span(
+            "m",
+            "p",
+            T0,
+            children=[
+                {"span_id": "u", "name": "u", "start_time": T0, "attributes": UserDict(k=1)},
+                {
+                    "span_id": "v",
+                    "name": "v",
+                    "start_time": T0,
+                    "attributes": MappingProxyType({"k": [2]}),
+                },
+            ],
+        ),
+    )
+    kept = {s["span_id"]: s["attributes"] for s in await backend.get_spans("m")}
+    assert (kept["u"], kept["v"]) == ({"k": 1}, {"k": [2]})
 
 
 async def test_save_spans_skips_only_spans_whose_times_are_not_numbers(

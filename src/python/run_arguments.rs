@@ -3,6 +3,7 @@
 //! `duration_ms` and `start_time`; 0.6.11's sends `cost_usd`, `token_counts`,
 //! `execution_time_ms` and `created_at`, often with timestamps already turned into text.
 
+use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
@@ -183,7 +184,15 @@ fn span(
     };
     let attributes = match get(node, &["attributes"])? {
         Some(value) if value.is_instance_of::<PyDict>() => encode_json(&value, "attributes")?,
-        _ => "{}".to_owned(),
+        // Another mapping, or an object a serializer turns into one, is kept as that object;
+        // anything else is no attributes, as before.
+        Some(value) => match encode_json(&value, "attributes") {
+            Ok(json) if json.starts_with('{') => json,
+            Ok(_) => "{}".to_owned(),
+            Err(error) if error.is_instance_of::<PyException>(value.py()) => "{}".to_owned(),
+            Err(interrupt) => return Err(interrupt),
+        },
+        None => "{}".to_owned(),
     };
     let name = text_or(node, "name", "span")?;
     Ok(Ok(SpanRecord {
