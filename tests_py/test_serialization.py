@@ -653,6 +653,16 @@ def test_serializers_registered_with_flujo_apply() -> None:
             "p": {"x": 1, "y": 2},
             "seen": "2024-01-02T03:04:00",
         }
+
+        # A key of a registered type is the text of what its serializer makes of it.
+        class Tag(str):
+            pass
+
+        serialization.register_custom_serializer(Money, lambda m: f"money-{m.cents}")
+        serialization.register_custom_serializer(Tag, lambda t: f"tag:{t}")
+        assert json.loads(encode_json({Tag("red"): 1, 7: 2})) == {"tag:red": 1, "7": 2}
+        stored = json.loads(encode_json({"k": {Money(3): "x"}}))
+        assert stored == {"k": {"money-3": "x"}}
     finally:
         serialization.reset_custom_serializer_registry()
 

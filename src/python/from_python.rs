@@ -606,11 +606,20 @@ impl<'py> Encoder<'py> {
     /// Keys Flujo would store as a mangled text (tuples, objects) are refused. Returns the text
     /// a non-str key was stored as.
     fn key(&mut self, key: &Bound<'py, PyAny>) -> Result<Option<String>, Box<Failure>> {
-        if let Ok(text) = key.cast::<PyString>() {
+        if let Ok(text) = key.cast_exact::<PyString>() {
             return self.string(text).map(|()| None);
         }
         self.foreign_calls += 1;
         let failed = |error| raised(key, error);
+        // As in Flujo: the text of what the serializer registered with Flujo makes of the key.
+        if let Some(replacement) = flujo_serialized(key).map_err(failed)? {
+            return self
+                .string(&replacement.str().map_err(failed)?)
+                .map(|()| None);
+        }
+        if let Ok(text) = key.cast::<PyString>() {
+            return self.string(text).map(|()| None);
+        }
         let text = if let Ok(flag) = key.cast_exact::<PyBool>() {
             if flag.is_true() { "True" } else { "False" }.to_owned()
         } else if let Ok(int) = key.cast::<PyInt>() {
