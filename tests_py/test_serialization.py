@@ -663,6 +663,8 @@ def test_serializers_registered_with_flujo_apply() -> None:
         assert json.loads(encode_json({Tag("red"): 1, 7: 2})) == {"tag:red": 1, "7": 2}
         stored = json.loads(encode_json({"k": {Money(3): "x"}}))
         assert stored == {"k": {"money-3": "x"}}
+        with pytest.raises(SerializationError, match='also stored as "tag:red"'):
+            encode_json({"tag:red": 1, Tag("red"): 2})
     finally:
         serialization.reset_custom_serializer_registry()
 

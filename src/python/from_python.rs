@@ -611,11 +611,12 @@ impl<'py> Encoder<'py> {
         }
         self.foreign_calls += 1;
         let failed = |error| raised(key, error);
-        // As in Flujo: the text of what the serializer registered with Flujo makes of the key.
+        // As in Flujo: the text of what the serializer registered with Flujo makes of the key
+        // (returned, so that a collision with another key of the dict is seen).
         if let Some(replacement) = flujo_serialized(key).map_err(failed)? {
-            return self
-                .string(&replacement.str().map_err(failed)?)
-                .map(|()| None);
+            let text = replacement.str().map_err(failed)?;
+            self.string(&text)?;
+            return Ok(Some(str_text(&text)));
         }
         if let Ok(text) = key.cast::<PyString>() {
             return self.string(text).map(|()| None);
