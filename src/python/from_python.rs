@@ -603,8 +603,9 @@ impl<'py> Encoder<'py> {
     /// Non-str keys become the text both Flujo releases store for them, `str()` of the key as a
     /// value would be stored (`None` -> "None", `True` -> "True", NaN -> "nan", a datetime ->
     /// its isoformat), so a context reads back with the same keys whichever backend saved it.
-    /// Keys Flujo would store as a mangled text (tuples, objects) are refused. Returns the text
-    /// a non-str key was stored as.
+    /// A key of a type registered with Flujo's serializer is the text of what it makes of the
+    /// key; other keys Flujo would store as a mangled text (tuples, objects) are refused.
+    /// Returns the text a key that is not a plain str was stored as.
     fn key(&mut self, key: &Bound<'py, PyAny>) -> Result<Option<String>, Box<Failure>> {
         if let Ok(text) = key.cast_exact::<PyString>() {
             return self.string(text).map(|()| None);

@@ -163,8 +163,7 @@ impl Writer<'_> {
             } else {
                 let batch = self.gather(first, jobs);
                 self.commit(batch);
-                self.file_behind_wal = true;
-                self.last_commit = Instant::now();
+                self.wrote_to_wal();
                 if self.checkpoint.is_none() {
                     self.wal_watch.after_commit(&self.shared.options.path);
                 }
@@ -331,8 +330,7 @@ impl Writer<'_> {
         }
         // Saves served between its batches, and any after its checkpoint began, are left for the
         // copy once writes pause.
-        self.file_behind_wal = true;
-        self.last_commit = Instant::now();
+        self.wrote_to_wal();
         job.done.answer(outcome.map(Response::Count));
     }
 
@@ -514,8 +512,12 @@ impl Writer<'_> {
         }
     }
 
-    /// Once the background checkpoint is done, starts the one a later cleanup asked for or
-    /// turns auto-checkpoints back on. Never waits.
+    /// Commits just went to the WAL: the file lacks them until the next checkpoint.
+    fn wrote_to_wal(&mut self) {
+        self.file_behind_wal = true;
+        self.last_commit = Instant::now();
+    }
+
     /// How long to wait for the next write before looking after checkpoints: the one a cleanup
     /// left running (to turn automatic ones back on, or start the next, once it is done), and
     /// the copy of the WAL into the file once writes have paused. `None`: nothing to look after.
@@ -555,6 +557,8 @@ impl Writer<'_> {
         self.last_commit = Instant::now();
     }
 
+    /// Once the background checkpoint is done, starts the one a later cleanup asked for or
+    /// turns auto-checkpoints back on. Never waits.
     fn tend_checkpoint(&mut self) {
         if !self
             .checkpoint
