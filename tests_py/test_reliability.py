@@ -500,11 +500,17 @@ async def test_close_while_another_close_is_under_way_waits_for_it_too(tmp_path:
 def test_a_real_ctrl_c_under_load_leaves_no_task_that_never_wakes(tmp_path: Path) -> None:
     """A SIGINT usually lands while results are being turned into Python objects; its handler
     then ran inside ``set_result``, which left a future done and its task never woken, so the
-    cancel-and-wait that ``asyncio.run`` does at the end waited forever (3 runs of 3)."""
-    done = run_program("ctrl_c_under_load.py", str(tmp_path / "wf.db"), "8", timeout=120)
+    cancel-and-wait that ``asyncio.run`` does at the end waited forever (3 runs of 3).
+
+    Only a round whose interrupt was raised in flujo-sqlite's code may fail: asyncio strands a
+    task by itself when the interrupt lands in its own scheduling (2 rounds of 810 here with no
+    flujo-sqlite involved; CI met one), and the program sets such a round aside."""
+    done = run_program("ctrl_c_under_load.py", str(tmp_path / "wf.db"), "8", timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("ok "), done.stdout
-    assert int(done.stdout.split()[1]) >= 1, done.stdout  # the signal reached the program
+    _, _reached, in_flujo_sqlite, _stranded_by_asyncio = done.stdout.split()
+    # The interrupt landed in our drain or shim at least once, so the rounds tested them.
+    assert int(in_flujo_sqlite) >= 1, done.stdout
 
 
 class _InterruptedInCallSoon(asyncio.SelectorEventLoop):
