@@ -23,6 +23,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -1008,6 +1009,20 @@ def engine_threads() -> list[str]:
     return sorted(n for n in names if n.startswith(("flujo-sqlite-wr", "flujo-sqlite-re")))
 
 
+# A writer and the default two readers.
+THREADS_PER_ENGINE = 3
+
+
+def engine_threads_once_named(count: int) -> list[str]:
+    """``engine_threads()`` once ``count`` of them show: a thread names itself when it first
+    runs, which on a busy machine can be well after its engine answered a call made with
+    another of its threads. Gives up after 10 s with what it sees, for the assertion to show."""
+    deadline = time.monotonic() + 10
+    while len(names := engine_threads()) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return names
+
+
 needs_proc = pytest.mark.skipif(
     not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc"
 )
@@ -1087,7 +1102,7 @@ async def test_calls_that_reopen_at_once_open_one_engine(db_path: Path) -> None:
     await backend.close()
     stand_in = backend._native
     await backend.load_state("r")  # the first caller opens the file again
-    opened = engine_threads()
+    opened = engine_threads_once_named(len(before) + THREADS_PER_ENGINE)
     # The second caller, late, goes through the old stand-in and gets the reopened engine.
     assert await stand_in.load_state(_port(), "r") is not None
     assert backend._native is not stand_in
