@@ -1349,7 +1349,7 @@ def test_calls_finishing_around_the_loops_wait_are_all_delivered(tmp_path: Path)
         """
     )
     try:
-        result = run_python(script, timeout=60)
+        result = run_python(script, timeout=180)
     except subprocess.TimeoutExpired:
         pytest.fail("a call was never delivered: the child hung for 60 s")
     assert result.returncode == 0, result.stderr

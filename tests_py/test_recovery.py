@@ -314,34 +314,37 @@ async def test_a_backend_first_used_during_a_recovery_waits_for_the_rebuilt_file
 ) -> None:
     """A caller that stopped waiting for recover() (a timeout) cannot wait for it any more: a
     backend it opens meanwhile must not write into the file being replaced."""
+    bulk_rows = 60_000
     db_path = tmp_path / "wf.db"
     await write_states(db_path)
     conn = sqlite3.connect(db_path)
-    with conn:  # enough rows that the rebuild takes a while
+    with conn:  # enough rows that the rebuild takes a while (~1 s; under load, longer)
         conn.executemany(
             "INSERT INTO workflow_state (run_id, pipeline_id, pipeline_name, pipeline_version, "
             "current_step_index, pipeline_context, status, created_at, updated_at) "
             "SELECT ?, pipeline_id, pipeline_name, pipeline_version, current_step_index, "
             "pipeline_context, status, created_at, updated_at FROM workflow_state "
             "WHERE run_id = 'run-0001'",
-            ((f"bulk-{i}",) for i in range(20_000)),
+            ((f"bulk-{i}",) for i in range(bulk_rows)),
         )
     conn.close()
     caplog.set_level(logging.INFO, logger="flujo_sqlite")
 
     recovery = asyncio.ensure_future(recover(db_path))
     while not any(name.startswith(".wf.db.recover-") for name in names(tmp_path)):
+        if recovery.done():
+            pytest.fail("the recovery ended before its rebuilt file was seen: raise bulk_rows")
         await asyncio.sleep(0.001)
     assert not recovery.done()
     async with SQLiteBackend(db_path) as backend:
         await backend.save_state("saved-during-recovery", state(7))
     assert recovery.done()
-    assert (await recovery)["rows_rescued"] == ROWS + 20_000
+    assert (await recovery)["rows_rescued"] == ROWS + bulk_rows
     assert "waiting for the recovery of" in caplog.text
 
     async with SQLiteBackend(db_path) as backend:
         assert await backend.load_state("saved-during-recovery") is not None
-        assert (await backend.get_workflow_stats())["total_workflows"] == ROWS + 20_001
+        assert (await backend.get_workflow_stats())["total_workflows"] == ROWS + bulk_rows + 1
 
 
 async def test_a_missing_file_becomes_a_fresh_database_without_a_backup(tmp_path: Path) -> None:

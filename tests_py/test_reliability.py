@@ -1521,6 +1521,8 @@ def test_a_loop_dropped_with_calls_in_flight_is_freed_with_its_descriptors(
                 del loop
             gc.collect()
         assert [alive for alive in loops if alive() is not None] == []
-        assert len(os.listdir("/proc/self/fd")) <= fds_before + 4
+        # A leak is 4 per loop (200 here). The slack is the second reader's connection (its
+        # file and -wal; SQLite shares the -shm), opened at its first read, which can come now.
+        assert len(os.listdir("/proc/self/fd")) <= fds_before + 4 + 2
     finally:
         backend.close_sync()

@@ -189,8 +189,7 @@ async def start_run(backend: SQLiteBackend, run_id: str, **extra: Any) -> None:
 
 
 _CHILD_WRITE = """
-import sqlite3, sys, time
-began = time.monotonic()
+import sqlite3, sys
 conn = sqlite3.connect(sys.argv[1], timeout=float(sys.argv[3]))
 conn.execute(
     "INSERT OR REPLACE INTO system_state (key, value, updated_at) VALUES (?, ?, ?)",
@@ -198,16 +197,15 @@ conn.execute(
 )
 conn.commit()
 conn.close()
-print(time.monotonic() - began)
 """
 
 
-def write_from_another_process(path: Path, key: str, busy_timeout: float = 2.0) -> float:
+def write_from_another_process(path: Path, key: str, busy_timeout: float = 2.0) -> None:
     """Writes one row with the stdlib sqlite3 module in a child process that waits at most
-    ``busy_timeout`` seconds for the lock; returns how long the write took."""
+    ``busy_timeout`` seconds for the lock (a lock left held makes it fail, however busy the
+    machine: no clock is read)."""
     result = run_python(_CHILD_WRITE, str(path), key, str(busy_timeout), timeout=60)
     assert result.returncode == 0, f"the other process could not write: {result.stderr}"
-    return float(result.stdout)
 
 
 async def assert_file_writable(backend: SQLiteBackend, path: Path, tag: str) -> None:
@@ -216,8 +214,7 @@ async def assert_file_writable(backend: SQLiteBackend, path: Path, tag: str) -> 
     await backend.save_state(f"after-{tag}", build_state())
     await start_run(backend, f"run-after-{tag}")
     assert time.monotonic() - began < 5
-    elapsed = await asyncio.to_thread(write_from_another_process, path, f"probe-{tag}")
-    assert elapsed < 2
+    await asyncio.to_thread(write_from_another_process, path, f"probe-{tag}")
     probe = await backend.get_system_state(f"probe-{tag}")
     assert probe is not None and probe["value"] == {"from": "child"}
     assert (await backend.load_state(f"after-{tag}")) is not None
