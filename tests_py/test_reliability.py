@@ -1235,6 +1235,103 @@ async def test_a_cleanup_on_a_nearly_full_disk_makes_room_as_it_goes(
         assert integrity(db_path) == "ok"
 
 
+OUR_INDEX_PREFIX = "idx_flujo_sqlite_"
+
+
+async def fill_like_flujo(db_path: Path, runs: int) -> None:
+    """A file with ``runs`` states and none of our indexes, as a Flujo-filled file comes to us:
+    rows copied from one saved by us, with varied statuses, pipelines and times."""
+    async with SQLiteBackend(db_path) as backend:
+        await backend.save_state("template", build_state())
+    now = datetime.now(UTC)
+    conn = sqlite3.connect(str(db_path))
+    try:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(workflow_state)")]
+        template = dict(zip(columns, conn.execute("SELECT * FROM workflow_state").fetchone()))
+        rows = []
+        for n in range(runs):
+            created = now - timedelta(days=n % 50, hours=1, seconds=n)
+            rows.append(
+                {
+                    **template,
+                    "run_id": f"run-{n}",
+                    "pipeline_id": f"pipeline-{n % 7}",
+                    "status": ("running", "completed", "failed", "paused")[n % 4],
+                    "created_at": str(created),
+                    "updated_at": str(created + timedelta(minutes=5)),
+                    "execution_time_ms": n % 1000 if n % 3 else None,
+                }
+            )
+        marks = ", ".join(f":{c}" for c in columns)
+        conn.executemany(f"INSERT OR REPLACE INTO workflow_state VALUES ({marks})", rows)
+        for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE ?",
+            (OUR_INDEX_PREFIX + "%",),
+        ).fetchall():
+            conn.execute(f'DROP INDEX "{name}"')
+        conn.commit()
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+
+
+def our_indexes(db_path: Path) -> list[str]:
+    conn = sqlite3.connect(str(db_path))
+    try:
+        return [
+            name
+            for (name,) in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE ?",
+                (OUR_INDEX_PREFIX + "%",),
+            )
+        ]
+    finally:
+        conn.close()
+
+
+async def admin_answers(backend: SQLiteBackend) -> dict[str, Any]:
+    return {
+        "load": await backend.load_state("run-5"),
+        "failed": await backend.list_workflows(status="failed", limit=50),
+        "pipeline": await backend.list_workflows(pipeline_id="pipeline-3", limit=50, offset=100),
+        "stats": await backend.get_workflow_stats(),
+        "failed_24h": await backend.get_failed_workflows(24),
+        "runs": await backend.list_runs(status="completed", limit=20),
+    }
+
+
+async def test_a_flujo_file_on_a_disk_without_room_for_our_indexes_is_served_without_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Our indexes only make queries faster. On a disk too full to build them, a first open of
+    a Flujo-filled file used to fail: the owner could not even read their runs, or delete old
+    ones to make room. Now the file is used without them, with the same answers."""
+    source = tmp_path / "flujo-filled.db"
+    await fill_like_flujo(source, 30_000)
+    assert our_indexes(source) == []
+    mount_point = tmp_path / "tiny"
+    with tiny_tmpfs(mount_point, "32m"):
+        db_path = mount_point / "wf.db"
+        shutil.copyfile(source, db_path)
+        stat = os.statvfs(mount_point)
+        # Room for the -shm and -wal files to start, not for an index over 30,000 runs.
+        filler = mount_point / "other-files"
+        filler.write_bytes(b"\0" * max(0, stat.f_bavail * stat.f_frsize - 160 * 1024))
+        caplog.set_level("WARNING", logger="flujo_sqlite")
+        async with SQLiteBackend(db_path) as backend:
+            without = await admin_answers(backend)
+        assert "no room on the disk" in caplog.text, caplog.text
+        assert our_indexes(db_path) == []
+        filler.unlink()
+        async with SQLiteBackend(db_path) as backend:
+            with_them = await admin_answers(backend)
+        assert len(our_indexes(db_path)) >= 5
+        assert integrity(db_path) == "ok"
+    assert without["load"] is not None and without["load"]["run_id"] == "run-5"
+    assert len(without["failed"]) == 50 and without["stats"]["total_workflows"] == 30_001
+    assert without == with_them
+
+
 async def test_a_full_disk_under_concurrent_saves_fails_exactly_the_saves_it_reports(
     tmp_path: Path,
 ) -> None:

@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
 use super::connection::classify;
 use super::options::SqliteOptions;
@@ -503,9 +503,9 @@ pub(crate) fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {
 /// the count below (a later open: 1.0 MB), and the same build time.
 const INDEX_BUILD_CACHE_KIB: i64 = 256;
 
-/// Creates the indexes of ours that the file lacks and drops the ones we retired. On a file
-/// Flujo has filled this is the one slow step of a first open (~0.7 s per 100,000 runs), so it
-/// is logged as it goes.
+/// Creates the indexes of ours that the file lacks. On a file Flujo has filled this is the one
+/// slow step of a first open (~0.7 s per 100,000 runs), so it is logged as it goes; there, a
+/// full disk leaves the indexes that did not fit to a later open.
 fn build_our_indexes(conn: &Connection, transactions: InTransaction) -> rusqlite::Result<()> {
     // `prepare`'s connection is closed right after it today, but whoever keeps one must not be
     // left with the build's small cache; a build error still wins over a failed restore.
@@ -560,7 +560,22 @@ fn build_missing_indexes(conn: &Connection, transactions: InTransaction) -> rusq
         if built.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
         }
-        if let Some(runs) = built? {
+        let built = match built {
+            // Our indexes only make queries faster. A file on a disk without room for them is
+            // served without them, rather than not at all: its owner may be opening it to read
+            // their runs, or to delete old ones and make room.
+            Err(error) if error.sqlite_error_code() == Some(ErrorCode::DiskFull) => {
+                log::warn!(
+                    "no room on the disk of {} to build index {name}: the file is used \
+                     without it (admin queries read more of the file, with the same results), \
+                     and the next open builds it once there is room",
+                    conn.path().unwrap_or("the database"),
+                );
+                return Ok(());
+            }
+            built => built?,
+        };
+        if let Some(runs) = built {
             log_built(name, runs, started);
             // A writer SQLite's busy handler keeps waiting looks again after a delay that grows
             // with its wait (up to 100 ms): without a pause as long, the next build would take
@@ -740,6 +755,50 @@ mod tests {
             assert!(index_exists(&conn, name).unwrap(), "{name} was rolled back");
         }
         assert!(conn.is_autocommit(), "a transaction was left open");
+    }
+
+    /// Our indexes only speed queries up: on a file with no room left to build them, the open
+    /// goes on without them, leaving no transaction open, and a later open with room builds them.
+    #[test]
+    fn a_full_disk_leaves_our_indexes_to_a_later_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteOptions::new(dir.path().join("full.db"));
+        let mut conn = Connection::open(&options.path).unwrap();
+        conn.execute_batch(FLUJO_04_TABLES[0].1).unwrap();
+        conn.execute_batch(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000) \
+             INSERT INTO workflow_state (run_id, pipeline_id, pipeline_name, pipeline_version, \
+             current_step_index, pipeline_context, status, created_at, updated_at) \
+             SELECT 'r' || i, 'p' || (i % 7), 'p', '1', 0, '{}', 'running', \
+             '2026-01-01 00:00:00', '2026-01-01 00:00:00' FROM n",
+        )
+        .unwrap();
+        prepare(&mut conn, &options).unwrap();
+        for (name, _) in OUR_INDEXES {
+            conn.execute_batch(&format!("DROP INDEX {name}")).unwrap();
+        }
+        // No free pages left to reuse, and SQLite's "database or disk is full" at the next one.
+        conn.execute_batch("VACUUM").unwrap();
+        let pages: i64 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        conn.pragma_update(None, "max_page_count", pages).unwrap();
+
+        prepare(&mut conn, &options).unwrap();
+        for (name, _) in OUR_INDEXES {
+            assert!(!index_exists(&conn, name).unwrap(), "{name} was built");
+        }
+        assert!(conn.is_autocommit(), "a transaction was left open");
+        let stored: i64 = conn
+            .query_row("SELECT count(*) FROM workflow_state", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stored, 5000);
+
+        conn.pragma_update(None, "max_page_count", 1 << 30).unwrap();
+        prepare(&mut conn, &options).unwrap();
+        for (name, _) in OUR_INDEXES {
+            assert!(index_exists(&conn, name).unwrap(), "{name} was not built");
+        }
     }
 
     /// Flujo creates its tables one commit at a time, so a file may hold some of them only.
