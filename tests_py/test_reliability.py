@@ -44,7 +44,7 @@ from flujo_sqlite.errors import (
 PROGRAMS = Path(__file__).parent / "programs"
 sys.path.insert(0, str(PROGRAMS))
 
-from conftest import build_state
+from conftest import build_state, run_python
 from state_factory import loaded_version, matches, state_for
 
 SOAK_KILLS = int(os.environ.get("FLUJO_SQLITE_SOAK_KILLS", "50"))
@@ -945,6 +945,59 @@ async def test_a_file_moved_aside_under_an_open_backend_is_never_written_behind_
         assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("fresh",)]
     finally:
         conn.close()
+
+
+SAVE_AND_CLOSE = """
+import asyncio, sys
+from flujo_sqlite import SQLiteBackend
+sys.path.insert(0, sys.argv[3])
+from state_factory import state_for
+
+async def main():
+    async with SQLiteBackend(sys.argv[1]) as backend:
+        for i in range(int(sys.argv[2])):
+            await backend.save_state(f"next-{i}", state_for(f"next-{i}", 0))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("how", ["deleted", "moved"])
+async def test_a_file_gone_under_an_open_backend_leaves_the_next_one_at_the_path_alone(
+    tmp_path: Path, how: str
+) -> None:
+    """A file deleted or moved aside (by an operator, or by Flujo's backend in another
+    process) while a backend has it open, then a new file at the path used by another process:
+    a restarted worker, say. Our connections used to keep the path's -shm open, with its index
+    of our WAL: that process's saves were acknowledged, and gone once ours closed."""
+    db_path = tmp_path / "wf.db"
+    backend = SQLiteBackend(db_path)
+    try:
+        for i in range(3):
+            await backend.save_state(f"old-{i}", state_for(f"old-{i}", 0))
+        assert await backend.load_state("old-0") is not None  # a reader connection too
+        if how == "deleted":
+            db_path.unlink()
+        else:
+            db_path.rename(tmp_path / "wf.db.corrupt.1700000000")
+        with pytest.raises(DatabaseError, match="moved, replaced or deleted"):
+            await backend.save_state("refused", state_for("refused", 0))
+        with pytest.raises(DatabaseError, match="moved, replaced or deleted"):
+            await backend.load_state("old-0")
+        other = asyncio.ensure_future(
+            asyncio.to_thread(run_python, SAVE_AND_CLOSE, str(db_path), "200", str(PROGRAMS))
+        )
+        while not other.done():  # as a program that does not know goes on trying
+            with pytest.raises(DatabaseError, match="moved, replaced or deleted"):
+                await backend.save_state("refused", state_for("refused", 0))
+            await asyncio.sleep(0.05)
+        assert (await other).returncode == 0, (await other).stderr
+    finally:
+        await backend.close()
+    async with SQLiteBackend(db_path) as reopened:
+        stored = sorted(w["run_id"] for w in await reopened.list_workflows())
+    assert stored == sorted(f"next-{i}" for i in range(200))
+    assert integrity(db_path) == "ok"
 
 
 async def test_a_file_replaced_while_a_first_open_prepares_it_is_noticed(tmp_path: Path) -> None:

@@ -54,6 +54,8 @@ pub(crate) struct Shared {
     connected: AtomicBool,
     /// Held from before the first connection until `close` is done (see `open_files`).
     in_use: Mutex<Option<open_files::InUse>>,
+    /// The path was found to name another file (or none): every connection is let go of.
+    replaced: AtomicBool,
 }
 
 impl Shared {
@@ -80,7 +82,11 @@ impl Shared {
             if self.file.get().is_some_and(|prepared| *prepared != file) {
                 return Err(self.replaced());
             }
-            Ok((schema::prepare(&mut conn, &self.options)?, file))
+            let prepared = schema::prepare(&mut conn, &self.options)?;
+            if connection::identity(&self.options.path).ok() != Some(file) {
+                connection::abandon(conn); // and `check_same_file` below says why
+            }
+            Ok((prepared, file))
         })?;
         if self.file.set(file).is_ok() {
             open_files::opened(file);
@@ -132,7 +138,26 @@ impl Shared {
         };
         match connection::identity(&self.options.path) {
             Ok(found) if found == *expected => Ok(()),
-            _ => Err(self.replaced()),
+            _ => {
+                self.replaced.store(true, Ordering::Release);
+                Err(self.replaced())
+            }
+        }
+    }
+
+    /// Whether the path was found to name another file than ours: connections still open on
+    /// ours are let go of (see `connection::abandon`) when their thread next looks.
+    fn is_replaced(&self) -> bool {
+        self.replaced.load(Ordering::Acquire)
+    }
+
+    /// Closes a connection of this engine: as usual while the path names our file, else
+    /// without touching what is at the path.
+    fn release(&self, conn: Connection) {
+        if self.is_replaced() || self.check_same_file().is_err() {
+            connection::abandon(conn);
+        } else {
+            drop(conn);
         }
     }
 
@@ -181,6 +206,7 @@ impl SqliteEngine {
             predecessor: Mutex::new(predecessor),
             connected: AtomicBool::new(false),
             in_use: Mutex::new(None),
+            replaced: AtomicBool::new(false),
         });
         let (write_tx, write_rx) = crossbeam_channel::unbounded();
         let (read_tx, read_rx) = crossbeam_channel::unbounded();

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use rusqlite::Connection;
@@ -24,6 +24,9 @@ pub(super) enum ReadJob {
 /// Handed this reader's connection, or why there is none; reports its outcome itself.
 pub(super) type ReadPart = Box<dyn FnOnce(&Shared, Result<&Connection>) + Send>;
 
+/// How often an idle reader with a connection looks whether the engine's file was found moved.
+const LOOK_FOR_A_MOVED_FILE_EVERY: Duration = Duration::from_millis(100);
+
 pub(super) fn spawn(
     shared: Arc<Shared>,
     jobs: Receiver<ReadJob>,
@@ -43,7 +46,23 @@ pub(super) fn spawn(
 fn serve(shared: &Shared, jobs: &Receiver<ReadJob>) {
     shared.wait_for_predecessor();
     let mut conn: Option<Connection> = None;
-    while let Some(job) = spin::next(jobs) {
+    loop {
+        // A reader holding a connection looks now and then whether another thread found the
+        // file gone from its path: an idle one must let go too (see `connection::abandon`).
+        let look_again = conn.is_some().then_some(LOOK_FOR_A_MOVED_FILE_EVERY);
+        let job = match spin::next_within(jobs, look_again) {
+            spin::Waited::Item(job) => Some(job),
+            spin::Waited::Idle => None,
+            spin::Waited::Closed => break,
+        };
+        if shared.is_replaced() {
+            if let Some(moved) = conn.take() {
+                connection::abandon(moved);
+            }
+        }
+        let Some(job) = job else {
+            continue;
+        };
         let job = match job {
             ReadJob::Request(job) if job.done.caller_gone().is_set() => {
                 log::debug!("skipped a read whose caller stopped waiting before it began");
@@ -79,5 +98,8 @@ fn serve(shared: &Shared, jobs: &Receiver<ReadJob>) {
             }
             ReadJob::Part { run, .. } => run(shared, ready.map(|(conn, _)| conn)),
         }
+    }
+    if let Some(conn) = conn {
+        shared.release(conn);
     }
 }

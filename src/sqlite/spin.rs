@@ -25,16 +25,8 @@ pub(super) enum Waited<T> {
     Closed,
 }
 
-/// The next item: spun for briefly when no other thread is spinning, else waited for.
-/// `None` once every sender is gone and the queue is empty.
-pub(super) fn next<T>(queue: &Receiver<T>) -> Option<T> {
-    match next_within(queue, None) {
-        Waited::Item(item) => Some(item),
-        Waited::Idle | Waited::Closed => None,
-    }
-}
-
-/// `next`, giving up once nothing has come for `idle` (when given).
+/// The next item: spun for briefly when no other thread is spinning, else waited for, giving up
+/// once nothing has come for `idle` (when given).
 pub(super) fn next_within<T>(queue: &Receiver<T>, idle: Option<Duration>) -> Waited<T> {
     let started = Instant::now();
     if SPINNING

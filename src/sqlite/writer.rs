@@ -154,7 +154,10 @@ impl Writer<'_> {
                         continue;
                     }
                     // The engine closed and everything queued is done.
-                    spin::Waited::Closed => return self.join_checkpoint(),
+                    spin::Waited::Closed => {
+                        self.join_checkpoint();
+                        return self.let_go();
+                    }
                 },
             };
             self.tend_checkpoint();
@@ -168,6 +171,16 @@ impl Writer<'_> {
                     self.wal_watch.after_commit(&self.shared.options.path);
                 }
             }
+            if self.shared.is_replaced() {
+                self.let_go();
+            }
+        }
+    }
+
+    /// Closes the connection, if open (see `Shared::release`); the next write opens another.
+    fn let_go(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.shared.release(conn);
         }
     }
 
@@ -301,7 +314,7 @@ impl Writer<'_> {
         }
         if !usable {
             // Closing the connection ends its transaction; the next write opens a new one.
-            self.conn = None;
+            self.let_go();
         }
     }
 
@@ -537,6 +550,10 @@ impl Writer<'_> {
     /// using part of the WAL keeps part of it from being copied: tried again a second later.
     fn checkpoint_when_idle(&mut self) {
         let path = self.shared.options.path.clone();
+        // The WAL and its index at the path may be another file's by now: not ours to copy.
+        if self.shared.check_same_file().is_err() {
+            self.let_go();
+        }
         let Some(conn) = self.conn.as_ref() else {
             self.file_behind_wal = false;
             return;
