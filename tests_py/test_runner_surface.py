@@ -242,6 +242,22 @@ def test_layout_follows_installed_flujo_by_default() -> None:
     assert backend_module._installed_flujo_layout() == expected
 
 
+def test_without_flujo_the_layout_is_the_one_pip_would_install_on_this_python(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Flujo 0.6 needs Python 3.13, so a 3.11 or 3.12 user who installs Flujo later gets 0.4.35,
+    which moves a file in 0.6's layout aside as corrupt."""
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert backend_module._installed_flujo_layout((3, 11)) == "flujo-0.4"
+    assert backend_module._installed_flujo_layout((3, 12)) == "flujo-0.4"
+    assert backend_module._installed_flujo_layout((3, 13)) == "flujo-0.6"
+    assert backend_module._installed_flujo_layout((3, 14)) == "flujo-0.6"
+
+
 async def test_run_lifecycle_round_trip(backend: SQLiteBackend, layout: str) -> None:
     started = utc_now() - timedelta(seconds=30)
     await backend.save_run_start(

@@ -13,6 +13,7 @@ import atexit
 import importlib.metadata
 import os
 import re
+import sys
 import threading
 import weakref
 from collections.abc import Awaitable, Callable
@@ -163,13 +164,15 @@ def _make_folder(path: Path) -> None:
         ) from error
 
 
-def _installed_flujo_layout() -> str:
-    """New files get the layout of the Flujo release installed beside us (the newest if none),
-    so that Flujo itself, `flujo lens` included, can open them."""
+def _installed_flujo_layout(python: tuple[int, int] = sys.version_info[:2]) -> str:
+    """New files get the layout of the Flujo release installed beside us, so that Flujo itself,
+    `flujo lens` included, can open them. With none, that of the release `pip install flujo`
+    would bring on this interpreter: 0.6 needs Python 3.13, and 0.4 moves a 0.6 file aside as
+    corrupt (0.6 reads a 0.4 file)."""
     try:
         version = importlib.metadata.version("flujo")
     except importlib.metadata.PackageNotFoundError:
-        return "flujo-0.6"
+        return "flujo-0.6" if python >= (3, 13) else "flujo-0.4"
     major_minor = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
     return "flujo-0.4" if major_minor < (0, 6) else "flujo-0.6"
 
