@@ -860,6 +860,28 @@ def test_deep_nesting_fails_cleanly_in_a_child_process(tmp_path: Path) -> None:
     assert reports[-1] == {"sentinel": "unchanged"}, reports[-1]
 
 
+def test_a_state_bigger_than_the_memory_left_raises_and_the_process_goes_on(
+    tmp_path: Path,
+) -> None:
+    """Under a limit on the address space, saving or loading a 100 MB state used to abort the
+    whole process (Rust's allocator does, where Python raises ``MemoryError``)."""
+    done = subprocess.run(
+        [sys.executable, str(PROGRAMS / "out_of_memory.py"), str(tmp_path / "big.db")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, f"the child died (code {done.returncode}):\n{done.stderr[-3000:]}"
+    reports = [json.loads(line) for line in done.stdout.splitlines()]
+    outcomes = {r["case"]: r["raised"] for r in reports if "case" in r}
+    assert outcomes["save"] is not None and "MemoryError" in outcomes["save"], outcomes
+    # SQLite may run out first while it gathers the row; then it says "out of memory" itself.
+    assert outcomes["load"] is not None, outcomes
+    assert {"MemoryError", "DatabaseError"} & set(outcomes["load"]), outcomes
+    assert reports[-1] == {"after": "ok"}, reports
+
+
 async def test_hostile_rows_written_by_other_programs_fail_cleanly(tmp_path: Path) -> None:
     """Rows another program wrote with malformed JSON or timestamps: loading them raises a
     clear FlujoSQLiteError (or, for a timestamp, returns the stored text), and every other row,

@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::sync::{Mutex, PoisonError};
 
 use base64::Engine as _;
-use pyo3::exceptions::{PyException, PyTypeError, PyUnicodeEncodeError};
+use pyo3::exceptions::{PyException, PyMemoryError, PyTypeError, PyUnicodeEncodeError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{
@@ -263,8 +263,12 @@ impl Failure {
                  copy would match neither its old nor its new keys; a serializer or \
                  model_dump() called for one of its values must not add or remove its keys"
             ),
-            // Ctrl-C or a `sys.exit()` inside a serializer is not a property of the value.
-            Reason::Raised { error, .. } if !error.is_instance_of::<PyException>(py) => {
+            // Ctrl-C or a `sys.exit()` inside a serializer is not a property of the value, nor
+            // is a process out of memory.
+            Reason::Raised { error, .. }
+                if !error.is_instance_of::<PyException>(py)
+                    || error.is_instance_of::<PyMemoryError>(py) =>
+            {
                 return error;
             }
             Reason::Raised { type_name, error } => {
@@ -467,8 +471,31 @@ struct Encoder<'py> {
     stack: StackBudget,
 }
 
+/// Room for what a value writes besides the text of its strings: a number, `null`, brackets,
+/// a comma and a colon.
+const ROOM_FOR_TOKENS: usize = 64;
+
 impl<'py> Encoder<'py> {
+    /// Grows the output for what comes next, if it must, without the allocator's abort when
+    /// the process has no memory left for it (under a limit on its address space, say): a
+    /// huge state raises `MemoryError`, as Python's `json` does, and the process goes on.
+    fn make_room(&mut self, bytes: usize, value: &Bound<'py, PyAny>) -> Step {
+        if self.out.capacity() - self.out.len() >= bytes {
+            return Ok(());
+        }
+        self.out.try_reserve(bytes).map_err(|_| {
+            raised(
+                value,
+                PyMemoryError::new_err(format!(
+                    "no memory left to store a state of {} MB",
+                    (self.out.len() + bytes) >> 20
+                )),
+            )
+        })
+    }
+
     fn value(&mut self, value: &Bound<'py, PyAny>, depth: usize) -> Step {
+        self.make_room(ROOM_FOR_TOKENS, value)?;
         if let Ok(text) = value.cast_exact::<PyString>() {
             self.string(text)
         } else if let Ok(dict) = value.cast_exact::<PyDict>() {
@@ -509,16 +536,17 @@ impl<'py> Encoder<'py> {
         self.ancestors.pop();
     }
 
-    fn string(&mut self, text: &Bound<'py, PyString>) -> Step {
-        let text = text.to_str().map_err(|error| {
-            if error.is_instance_of::<PyUnicodeEncodeError>(text.py()) {
+    fn string(&mut self, string: &Bound<'py, PyString>) -> Step {
+        let text = string.to_str().map_err(|error| {
+            if error.is_instance_of::<PyUnicodeEncodeError>(string.py()) {
                 Failure::new(Reason::LoneSurrogate {
-                    found: lone_surrogate(text, &error),
+                    found: lone_surrogate(string, &error),
                 })
             } else {
-                raised(text, error)
+                raised(string, error)
             }
         })?;
+        self.make_room(text.len() + ROOM_FOR_TOKENS, string.as_any())?;
         write_string(&mut self.out, text);
         Ok(())
     }

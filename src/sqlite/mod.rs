@@ -131,11 +131,16 @@ impl Shared {
         }
     }
 
-    /// Fails when the path no longer names the file the layout was prepared on.
+    /// Fails when the path no longer names the file the layout was prepared on, or once did not.
     fn check_same_file(&self) -> Result<()> {
         let Some(expected) = self.file.get() else {
             return Ok(());
         };
+        // For good: once our connections have let go, the file's inode number is free again,
+        // and a new file at the path may get it.
+        if self.is_replaced() {
+            return Err(self.replaced());
+        }
         match connection::identity(&self.options.path) {
             Ok(found) if found == *expected => Ok(()),
             _ => {
@@ -154,7 +159,7 @@ impl Shared {
     /// Closes a connection of this engine: as usual while the path names our file, else
     /// without touching what is at the path.
     fn release(&self, conn: Connection) {
-        if self.is_replaced() || self.check_same_file().is_err() {
+        if self.check_same_file().is_err() {
             connection::abandon(conn);
         } else {
             drop(conn);

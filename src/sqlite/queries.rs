@@ -443,25 +443,50 @@ pub(crate) fn cell(row: &Row, index: usize) -> rusqlite::Result<Cell> {
         ValueRef::Null => Cell::Null,
         ValueRef::Integer(i) => Cell::Integer(i),
         ValueRef::Real(f) => Cell::Real(f),
-        ValueRef::Text(t) => Cell::Text(owned_text(t)),
-        ValueRef::Blob(b) => Cell::Blob(b.to_vec()),
+        ValueRef::Text(t) => Cell::Text(owned_text(t)?),
+        ValueRef::Blob(b) => {
+            let mut copy = Vec::new();
+            copy.try_reserve_exact(b.len())
+                .map_err(|_| out_of_memory(b.len()))?;
+            copy.extend_from_slice(b);
+            Cell::Blob(copy)
+        }
     })
 }
 
 /// Stored text as a `String`; bytes that are not UTF-8 (only another program could write them)
 /// become U+FFFD. The strict check goes first because it validates ASCII a word at a time, several
 /// times faster than the lossy decoder's byte loop on the ~4 KB of JSON a load returns.
-fn owned_text(bytes: &[u8]) -> String {
+fn owned_text(bytes: &[u8]) -> rusqlite::Result<String> {
+    let mut text = String::new();
+    text.try_reserve_exact(bytes.len())
+        .map_err(|_| out_of_memory(bytes.len()))?;
     match std::str::from_utf8(bytes) {
-        Ok(text) => text.to_owned(),
-        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+        Ok(valid) => text.push_str(valid),
+        Err(_) => text.push_str(&String::from_utf8_lossy(bytes)),
     }
+    Ok(text)
+}
+
+/// A stored value bigger than the memory the process may still take (under a limit on its
+/// address space, say): an error for its caller, where Rust's allocator would abort the process.
+fn out_of_memory(bytes: usize) -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_NOMEM),
+        Some(format!(
+            "out of memory: no room left in this process for a stored value of {} MB",
+            bytes >> 20
+        )),
+    )
 }
 
 /// A JSON column: its text, or `None` for SQL NULL. Non-text values (written by hand through
 /// SQL) are returned as their JSON spelling so decoding still succeeds.
 pub(crate) fn json_text(row: &Row, index: usize) -> rusqlite::Result<Option<String>> {
-    Ok(sql_text(row.get_ref(index)?))
+    match row.get_ref(index)? {
+        ValueRef::Text(t) | ValueRef::Blob(t) => owned_text(t).map(Some),
+        other => Ok(sql_text(other)),
+    }
 }
 
 /// A text column's value as text, whatever another program stored there; `None` for NULL.
@@ -475,7 +500,7 @@ pub(crate) fn sql_text(value: ValueRef<'_>) -> Option<String> {
             Some(if f > 0.0 { "Infinity" } else { "-Infinity" }.to_owned())
         }
         ValueRef::Real(f) => Some(format!("{f:?}")),
-        ValueRef::Text(t) | ValueRef::Blob(t) => Some(owned_text(t)),
+        ValueRef::Text(t) | ValueRef::Blob(t) => Some(String::from_utf8_lossy(t).into_owned()),
     }
 }
 
