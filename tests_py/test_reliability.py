@@ -1000,6 +1000,31 @@ async def test_a_file_gone_under_an_open_backend_leaves_the_next_one_at_the_path
     assert integrity(db_path) == "ok"
 
 
+async def test_a_path_that_cannot_be_looked_at_for_a_moment_is_not_taken_for_a_moved_file(
+    tmp_path: Path,
+) -> None:
+    """A save finding the path unreadable (here: a folder link replaced by a plain file, so
+    looking the path up fails with "not a directory"; in life, a folder made unreadable, an I/O
+    error) is refused, as it may go nowhere. But the file may still be ours: once the path is
+    readable again, the backend works on, where a file found gone or replaced stops it for good."""
+    real_folder = tmp_path / "real"
+    real_folder.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real_folder)
+    async with SQLiteBackend(link / "wf.db") as backend:
+        await backend.save_state("before", state_for("before", 0))
+        link.unlink()
+        link.write_text("not a folder")
+        with pytest.raises(DatabaseError, match="moved, replaced or deleted"):
+            await backend.save_state("refused", state_for("refused", 0))
+        link.unlink()
+        link.symlink_to(real_folder)
+        await backend.save_state("after", state_for("after", 0))
+        assert matches(await backend.load_state("before"), "before", 0)
+    async with SQLiteBackend(real_folder / "wf.db") as reopened:
+        assert sorted(w["run_id"] for w in await reopened.list_workflows()) == ["after", "before"]
+
+
 async def test_a_file_replaced_while_a_first_open_prepares_it_is_noticed(tmp_path: Path) -> None:
     """A first open of a big file builds our indexes, holding the write lock for seconds; Flujo
     0.6.11, locked out for one second meanwhile, moves the file aside and starts a new one. The

@@ -143,6 +143,11 @@ impl Shared {
         }
         match connection::identity(&self.options.path) {
             Ok(found) if found == *expected => Ok(()),
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                // Unknown (a folder made unreadable, an I/O error): this write is refused, as
+                // it may go nowhere, but the file may well be ours still.
+                Err(self.replaced())
+            }
             _ => {
                 self.replaced.store(true, Ordering::Release);
                 Err(self.replaced())
