@@ -875,7 +875,8 @@ def test_a_state_bigger_than_the_memory_left_raises_and_the_process_goes_on(
     assert done.returncode == 0, f"the child died (code {done.returncode}):\n{done.stderr[-3000:]}"
     reports = [json.loads(line) for line in done.stdout.splitlines()]
     outcomes = {r["case"]: r["raised"] for r in reports if "case" in r}
-    assert outcomes["save"] is not None and "MemoryError" in outcomes["save"], outcomes
+    for case in ("save", "save bytes", "save escapes"):
+        assert outcomes[case] is not None and "MemoryError" in outcomes[case], outcomes
     # SQLite may run out first while it gathers the row; then it says "out of memory" itself.
     assert outcomes["load"] is not None, outcomes
     assert {"MemoryError", "DatabaseError"} & set(outcomes["load"]), outcomes

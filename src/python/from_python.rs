@@ -375,8 +375,21 @@ const ESCAPES: [u8; 256] = {
     table
 };
 
+/// The length of `text` as `write_string` writes it, quotes and escapes included.
+fn quoted_len(text: &str) -> usize {
+    let escapes: usize = text
+        .bytes()
+        .map(|byte| match ESCAPES[usize::from(byte)] {
+            0 => 0,
+            b'u' => 5, // \u00XX for one byte
+            _ => 1,
+        })
+        .sum();
+    text.len() + escapes + 2
+}
+
+/// Writes `text` as a JSON string. The caller has made room for it (see `Encoder::make_room`).
 fn write_string(out: &mut String, text: &str) {
-    out.reserve(text.len() + 2);
     out.push('"');
     let mut copied = 0;
     for (index, &byte) in text.as_bytes().iter().enumerate() {
@@ -487,15 +500,22 @@ impl<'py> Encoder<'py> {
             raised(
                 value,
                 PyMemoryError::new_err(format!(
-                    "no memory left to store a state of {} MB",
-                    (self.out.len() + bytes) >> 20
+                    "no memory left to store this state: its JSON text needed {} MB more",
+                    bytes.div_ceil(1 << 20)
                 )),
             )
         })
     }
 
+    /// Writes `value` with room to spare on both sides, for its own tokens and for the comma or
+    /// bracket its container writes next.
     fn value(&mut self, value: &Bound<'py, PyAny>, depth: usize) -> Step {
         self.make_room(ROOM_FOR_TOKENS, value)?;
+        self.write_value(value, depth)?;
+        self.make_room(ROOM_FOR_TOKENS, value)
+    }
+
+    fn write_value(&mut self, value: &Bound<'py, PyAny>, depth: usize) -> Step {
         if let Ok(text) = value.cast_exact::<PyString>() {
             self.string(text)
         } else if let Ok(dict) = value.cast_exact::<PyDict>() {
@@ -546,7 +566,12 @@ impl<'py> Encoder<'py> {
                 raised(string, error)
             }
         })?;
-        self.make_room(text.len() + ROOM_FOR_TOKENS, string.as_any())?;
+        self.write_text(text, string.as_any())
+    }
+
+    /// Writes `text` as a JSON string, once there is room for all of it.
+    fn write_text(&mut self, text: &str, value: &Bound<'py, PyAny>) -> Step {
+        self.make_room(quoted_len(text) + ROOM_FOR_TOKENS, value)?;
         write_string(&mut self.out, text);
         Ok(())
     }
@@ -559,6 +584,7 @@ impl<'py> Encoder<'py> {
             // any object's `__del__`.
             self.foreign_calls += 1;
             let digits = big_int_digits(int.as_any()).map_err(|error| raised(int, error))?;
+            self.make_room(digits.len(), int.as_any())?;
             self.out.push_str(&digits);
         }
         Ok(())
@@ -702,7 +728,7 @@ impl<'py> Encoder<'py> {
                 key_type: type_name(&key.get_type()),
             }));
         };
-        write_string(&mut self.out, &text);
+        self.write_text(&text, key)?;
         Ok(Some(text))
     }
 
@@ -794,15 +820,22 @@ impl<'py> Encoder<'py> {
         {
             self.string(&value.str().map_err(failed)?)?;
         } else if let Ok(bytes) = value.cast::<PyBytes>() {
-            self.base64(bytes.as_bytes());
+            self.base64(bytes.as_bytes(), value)?;
         } else if let Ok(bytes) = value.cast::<PyByteArray>() {
-            self.base64(&bytes.to_vec());
+            // A copy, made by Python (so a `MemoryError` if there is no room): the walk may run
+            // code that changes the bytearray while its buffer is borrowed.
+            let bytes = value.py().get_type::<PyBytes>().call1((bytes,));
+            let bytes = bytes.map_err(failed)?;
+            let bytes = bytes
+                .cast::<PyBytes>()
+                .map_err(|error| failed(error.into()))?;
+            self.base64(bytes.as_bytes(), value)?;
         } else if value.is_instance_of::<PyMemoryView>() {
             let bytes = value.call_method0("tobytes").map_err(failed)?;
             let bytes = bytes
                 .cast::<PyBytes>()
                 .map_err(|error| failed(error.into()))?;
-            self.base64(bytes.as_bytes());
+            self.base64(bytes.as_bytes(), value)?;
         } else if value.is_instance_of::<PySet>() || value.is_instance_of::<PyFrozenSet>() {
             let items = value
                 .try_iter()
@@ -859,10 +892,12 @@ impl<'py> Encoder<'py> {
         Ok(Converted::Written)
     }
 
-    fn base64(&mut self, bytes: &[u8]) {
+    fn base64(&mut self, bytes: &[u8], value: &Bound<'py, PyAny>) -> Step {
+        self.make_room(bytes.len().div_ceil(3) * 4 + ROOM_FOR_TOKENS, value)?;
         self.out.push('"');
         base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut self.out);
         self.out.push('"');
+        Ok(())
     }
 
     /// Sets have no order, so items are sorted by their JSON text to store the same set the
@@ -881,8 +916,15 @@ impl<'py> Encoder<'py> {
         }
         self.out = outer;
         encoded.sort_unstable();
+        let length: usize = encoded.iter().map(|item| item.len() + 1).sum();
+        self.make_room(length + ROOM_FOR_TOKENS, set)?;
         self.out.push('[');
-        self.out.push_str(&encoded.join(","));
+        for (index, item) in encoded.iter().enumerate() {
+            if index > 0 {
+                self.out.push(',');
+            }
+            self.out.push_str(item);
+        }
         self.out.push(']');
         self.leave();
         Ok(())

@@ -3,7 +3,6 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rusqlite::config::DbConfig;
 use rusqlite::{ffi, Connection, ErrorCode, OpenFlags};
 
 use super::options::{Durability, SqliteOptions};
@@ -58,21 +57,6 @@ const WRITER_CACHE_KIB: i64 = 1024;
 /// Paths are plain file names, never URIs: a file called `file:x?mode=ro` means that file.
 pub(crate) fn open(options: &SqliteOptions, role: Role) -> Result<Connection, Error> {
     open_with(options, role, OpenFlags::empty())
-}
-
-/// Closes a connection to a file that is no longer at its path, without the checkpoint SQLite
-/// makes when a process's last connection to a file closes: it would copy the `-wal` at the path
-/// into our file and then delete that `-wal` by name, and by now it may belong to a file someone
-/// else created there. Closing soon matters as much: while any connection of ours keeps the
-/// `-shm` at the path open, a process opening the new file trusts our stale index of the WAL
-/// (Flujo's backend then fails with "disk I/O error", ours stores saves that no later open finds).
-pub(crate) fn abandon(conn: Connection) {
-    if let Err(error) = conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true) {
-        log::warn!("cannot turn off the checkpoint on close of a moved file: {error}");
-    }
-    if let Err((_, error)) = conn.close() {
-        log::warn!("closing a connection to a moved file failed: {error}");
-    }
 }
 
 /// Opens the database file for the writer, creating it when it does not exist yet.

@@ -19,7 +19,7 @@ mod writer;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use rusqlite::Connection;
@@ -40,6 +40,15 @@ pub(crate) struct Job {
     submitted: Instant,
 }
 
+/// How often an engine thread holding a connection, idle, looks whether the path still names
+/// its file. Moved aside (Flujo's backend does that to a file it cannot open), deleted or
+/// replaced, the file must be let go of at once: while any connection of ours keeps the `-shm`
+/// at the path open, a process opening a new file there trusts our index of our WAL in it, and
+/// its saves are acknowledged and then lost (Flujo's backend fails with "disk I/O error" and
+/// moves its new file aside again). Closing is safe: SQLite skips the checkpoint and the
+/// `-wal` deletion it makes at a last close when the file has moved.
+pub(super) const LOOK_FOR_A_MOVED_FILE_EVERY: Duration = Duration::from_millis(250);
+
 /// What every engine thread shares: the options and the file's layout, prepared once.
 pub(crate) struct Shared {
     options: SqliteOptions,
@@ -54,7 +63,7 @@ pub(crate) struct Shared {
     connected: AtomicBool,
     /// Held from before the first connection until `close` is done (see `open_files`).
     in_use: Mutex<Option<open_files::InUse>>,
-    /// The path was found to name another file (or none): every connection is let go of.
+    /// The path was found to name another file (or none); see `LOOK_FOR_A_MOVED_FILE_EVERY`.
     replaced: AtomicBool,
 }
 
@@ -62,6 +71,10 @@ impl Shared {
     /// The file's layout, preparing the file on first use. A failure is not cached: the next
     /// call tries again (the lock may be gone, the folder may exist by then).
     fn layout(&self, since: Instant) -> Result<Arc<Layout>> {
+        // Opening the path again would open (or create) whatever is there now.
+        if self.is_replaced() {
+            return Err(self.replaced());
+        }
         let mut layout = self.layout.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(known) = &*layout {
             return Ok(Arc::clone(known));
@@ -82,11 +95,7 @@ impl Shared {
             if self.file.get().is_some_and(|prepared| *prepared != file) {
                 return Err(self.replaced());
             }
-            let prepared = schema::prepare(&mut conn, &self.options)?;
-            if connection::identity(&self.options.path).ok() != Some(file) {
-                connection::abandon(conn); // and `check_same_file` below says why
-            }
-            Ok((prepared, file))
+            Ok((schema::prepare(&mut conn, &self.options)?, file))
         })?;
         if self.file.set(file).is_ok() {
             open_files::opened(file);
@@ -155,20 +164,10 @@ impl Shared {
         }
     }
 
-    /// Whether the path was found to name another file than ours: connections still open on
-    /// ours are let go of (see `connection::abandon`) when their thread next looks.
+    /// Whether the path was found to name another file than ours (or none): every connection
+    /// is closed when its thread next looks, and none is opened again.
     fn is_replaced(&self) -> bool {
         self.replaced.load(Ordering::Acquire)
-    }
-
-    /// Closes a connection of this engine: as usual while the path names our file, else
-    /// without touching what is at the path.
-    fn release(&self, conn: Connection) {
-        if self.check_same_file().is_err() {
-            connection::abandon(conn);
-        } else {
-            drop(conn);
-        }
     }
 
     fn replaced(&self) -> Error {

@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crossbeam_channel::Receiver;
 use rusqlite::Connection;
 
 use super::connection::{self, Role};
-use super::{execute_read, spin, uses_layout, Job, Shared};
+use super::{execute_read, spin, uses_layout, Job, Shared, LOOK_FOR_A_MOVED_FILE_EVERY};
 use crate::error::{Error, Result};
 
 /// What a reader takes from the shared queue.
@@ -23,9 +23,6 @@ pub(super) enum ReadJob {
 
 /// Handed this reader's connection, or why there is none; reports its outcome itself.
 pub(super) type ReadPart = Box<dyn FnOnce(&Shared, Result<&Connection>) + Send>;
-
-/// How often an idle reader with a connection looks whether the engine's file was found moved.
-const LOOK_FOR_A_MOVED_FILE_EVERY: Duration = Duration::from_millis(100);
 
 pub(super) fn spawn(
     shared: Arc<Shared>,
@@ -46,23 +43,24 @@ pub(super) fn spawn(
 fn serve(shared: &Shared, jobs: &Receiver<ReadJob>) {
     shared.wait_for_predecessor();
     let mut conn: Option<Connection> = None;
+    let mut after_work = true;
     loop {
-        // A reader holding a connection looks now and then whether another thread found the
-        // file gone from its path: an idle one must let go too (see `connection::abandon`).
         let look_again = conn.is_some().then_some(LOOK_FOR_A_MOVED_FILE_EVERY);
-        let job = match spin::next_within(jobs, look_again) {
-            spin::Waited::Item(job) => Some(job),
-            spin::Waited::Idle => None,
+        let job = match spin::next_within(jobs, look_again, after_work) {
+            spin::Waited::Item(job) => job,
+            spin::Waited::Idle => {
+                after_work = false;
+                if shared.check_same_file().is_err() {
+                    conn = None; // see `LOOK_FOR_A_MOVED_FILE_EVERY`
+                }
+                continue;
+            }
             spin::Waited::Closed => break,
         };
+        after_work = true;
         if shared.is_replaced() {
-            if let Some(moved) = conn.take() {
-                connection::abandon(moved);
-            }
+            conn = None;
         }
-        let Some(job) = job else {
-            continue;
-        };
         let job = match job {
             ReadJob::Request(job) if job.done.caller_gone().is_set() => {
                 log::debug!("skipped a read whose caller stopped waiting before it began");
@@ -98,8 +96,5 @@ fn serve(shared: &Shared, jobs: &Receiver<ReadJob>) {
             }
             ReadJob::Part { run, .. } => run(shared, ready.map(|(conn, _)| conn)),
         }
-    }
-    if let Some(conn) = conn {
-        shared.release(conn);
     }
 }

@@ -25,13 +25,19 @@ pub(super) enum Waited<T> {
     Closed,
 }
 
-/// The next item: spun for briefly when no other thread is spinning, else waited for, giving up
-/// once nothing has come for `idle` (when given).
-pub(super) fn next_within<T>(queue: &Receiver<T>, idle: Option<Duration>) -> Waited<T> {
+/// The next item: spun for briefly when `after_work` and no other thread is spinning, else
+/// waited for, giving up once nothing has come for `idle` (when given). A thread woken by its
+/// own timeout has no request to expect, and a spin would only keep a working one from its own.
+pub(super) fn next_within<T>(
+    queue: &Receiver<T>,
+    idle: Option<Duration>,
+    after_work: bool,
+) -> Waited<T> {
     let started = Instant::now();
-    if SPINNING
-        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-        .is_ok()
+    if after_work
+        && SPINNING
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
     {
         let spun = loop {
             match queue.try_recv() {

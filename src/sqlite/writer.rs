@@ -19,7 +19,9 @@ use rusqlite::Connection;
 
 use super::connection::{self, classify, retry_while_locked, Role};
 use super::schema::Layout;
-use super::{queries, run_history, spin, system, traces, uses_layout, Job, Shared};
+use super::{
+    queries, run_history, spin, system, traces, uses_layout, Job, Shared, LOOK_FOR_A_MOVED_FILE_EVERY,
+};
 use crate::engine::{CallerGone, Completion, Request, Response};
 use crate::error::{Error, Result};
 use crate::timestamp::{differ_only_in_awareness, same_instant, TimeWindow};
@@ -138,28 +140,22 @@ impl WalWatch {
 impl Writer<'_> {
     fn serve(mut self, jobs: &Receiver<Job>) {
         self.shared.wait_for_predecessor();
+        let mut after_work = true;
         loop {
             let first = match self.cleanups.pop_front() {
                 Some(job) => job,
-                None => match spin::next_within(jobs, self.next_look()) {
+                None => match spin::next_within(jobs, self.next_look(), after_work) {
                     spin::Waited::Item(job) => job,
                     spin::Waited::Idle => {
-                        self.tend_checkpoint();
-                        if self.checkpoint.is_none()
-                            && self.file_behind_wal
-                            && self.last_commit.elapsed() >= CHECKPOINT_WHEN_IDLE_FOR
-                        {
-                            self.checkpoint_when_idle();
-                        }
+                        after_work = false;
+                        self.look_while_idle();
                         continue;
                     }
                     // The engine closed and everything queued is done.
-                    spin::Waited::Closed => {
-                        self.join_checkpoint();
-                        return self.let_go();
-                    }
+                    spin::Waited::Closed => return self.join_checkpoint(),
                 },
             };
+            after_work = true;
             self.tend_checkpoint();
             if matches!(first.request, Request::CleanupOldWorkflows { .. }) {
                 self.cleanup(first, jobs);
@@ -172,15 +168,22 @@ impl Writer<'_> {
                 }
             }
             if self.shared.is_replaced() {
-                self.let_go();
+                self.conn = None; // see `LOOK_FOR_A_MOVED_FILE_EVERY`
             }
         }
     }
 
-    /// Closes the connection, if open (see `Shared::release`); the next write opens another.
-    fn let_go(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            self.shared.release(conn);
+    /// The checkpoints an idle writer looks after, and whether its file is still at the path.
+    fn look_while_idle(&mut self) {
+        if self.conn.is_some() && self.shared.check_same_file().is_err() {
+            self.conn = None; // see `LOOK_FOR_A_MOVED_FILE_EVERY`
+        }
+        self.tend_checkpoint();
+        if self.checkpoint.is_none()
+            && self.file_behind_wal
+            && self.last_commit.elapsed() >= CHECKPOINT_WHEN_IDLE_FOR
+        {
+            self.checkpoint_when_idle();
         }
     }
 
@@ -314,7 +317,7 @@ impl Writer<'_> {
         }
         if !usable {
             // Closing the connection ends its transaction; the next write opens a new one.
-            self.let_go();
+            self.conn = None;
         }
     }
 
@@ -499,6 +502,10 @@ impl Writer<'_> {
     /// Copies the WAL a cleanup left behind back into the database file, on a thread of its
     /// own: a PASSIVE checkpoint never blocks writers or readers, so saves go on meanwhile.
     fn start_checkpoint(&mut self) {
+        // It opens the path: whatever is there now, if our file has gone.
+        if self.shared.check_same_file().is_err() {
+            return;
+        }
         let options = self.shared.options.clone();
         let spawned = std::thread::Builder::new()
             .name("flujo-sqlite-checkpoint".into())
@@ -533,14 +540,20 @@ impl Writer<'_> {
 
     /// How long to wait for the next write before looking after checkpoints: the one a cleanup
     /// left running (to turn automatic ones back on, or start the next, once it is done), and
-    /// the copy of the WAL into the file once writes have paused. `None`: nothing to look after.
+    /// the copy of the WAL into the file once writes have paused; and, while the connection is
+    /// open, whether the file is still at the path. `None`: nothing to look after.
     fn next_look(&self) -> Option<Duration> {
-        if self.checkpoint.is_some() {
+        let checkpoints = if self.checkpoint.is_some() {
             Some(CHECKPOINT_THREAD_POLL)
         } else if self.file_behind_wal {
             Some(CHECKPOINT_WHEN_IDLE_FOR.saturating_sub(self.last_commit.elapsed()))
         } else {
             None
+        };
+        let file = self.conn.is_some().then_some(LOOK_FOR_A_MOVED_FILE_EVERY);
+        match (checkpoints, file) {
+            (Some(checkpoints), Some(file)) => Some(checkpoints.min(file)),
+            (checkpoints, file) => checkpoints.or(file),
         }
     }
 
@@ -550,10 +563,6 @@ impl Writer<'_> {
     /// using part of the WAL keeps part of it from being copied: tried again a second later.
     fn checkpoint_when_idle(&mut self) {
         let path = self.shared.options.path.clone();
-        // The WAL and its index at the path may be another file's by now: not ours to copy.
-        if self.shared.check_same_file().is_err() {
-            self.let_go();
-        }
         let Some(conn) = self.conn.as_ref() else {
             self.file_behind_wal = false;
             return;

@@ -2,9 +2,9 @@
 
 Usage: out_of_memory.py DB_PATH
 
-Saves and loads a 100 MB state under a limit that leaves this process ~40 MB more than it
-has, and prints one JSON line per case: ``{"case": ..., "raised": [MRO names] | null}``.
-Last, with the limit lifted, it loads a run saved before and prints ``{"after": "ok"}``. A
+Saves and loads 100 MB states (text, bytes, and 40 MB of text that JSON escapes to 240 MB)
+under a limit that leaves this process ~40 MB more than it has, and prints one JSON line per
+case: ``{"case": ..., "raised": [MRO names] | null}``. Last, with the limit lifted, it loads a run saved before and prints ``{"after": "ok"}``. A
 process the allocator aborted prints neither.
 """
 
@@ -43,12 +43,16 @@ async def main(path: str) -> None:
     await backend.save_state("small", state_for("small", 0))
     big = {**state_for("big", 0), "pipeline_context": {"blob": "x" * (100 * MB)}}
     await backend.save_state("stored-big", big)
+    blob = bytes(100 * MB)  # stored as base64, a third longer
+    escapes = "\x01" * (40 * MB)  # each character stored as six: \u0001
     await backend.load_state("small")  # a reader thread and its connection exist
     unlimited = resource.getrlimit(resource.RLIMIT_AS)
     resource.setrlimit(resource.RLIMIT_AS, (address_space_in_use() + 40 * MB, unlimited[1]))
     try:
         cases = {
             "save": backend.save_state("big", big),
+            "save bytes": backend.save_state("big", {**big, "pipeline_context": {"b": blob}}),
+            "save escapes": backend.save_state("big", {**big, "pipeline_context": {"e": escapes}}),
             "load": backend.load_state("stored-big"),
         }
         for case, call in cases.items():
