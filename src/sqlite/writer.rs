@@ -20,7 +20,8 @@ use rusqlite::Connection;
 use super::connection::{self, classify, retry_while_locked, Role};
 use super::schema::Layout;
 use super::{
-    queries, run_history, spin, system, traces, uses_layout, Job, Shared, LOOK_FOR_A_MOVED_FILE_EVERY,
+    queries, run_history, spin, system, traces, uses_layout, Job, Shared,
+    LOOK_FOR_A_MOVED_FILE_EVERY,
 };
 use crate::engine::{CallerGone, Completion, Request, Response};
 use crate::error::{Error, Result};
