@@ -375,6 +375,18 @@ const ESCAPES: [u8; 256] = {
     table
 };
 
+/// Room for `text` as `write_string` writes it, quotes and escapes included: for short text the
+/// most it can take (six bytes for each of its bytes), which costs nothing to know; for long
+/// text, where that would reserve too much, its exact length, counted.
+fn quoted_room(text: &str) -> usize {
+    const COUNTED_FROM: usize = 64 * 1024;
+    if text.len() < COUNTED_FROM {
+        6 * text.len() + 2
+    } else {
+        quoted_len(text)
+    }
+}
+
 /// The length of `text` as `write_string` writes it, quotes and escapes included.
 fn quoted_len(text: &str) -> usize {
     let escapes: usize = text
@@ -571,7 +583,7 @@ impl<'py> Encoder<'py> {
 
     /// Writes `text` as a JSON string, once there is room for all of it.
     fn write_text(&mut self, text: &str, value: &Bound<'py, PyAny>) -> Step {
-        self.make_room(quoted_len(text) + ROOM_FOR_TOKENS, value)?;
+        self.make_room(quoted_room(text) + ROOM_FOR_TOKENS, value)?;
         write_string(&mut self.out, text);
         Ok(())
     }
