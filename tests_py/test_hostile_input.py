@@ -832,19 +832,23 @@ async def test_hostile_input(hostile: SQLiteBackend, hostile_case: Case) -> None
     await hostile_case.run(hostile)
 
 
-def test_deep_nesting_fails_cleanly_in_a_child_process(tmp_path: Path) -> None:
-    """100,000 levels of lists and dicts, saved in each JSON field and stored by another
-    program. Run in a child so a stack overflow is reported instead of killing pytest."""
-    db_path = tmp_path / "deep.db"
+def reports_of_child(program: str, *args: str) -> list[dict[str, Any]]:
+    """Runs ``programs/<program>``, which must exit cleanly, and returns its JSON lines."""
     done = subprocess.run(
-        [sys.executable, str(PROGRAMS / "deep_nesting.py"), str(db_path), "100000"],
+        [sys.executable, str(PROGRAMS / program), *args],
         check=False,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, f"the child died (code {done.returncode}):\n{done.stderr[-3000:]}"
-    reports = [json.loads(line) for line in done.stdout.splitlines()]
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_deep_nesting_fails_cleanly_in_a_child_process(tmp_path: Path) -> None:
+    """100,000 levels of lists and dicts, saved in each JSON field and stored by another
+    program. Run in a child so a stack overflow is reported instead of killing pytest."""
+    reports = reports_of_child("deep_nesting.py", str(tmp_path / "deep.db"), "100000")
     outcomes = {r["case"]: r for r in reports if "case" in r}
     assert len(outcomes) == 7, reports
     for name, outcome in outcomes.items():
@@ -865,15 +869,7 @@ def test_a_state_bigger_than_the_memory_left_raises_and_the_process_goes_on(
 ) -> None:
     """Under a limit on the address space, saving or loading a 100 MB state used to abort the
     whole process (Rust's allocator does, where Python raises ``MemoryError``)."""
-    done = subprocess.run(
-        [sys.executable, str(PROGRAMS / "out_of_memory.py"), str(tmp_path / "big.db")],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, f"the child died (code {done.returncode}):\n{done.stderr[-3000:]}"
-    reports = [json.loads(line) for line in done.stdout.splitlines()]
+    reports = reports_of_child("out_of_memory.py", str(tmp_path / "big.db"))
     outcomes = {r["case"]: r["raised"] for r in reports if "case" in r}
     for case in ("save", "save bytes", "save escapes"):
         assert outcomes[case] is not None and "MemoryError" in outcomes[case], outcomes
