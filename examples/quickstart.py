@@ -53,7 +53,7 @@ def make_state(
     now = datetime.now(UTC).replace(microsecond=0)
     created = now - age
     steps = STEPS[pipeline_id]
-    history = [
+    history: list[dict[str, Any]] = [
         {"step": name, "status": "completed", "duration_ms": 400 + 150 * index}
         for index, name in enumerate(steps[:steps_done])
     ]
