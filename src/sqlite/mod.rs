@@ -151,17 +151,13 @@ impl Shared {
             return Err(self.replaced());
         }
         match connection::identity(&self.options.path) {
-            Ok(found) if found == *expected => Ok(()),
-            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-                // Unknown (a folder made unreadable, an I/O error): this write is refused, as
-                // it may go nowhere, but the file may well be ours still.
-                Err(self.replaced())
-            }
-            _ => {
-                self.replaced.store(true, Ordering::Release);
-                Err(self.replaced())
-            }
+            Ok(found) if found == *expected => return Ok(()),
+            // Unknown (a folder made unreadable, an I/O error): this write is refused, as it
+            // may go nowhere, but the file may well be ours still.
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {}
+            _ => self.replaced.store(true, Ordering::Release),
         }
+        Err(self.replaced())
     }
 
     /// Whether the path was found to name another file than ours (or none): every connection

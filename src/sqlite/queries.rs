@@ -444,13 +444,7 @@ pub(crate) fn cell(row: &Row, index: usize) -> rusqlite::Result<Cell> {
         ValueRef::Integer(i) => Cell::Integer(i),
         ValueRef::Real(f) => Cell::Real(f),
         ValueRef::Text(t) => Cell::Text(owned_text(t)?),
-        ValueRef::Blob(b) => {
-            let mut copy = Vec::new();
-            copy.try_reserve_exact(b.len())
-                .map_err(|_| out_of_memory(b.len()))?;
-            copy.extend_from_slice(b);
-            Cell::Blob(copy)
-        }
+        ValueRef::Blob(b) => Cell::Blob(owned_bytes(b)?),
     })
 }
 
@@ -458,26 +452,26 @@ pub(crate) fn cell(row: &Row, index: usize) -> rusqlite::Result<Cell> {
 /// become U+FFFD. The strict check goes first because it validates ASCII a word at a time, several
 /// times faster than the lossy decoder's byte loop on the ~4 KB of JSON a load returns.
 fn owned_text(bytes: &[u8]) -> rusqlite::Result<String> {
-    let mut text = String::new();
-    text.try_reserve_exact(bytes.len())
-        .map_err(|_| out_of_memory(bytes.len()))?;
-    match std::str::from_utf8(bytes) {
-        Ok(valid) => text.push_str(valid),
-        Err(_) => text.push_str(&String::from_utf8_lossy(bytes)),
-    }
-    Ok(text)
+    Ok(String::from_utf8(owned_bytes(bytes)?)
+        .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned()))
 }
 
-/// A stored value bigger than the memory the process may still take (under a limit on its
-/// address space, say): an error for its caller, where Rust's allocator would abort the process.
-fn out_of_memory(bytes: usize) -> rusqlite::Error {
-    rusqlite::Error::SqliteFailure(
-        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_NOMEM),
-        Some(format!(
-            "out of memory: no room left in this process for a stored value of {} MB",
-            bytes >> 20
-        )),
-    )
+/// A copy of a stored value. One bigger than the memory the process may still take (under a
+/// limit on its address space, say) is an error for its caller, where Rust's allocator would
+/// abort the process.
+fn owned_bytes(bytes: &[u8]) -> rusqlite::Result<Vec<u8>> {
+    let mut copy = Vec::new();
+    copy.try_reserve_exact(bytes.len()).map_err(|_| {
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_NOMEM),
+            Some(format!(
+                "out of memory: no room left in this process for a stored value of {} MB",
+                bytes.len() >> 20
+            )),
+        )
+    })?;
+    copy.extend_from_slice(bytes);
+    Ok(copy)
 }
 
 /// A JSON column: its text, or `None` for SQL NULL. Non-text values (written by hand through

@@ -713,20 +713,30 @@ fn add_missing_state_columns(
 mod tests {
     use super::*;
 
+    /// A file with Flujo 0.4.35's `workflow_state` table holding `runs` states, as Flujo's
+    /// backend leaves it: none of our indexes yet.
+    fn flujo_filled(options: &SqliteOptions, runs: u32) -> Connection {
+        let conn = Connection::open(&options.path).unwrap();
+        conn.execute_batch(FLUJO_04_TABLES[0].1).unwrap();
+        conn.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1) \
+             INSERT INTO workflow_state (run_id, pipeline_id, pipeline_name, pipeline_version, \
+             current_step_index, pipeline_context, status, created_at, updated_at) \
+             SELECT 'r' || i, 'p' || (i % 7), 'p', '1', 0, '{}', 'running', \
+             '2026-01-01 00:00:00', '2026-01-01 00:00:00' FROM n",
+            [runs],
+        )
+        .unwrap();
+        conn
+    }
+
     /// The build lowers the cache for itself; the connection must come out of it as it went in,
     /// or whoever keeps using it would run on a 256 KB cache.
     #[test]
     fn building_our_indexes_leaves_the_cache_size_as_it_was() {
         let dir = tempfile::tempdir().unwrap();
         let options = SqliteOptions::new(dir.path().join("build.db"));
-        let mut conn = Connection::open(&options.path).unwrap();
-        conn.execute_batch(FLUJO_04_TABLES[0].1).unwrap();
-        conn.execute_batch(
-            "INSERT INTO workflow_state (run_id, pipeline_id, pipeline_name, pipeline_version, \
-             current_step_index, pipeline_context, status, created_at, updated_at) \
-             VALUES ('r1', 'p', 'p', '1', 0, '{}', 'running', '2026-01-01', '2026-01-01')",
-        )
-        .unwrap();
+        let mut conn = flujo_filled(&options, 1);
         conn.pragma_update(None, "cache_size", -3000).unwrap();
         prepare(&mut conn, &options).unwrap();
         for (name, _) in OUR_INDEXES {
@@ -763,16 +773,7 @@ mod tests {
     fn a_full_disk_leaves_our_indexes_to_a_later_open() {
         let dir = tempfile::tempdir().unwrap();
         let options = SqliteOptions::new(dir.path().join("full.db"));
-        let mut conn = Connection::open(&options.path).unwrap();
-        conn.execute_batch(FLUJO_04_TABLES[0].1).unwrap();
-        conn.execute_batch(
-            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000) \
-             INSERT INTO workflow_state (run_id, pipeline_id, pipeline_name, pipeline_version, \
-             current_step_index, pipeline_context, status, created_at, updated_at) \
-             SELECT 'r' || i, 'p' || (i % 7), 'p', '1', 0, '{}', 'running', \
-             '2026-01-01 00:00:00', '2026-01-01 00:00:00' FROM n",
-        )
-        .unwrap();
+        let mut conn = flujo_filled(&options, 5000);
         prepare(&mut conn, &options).unwrap();
         for (name, _) in OUR_INDEXES {
             conn.execute_batch(&format!("DROP INDEX {name}")).unwrap();

@@ -552,10 +552,7 @@ impl Writer<'_> {
             None
         };
         let file = self.conn.is_some().then_some(LOOK_FOR_A_MOVED_FILE_EVERY);
-        match (checkpoints, file) {
-            (Some(checkpoints), Some(file)) => Some(checkpoints.min(file)),
-            (checkpoints, file) => checkpoints.or(file),
-        }
+        checkpoints.into_iter().chain(file).min()
     }
 
     /// Copies the WAL back into the database file once writes pause. A program that moves the
