@@ -1,9 +1,11 @@
 //! The interface between the binding layer and a storage engine.
 //!
-//! The binding turns each Python call into a [`Request`], hands it to [`StateEngine::submit`]
-//! together with a [`Completion`], and returns to the event loop at once. The engine does the
-//! work on its own threads and calls the completion exactly once, from one of them. Nothing in
-//! this contract mentions SQLite, so a PostgreSQL engine can implement it unchanged.
+//! The binding starts an engine with [`start`], turns each Python call into a [`Request`],
+//! hands it to [`StateEngine::submit`] together with a [`Completion`], and returns to the event
+//! loop at once. The engine does the work on its own threads and calls the completion exactly
+//! once, from one of them. Nothing in this contract mentions SQLite: a second engine (a
+//! PostgreSQL server) is a module of its own that implements [`StateEngine`], plus one arm in
+//! [`start`]; the binding does not change.
 
 use crate::error::Result;
 use crate::model::{
@@ -12,10 +14,62 @@ use crate::model::{
     StoredEvaluation, StoredSpan, StoredState, SystemStateEntry, WorkflowQuery, WorkflowStats,
     WorkflowSummary,
 };
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::timestamp::Age;
+
+/// What a commit promises once the caller's `await` returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// The write survives a power loss or an OS crash (SQLite: the WAL is fsynced at every
+    /// commit, as Flujo 0.4.35 commits).
+    #[default]
+    Full,
+    /// The write survives a crash of the process, but the last commits before a power loss or
+    /// OS crash may roll back (the store stays consistent).
+    Normal,
+}
+
+/// Which Flujo release's tables a brand-new store gets; an existing store keeps its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FreshLayout {
+    /// Flujo 0.4.35 (Python 3.11/3.12 users): opened by both releases.
+    Flujo04,
+    /// Flujo 0.6.11 (Python 3.13+).
+    #[default]
+    Flujo06,
+}
+
+/// What the backend's constructor asks of an engine, whichever engine serves the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineSettings {
+    pub durability: Durability,
+    /// How long a call may wait, in total, for another client's lock before failing with
+    /// `Error::Locked`.
+    pub lock_wait: Duration,
+    /// Connections serving reads in parallel with the writer.
+    pub readers: usize,
+    pub fresh_layout: FreshLayout,
+}
+
+/// Starts the engine that serves the store at `store`, which serves nothing until
+/// `predecessor` (an engine on the same store being closed) has finished its queued work. The
+/// one place that knows which engines exist: today every store is a SQLite file; a server
+/// engine would be picked here by the store's name.
+pub fn start(
+    store: &Path,
+    settings: EngineSettings,
+    predecessor: Option<Arc<dyn StateEngine>>,
+) -> Result<Arc<dyn StateEngine>> {
+    let engine = crate::sqlite::SqliteEngine::start_after(
+        crate::sqlite::SqliteOptions::from_settings(store, settings),
+        predecessor,
+    )?;
+    Ok(Arc::new(engine))
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
@@ -210,4 +264,11 @@ pub trait StateEngine: Send + Sync {
     /// request). Until then it holds no connection state that a `fork()` could carry into a
     /// child process, so the child may start a fresh engine on the same storage.
     fn has_connected(&self) -> bool;
+
+    /// How long a lone write takes when it is quick enough for its caller to wait for it on
+    /// the event loop's thread rather than put the loop to sleep and be woken (~50-100 us
+    /// either way); `None` when writes take longer than that (an fsync, a network round trip).
+    fn quick_write_wait(&self) -> Option<Duration> {
+        None
+    }
 }

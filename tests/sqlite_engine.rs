@@ -4,10 +4,11 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use flujo_sqlite::engine::{self, Durability, EngineSettings, FreshLayout};
 use flujo_sqlite::engine::{CallerGone, Completion, Request, Response, StateEngine};
 use flujo_sqlite::error::Error;
 use flujo_sqlite::model::{BackgroundFields, Cell, SpanRecord, StateRecord, WorkflowQuery};
-use flujo_sqlite::sqlite::{Durability, FreshLayout, SqliteEngine, SqliteOptions};
+use flujo_sqlite::sqlite::{SqliteEngine, SqliteOptions};
 use flujo_sqlite::timestamp::Age;
 use rusqlite::Connection;
 
@@ -214,6 +215,46 @@ fn a_fresh_file_gets_the_requested_flujo_layout_in_wal_mode() {
         .unwrap_err()
         .to_string()
         .contains("CHECK constraint failed"));
+}
+
+/// What the binding starts: the engine for the store, set up as the backend's constructor asked.
+#[test]
+fn the_engine_started_for_the_backend_follows_its_settings() {
+    for durability in [Durability::Full, Durability::Normal] {
+        let db = temp_db();
+        let settings = EngineSettings {
+            durability,
+            lock_wait: Duration::from_secs(5),
+            readers: 1,
+            fresh_layout: FreshLayout::Flujo04,
+        };
+        let started = engine::start(&db.path, settings, None).unwrap();
+        // Only commits that skip the fsync are quick enough to wait for on the loop's thread.
+        assert_eq!(
+            started.quick_write_wait().is_some(),
+            durability == Durability::Normal
+        );
+        let answer = |request| {
+            let (tx, rx) = mpsc::channel();
+            started.submit(
+                request,
+                Completion::new(move |outcome| tx.send(outcome).unwrap()),
+            );
+            rx.recv_timeout(Duration::from_secs(60)).unwrap().unwrap()
+        };
+        let now = utc_text(chrono::Duration::zero());
+        answer(Request::SaveState {
+            run_id: "r1".into(),
+            record: Box::new(record("p", "running", &now)),
+            expected_updated_at: None,
+        });
+        let loaded = answer(Request::LoadState {
+            run_id: "r1".into(),
+        });
+        assert!(matches!(loaded, Response::State(Some(_))), "{loaded:?}");
+        started.close();
+        assert_eq!(tables_and_version(&db.path).1, 0, "Flujo 0.4.35's layout");
+    }
 }
 
 #[test]

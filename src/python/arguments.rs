@@ -7,8 +7,8 @@ use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple, PyT
 
 use super::errors::{invalid_state, invalid_type, missing_key};
 use super::from_python::encode_json;
+use crate::engine::FreshLayout;
 use crate::model::{BackgroundFields, StateRecord, WorkflowQuery, WORKFLOW_STATUSES};
-use crate::sqlite::FreshLayout;
 use crate::timestamp::Age;
 
 pub(crate) fn type_name(value: &Bound<'_, PyAny>) -> String {

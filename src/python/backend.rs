@@ -1,5 +1,6 @@
 //! `NativeBackend`: the Python class that queues requests on a storage engine and hands back
-//! asyncio futures. It sees only the `StateEngine` trait, never SQLite itself.
+//! asyncio futures. It sees only `engine::start` and the `StateEngine` trait, never SQLite
+//! itself.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -15,25 +16,22 @@ use super::from_python::encode_json;
 use super::log_with_gil;
 use super::results::response_to_python;
 use super::run_arguments;
-use crate::engine::{Completion, Request, Response, StateEngine};
+use crate::engine::{self, Completion, Durability, EngineSettings, Request, Response, StateEngine};
 use crate::error::Error;
 use crate::model::{BackgroundTaskQuery, RunQuery};
-use crate::sqlite::{Durability, SqliteEngine, SqliteOptions};
 use crate::timestamp::{same_instant, Age};
 
 /// How long a caller waits on the loop thread for a lone point read (~10-30 us on a reader)
 /// before letting the loop sleep; parking the loop and waking it through the socket costs
 /// about as much again.
 const LONE_READ_WAIT: Duration = Duration::from_micros(50);
-/// The same for a write when commits skip the fsync (`durability="normal"`: ~40-80 us).
-const LONE_QUICK_WRITE_WAIT: Duration = Duration::from_micros(150);
 
 // `weakref`: the Python layer keeps a weak set of the engines not closed yet.
 #[pyclass(frozen, weakref, module = "flujo_sqlite._native")]
 pub(crate) struct NativeBackend {
     engine: Arc<dyn StateEngine>,
-    /// How long a lone write is waited for on the loop thread; `None` when commits wait for
-    /// an fsync, which takes far longer than a loop wake-up.
+    /// How long a lone write is waited for on the loop thread: the engine's
+    /// `quick_write_wait`.
     lone_write_wait: Option<Duration>,
     /// The process that started the engine. A child made by `fork()` inherits this object but
     /// not the engine's threads: a call there would wait forever, and closing would join
@@ -165,23 +163,21 @@ impl NativeBackend {
                 format!("lock_timeout must be a number of seconds >= 0 and < 1.8e19, got {lock_timeout}"),
             )
         })?;
-        let fresh_layout = arguments::fresh_layout(py, fresh_layout)?;
+        let settings = EngineSettings {
+            durability,
+            lock_wait,
+            readers,
+            fresh_layout: arguments::fresh_layout(py, fresh_layout)?,
+        };
         super::refresh_log_levels();
-        let mut options = SqliteOptions::new(path);
-        options.durability = durability;
-        options.lock_wait = lock_wait;
-        options.busy_timeout = options.busy_timeout.min(options.lock_wait);
-        options.readers = readers;
-        options.fresh_layout = fresh_layout;
         // The parent's engine, seen from a child made by fork(), has nothing to wait for here.
         let predecessor = after
             .filter(|previous| !previous.forked())
             .map(|previous| Arc::clone(&previous.engine));
-        let engine =
-            SqliteEngine::start_after(options, predecessor).map_err(|e| to_py_err(py, &e))?;
+        let engine = engine::start(&path, settings, predecessor).map_err(|e| to_py_err(py, &e))?;
         Ok(NativeBackend {
-            engine: Arc::new(engine),
-            lone_write_wait: (durability == Durability::Normal).then_some(LONE_QUICK_WRITE_WAIT),
+            lone_write_wait: engine.quick_write_wait(),
+            engine,
             owner_pid: std::process::id(),
         })
     }

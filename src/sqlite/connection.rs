@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{ffi, Connection, ErrorCode, OpenFlags};
 
-use super::options::{Durability, SqliteOptions};
+use super::options::SqliteOptions;
+use crate::engine::Durability;
 use crate::error::Error;
 
 /// Which work a connection is for; readers are opened `query_only` so a bug can never write

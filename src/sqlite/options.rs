@@ -1,21 +1,9 @@
-//! How a SQLite engine is set up. Defined once; the binding fills it from the constructor.
+//! How a SQLite engine is set up: the backend's `EngineSettings`, and what only SQLite needs.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use super::schema::FreshLayout;
-
-/// What a commit promises once the caller's `await` returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Durability {
-    /// `synchronous=FULL`: the WAL is fsynced at every commit. Survives power loss; the same
-    /// setting Flujo 0.4.35 commits with.
-    #[default]
-    Full,
-    /// `synchronous=NORMAL`: survives a crash of the process, but the last commits before a power
-    /// loss or OS crash may roll back (the database stays consistent).
-    Normal,
-}
+use crate::engine::{Durability, EngineSettings, FreshLayout};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SqliteOptions {
@@ -47,5 +35,16 @@ impl SqliteOptions {
             readers: 2,
             fresh_layout: FreshLayout::default(),
         }
+    }
+
+    /// The options for what the backend's constructor asked.
+    pub fn from_settings(path: impl Into<PathBuf>, settings: EngineSettings) -> Self {
+        let mut options = SqliteOptions::new(path);
+        options.durability = settings.durability;
+        options.lock_wait = settings.lock_wait;
+        options.busy_timeout = options.busy_timeout.min(settings.lock_wait);
+        options.readers = settings.readers;
+        options.fresh_layout = settings.fresh_layout;
+        options
     }
 }

@@ -21,8 +21,9 @@ use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, OpenFlags, Statement, ToSql};
 
 use super::open_files;
-use super::options::{FreshLayout, SqliteOptions};
+use super::options::SqliteOptions;
 use super::schema;
+use crate::engine::FreshLayout;
 use crate::error::{Error, Result};
 
 /// Files SQLite keeps beside a database. A `-journal` is included because a hot rollback journal

@@ -574,7 +574,8 @@ pub(crate) fn delete_run(conn: &Connection, run_id: &str) -> rusqlite::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sqlite::options::{FreshLayout, SqliteOptions};
+    use crate::engine::FreshLayout;
+    use crate::sqlite::options::SqliteOptions;
     use crate::sqlite::schema;
 
     fn plan(conn: &Connection, sql: &str, values: &[Value]) -> Vec<String> {

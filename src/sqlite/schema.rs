@@ -16,21 +16,12 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
 use super::connection::classify;
 use super::options::SqliteOptions;
+use crate::engine::FreshLayout;
 use crate::error::Error;
 
 /// The highest `user_version` a Flujo release writes (0.6.11's); a larger one is a layout we do
 /// not know.
 pub(crate) const NEWEST_KNOWN_USER_VERSION: i64 = 1;
-
-/// Which Flujo release's tables a brand-new file gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum FreshLayout {
-    /// Flujo 0.4.35 (Python 3.11/3.12 users): opened by both releases.
-    Flujo04,
-    /// Flujo 0.6.11 (Python 3.13+): `user_version = 1`, rebuilt runs/steps/spans.
-    #[default]
-    Flujo06,
-}
 
 /// What the engine needs to know about a file's tables to build its statements.
 #[derive(Debug, Clone, PartialEq, Eq)]
