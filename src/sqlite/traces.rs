@@ -3,7 +3,8 @@
 
 use std::collections::HashMap;
 
-use rusqlite::{params, Connection};
+use rusqlite::types::Value;
+use rusqlite::{params, params_from_iter, Connection};
 
 use super::queries::{cell, json_text, sql_text};
 use super::run_history::ensure_run;
@@ -120,16 +121,10 @@ pub(crate) fn span_statistics(
     pipeline_name: Option<&str>,
     time_range: Option<(f64, f64)>,
 ) -> rusqlite::Result<SpanStatistics> {
-    let (from, to) = time_range.map_or((None, None), |(a, b)| (Some(a), Some(b)));
-    let mut stmt = conn.prepare_cached(
-        "SELECT s.name, s.status, count(*), sum(s.end_time - s.start_time) \
-         FROM spans s JOIN runs r ON r.run_id = s.run_id \
-         WHERE s.end_time IS NOT NULL AND (?1 IS NULL OR r.pipeline_name = ?1) \
-         AND (?2 IS NULL OR s.start_time >= ?2) AND (?3 IS NULL OR s.start_time <= ?3) \
-         GROUP BY s.name, s.status",
-    )?;
+    let (sql, values) = span_statistics_statement(pipeline_name, time_range);
+    let mut stmt = conn.prepare_cached(&sql)?;
     let mut stats = SpanStatistics::default();
-    let mut rows = stmt.query(params![pipeline_name, from, to])?;
+    let mut rows = stmt.query(params_from_iter(values))?;
     while let Some(row) = rows.next()? {
         let name = sql_text(row.get_ref(0)?).unwrap_or_default();
         let status = sql_text(row.get_ref(1)?).unwrap_or_default();
@@ -143,4 +138,87 @@ pub(crate) fn span_statistics(
         totals.count += count;
     }
     Ok(stats)
+}
+
+/// The statement of `span_statistics` and its parameters. Only the filters asked for are in
+/// it: `(?1 IS NULL OR r.pipeline_name = ?1)` would read every span of the file whatever the
+/// filter, where `r.pipeline_name = ?1` finds the pipeline's runs, then their spans, through
+/// indexes (190 ms against 2 ms at 100,000 runs), and a start-time range uses Flujo 0.4.35's
+/// index of start times where the file has it.
+fn span_statistics_statement(
+    pipeline_name: Option<&str>,
+    time_range: Option<(f64, f64)>,
+) -> (String, Vec<Value>) {
+    let mut sql = String::from(
+        "SELECT s.name, s.status, count(*), sum(s.end_time - s.start_time) \
+         FROM spans s JOIN runs r ON r.run_id = s.run_id WHERE s.end_time IS NOT NULL",
+    );
+    let mut values = Vec::new();
+    if let Some(name) = pipeline_name {
+        values.push(Value::Text(name.to_owned()));
+        sql.push_str(" AND r.pipeline_name = ?1");
+    }
+    if let Some((from, to)) = time_range {
+        values.extend([Value::Real(from), Value::Real(to)]);
+        let n = values.len();
+        sql.push_str(&format!(
+            " AND s.start_time >= ?{} AND s.start_time <= ?{n}",
+            n - 1
+        ));
+    }
+    sql.push_str(" GROUP BY s.name, s.status");
+    (sql, values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::FreshLayout;
+    use crate::sqlite::options::SqliteOptions;
+    use crate::sqlite::schema;
+
+    fn plan(conn: &Connection, sql: &str, values: &[Value]) -> Vec<String> {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let rows = stmt
+            .query_map(params_from_iter(values), |row| row.get::<_, String>(3))
+            .unwrap();
+        rows.map(Result::unwrap).collect()
+    }
+
+    /// A filter of `get_span_statistics` must narrow what is read, not only what is counted:
+    /// a plan that reads every span gives the same answer, only ~100x slower at 100,000 runs.
+    #[test]
+    fn span_statistics_read_only_the_spans_their_filters_select() {
+        let dir = tempfile::tempdir().unwrap();
+        for fresh_layout in [FreshLayout::Flujo04, FreshLayout::Flujo06] {
+            let mut options = SqliteOptions::new(dir.path().join(format!("{fresh_layout:?}.db")));
+            options.fresh_layout = fresh_layout;
+            let mut conn = Connection::open(&options.path).unwrap();
+            schema::prepare(&mut conn, &options).unwrap();
+            let by_pipeline = span_statistics_statement(Some("P"), None);
+            let steps = plan(&conn, &by_pipeline.0, &by_pipeline.1);
+            assert!(
+                steps.iter().any(|s| s.contains("idx_runs_pipeline_name")),
+                "{fresh_layout:?}: {steps:?}"
+            );
+            assert!(
+                !steps.iter().any(|s| s.starts_with("SCAN s")),
+                "{fresh_layout:?} reads every span: {steps:?}"
+            );
+            // Flujo 0.4.35 indexes spans by start time; 0.6.11 does not.
+            if fresh_layout == FreshLayout::Flujo04 {
+                let in_range = span_statistics_statement(None, Some((1.0, 2.0)));
+                let steps = plan(&conn, &in_range.0, &in_range.1);
+                assert!(
+                    steps.iter().any(|s| s.contains("idx_spans_start_time")),
+                    "{fresh_layout:?}: {steps:?}"
+                );
+            }
+            // Both filters, and none: each statement is valid on the file's tables.
+            for (name, range) in [(None, None), (Some("P"), Some((1.0, 2.0)))] {
+                let (sql, values) = span_statistics_statement(name, range);
+                assert!(!plan(&conn, &sql, &values).is_empty());
+            }
+        }
+    }
 }
