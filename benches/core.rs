@@ -33,8 +33,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput};
-use flujo_sqlite::engine::Durability;
-use flujo_sqlite::engine::{Completion, Request, Response, StateEngine};
+use flujo_sqlite::engine::{Completion, Durability, Request, Response, StateEngine};
 use flujo_sqlite::model::{BackgroundFields, StateRecord, WorkflowQuery};
 use flujo_sqlite::sqlite::{SqliteEngine, SqliteOptions};
 use rusqlite::types::Value;

@@ -5,7 +5,7 @@
 //! loop at once. The engine does the work on its own threads and calls the completion exactly
 //! once, from one of them. Nothing in this contract mentions SQLite: a second engine (a
 //! PostgreSQL server) is a module of its own that implements [`StateEngine`], plus one arm in
-//! [`start`]; the binding does not change.
+//! [`start`]; the binding's methods, conversions and asyncio bridge do not change.
 
 use crate::error::Result;
 use crate::model::{
@@ -265,9 +265,16 @@ pub trait StateEngine: Send + Sync {
     /// child process, so the child may start a fresh engine on the same storage.
     fn has_connected(&self) -> bool;
 
-    /// How long a lone write takes when it is quick enough for its caller to wait for it on
-    /// the event loop's thread rather than put the loop to sleep and be woken (~50-100 us
-    /// either way); `None` when writes take longer than that (an fsync, a network round trip).
+    /// How long a caller may wait on the event loop's thread for a lone read to be answered,
+    /// instead of putting the loop to sleep and having it woken (which costs ~50-100 us): `Some`
+    /// only when reads are usually answered within that time; `None` when they take longer
+    /// (a network round trip), as waiting would only keep the loop busy.
+    fn quick_read_wait(&self) -> Option<Duration> {
+        None
+    }
+
+    /// The same for a lone write; `None` when writes take longer than a loop wake-up (an fsync,
+    /// a network round trip).
     fn quick_write_wait(&self) -> Option<Duration> {
         None
     }

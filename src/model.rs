@@ -231,8 +231,9 @@ pub struct RunSummary {
     pub metadata: Option<String>,
 }
 
-/// One condition of `list_runs`' metadata filter on the JSON value at `path` (a SQLite JSON path
-/// such as `$."env"."region"` or `$."xs"[0]`) of a run's `workflow_state.metadata`. Together
+/// One condition of `list_runs`' metadata filter on the JSON value at `path` (a JSON path in the
+/// SQL/JSON syntax that SQLite and PostgreSQL both read, such as `$."env"."region"` or
+/// `$."xs"[0]`) of a run's `workflow_state.metadata`. Together
 /// they give Flujo's "contains": each dict of the filter is a subset of the object stored there,
 /// and every other value equals the stored one as Python's `==` has it (`1`, `1.0` and `True`
 /// are equal, and a dict inside a list must match whole).

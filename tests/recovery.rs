@@ -4,8 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use flujo_sqlite::engine::FreshLayout;
-use flujo_sqlite::engine::{Completion, Request, Response, StateEngine};
+use flujo_sqlite::engine::{Completion, FreshLayout, Request, Response, StateEngine};
 use flujo_sqlite::error::Error;
 use flujo_sqlite::model::{BackgroundFields, Cell, StateRecord};
 use flujo_sqlite::sqlite::{recover, SqliteEngine, SqliteOptions};

@@ -4,8 +4,10 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use flujo_sqlite::engine::{self, Durability, EngineSettings, FreshLayout};
-use flujo_sqlite::engine::{CallerGone, Completion, Request, Response, StateEngine};
+use flujo_sqlite::engine::{
+    self, CallerGone, Completion, Durability, EngineSettings, FreshLayout, Request, Response,
+    StateEngine,
+};
 use flujo_sqlite::error::Error;
 use flujo_sqlite::model::{BackgroundFields, Cell, SpanRecord, StateRecord, WorkflowQuery};
 use flujo_sqlite::sqlite::{SqliteEngine, SqliteOptions};
@@ -229,11 +231,13 @@ fn the_engine_started_for_the_backend_follows_its_settings() {
             fresh_layout: FreshLayout::Flujo04,
         };
         let started = engine::start(&db.path, settings, None).unwrap();
-        // Only commits that skip the fsync are quick enough to wait for on the loop's thread.
+        // Only commits that skip the fsync are quick enough to wait for on the loop's thread;
+        // point reads always are.
         assert_eq!(
             started.quick_write_wait().is_some(),
             durability == Durability::Normal
         );
+        assert!(started.quick_read_wait().is_some());
         let answer = |request| {
             let (tx, rx) = mpsc::channel();
             started.submit(

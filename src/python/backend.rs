@@ -21,17 +21,13 @@ use crate::error::Error;
 use crate::model::{BackgroundTaskQuery, RunQuery};
 use crate::timestamp::{same_instant, Age};
 
-/// How long a caller waits on the loop thread for a lone point read (~10-30 us on a reader)
-/// before letting the loop sleep; parking the loop and waking it through the socket costs
-/// about as much again.
-const LONE_READ_WAIT: Duration = Duration::from_micros(50);
-
 // `weakref`: the Python layer keeps a weak set of the engines not closed yet.
 #[pyclass(frozen, weakref, module = "flujo_sqlite._native")]
 pub(crate) struct NativeBackend {
     engine: Arc<dyn StateEngine>,
-    /// How long a lone write is waited for on the loop thread: the engine's
-    /// `quick_write_wait`.
+    /// How long a lone read, or write, is waited for on the loop thread before the loop may
+    /// sleep: the engine's `quick_read_wait` and `quick_write_wait`.
+    lone_read_wait: Option<Duration>,
     lone_write_wait: Option<Duration>,
     /// The process that started the engine. A child made by `fork()` inherits this object but
     /// not the engine's threads: a call there would wait forever, and closing would join
@@ -120,7 +116,7 @@ impl NativeBackend {
         let wait = if request.is_write() {
             self.lone_write_wait
         } else {
-            Some(LONE_READ_WAIT)
+            self.lone_read_wait
         };
         let (future, done) = port.get().track(py)?;
         self.engine.submit(request, done);
@@ -176,6 +172,7 @@ impl NativeBackend {
             .map(|previous| Arc::clone(&previous.engine));
         let engine = engine::start(&path, settings, predecessor).map_err(|e| to_py_err(py, &e))?;
         Ok(NativeBackend {
+            lone_read_wait: engine.quick_read_wait(),
             lone_write_wait: engine.quick_write_wait(),
             engine,
             owner_pid: std::process::id(),

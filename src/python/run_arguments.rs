@@ -379,7 +379,7 @@ pub(crate) fn metadata_conditions(
     Ok(conditions)
 }
 
-/// A key as a quoted label of a SQLite JSON path, with JSON string escapes: a control character
+/// A key as a quoted label of a JSON path (SQL/JSON syntax), with JSON string escapes: a control character
 /// (a NUL above all) is not allowed in the path as it is.
 fn path_label(key: &str) -> String {
     let mut label = String::with_capacity(key.len() + 2);

@@ -49,6 +49,16 @@ pub(crate) struct Job {
 /// `-wal` deletion it makes at a last close when the file has moved.
 pub(super) const LOOK_FOR_A_MOVED_FILE_EVERY: Duration = Duration::from_millis(250);
 
+/// How long a caller waits on the event loop's thread for a lone point read: a reader answers
+/// one in ~10-30 us, and parking the loop and waking it through its socket costs about as
+/// much again.
+const QUICK_READ_WAIT: Duration = Duration::from_micros(50);
+
+/// The same for a lone write when commits skip the fsync (`Durability::Normal`): those take
+/// ~40-80 us, and one that finds a checkpoint due or another write queued takes longer, when
+/// the caller had better let the loop sleep. One that waits for an fsync always takes longer.
+const QUICK_WRITE_WAIT: Duration = Duration::from_micros(150);
+
 /// What every engine thread shares: the options and the file's layout, prepared once.
 pub(crate) struct Shared {
     options: SqliteOptions,
@@ -301,9 +311,12 @@ impl StateEngine for SqliteEngine {
         self.shared.connected.load(Ordering::Acquire)
     }
 
-    /// A commit that skips the fsync takes ~40-80 us; one that waits for it, far longer.
+    fn quick_read_wait(&self) -> Option<Duration> {
+        Some(QUICK_READ_WAIT)
+    }
+
     fn quick_write_wait(&self) -> Option<Duration> {
-        (self.shared.options.durability == Durability::Normal).then_some(Duration::from_micros(150))
+        (self.shared.options.durability == Durability::Normal).then_some(QUICK_WRITE_WAIT)
     }
 }
 
