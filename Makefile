@@ -13,7 +13,7 @@ VENV_PYTHON := $(VENV)/bin/python
 PIP := $(VENV_PYTHON) -m pip --quiet --disable-pip-version-check --no-input
 WHEEL_DIR := target/wheels
 
-TEST_DEPS := pytest pytest-asyncio pytest-timeout hypothesis pydantic
+TEST_DEPS := pytest pytest-asyncio pytest-timeout hypothesis pydantic uvloop
 # Flujo's own backend, for the compatibility tests and the benchmark ratios. typer is pinned
 # because newer releases removed an option Flujo's `flujo` command uses at start-up.
 FLUJO_DEPS := flujo==0.4.35 sqlvalidator typer==0.24.1

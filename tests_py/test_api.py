@@ -1196,6 +1196,43 @@ def test_same_backend_from_two_threads_each_running_asyncio_run(db_path: Path) -
 
 
 @pytest.mark.parametrize("durability", ["full", "normal"])
+def test_uvloop_runs_the_calls_as_asyncio_does(db_path: Path, durability: str) -> None:
+    """uvloop (uvicorn's loop whenever it is installed) wakes for the completion port, resolves
+    batches of futures, runs lone calls through the short wait on its thread and cancels calls
+    as asyncio's own loop does; one backend serves two uvloop loops in turn, then asyncio's."""
+    uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed (make test installs it)")
+    backend = SQLiteBackend(db_path, durability=durability)
+
+    async def session(tag: str) -> int:
+        assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        run_ids = [f"{tag}-{i}" for i in range(64)]
+        await asyncio.gather(*(backend.save_state(r, build_state(pipeline_id=tag)) for r in run_ids))
+        loaded = await asyncio.gather(*(backend.load_state(r) for r in run_ids))
+        assert [state and state["pipeline_id"] for state in loaded] == [tag] * 64
+        for run_id in run_ids[:20]:  # one at a time: each a lone call
+            state = await backend.load_state(run_id)
+            assert state is not None and state["pipeline_id"] == tag
+        in_flight = asyncio.ensure_future(backend.list_workflows())
+        await asyncio.sleep(0)
+        in_flight.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await in_flight
+        return len(await backend.list_workflows(pipeline_id=tag))
+
+    for tag in ("first", "second"):
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            assert runner.run(session(tag)) == 64
+
+    async def count_on_asyncio() -> int:
+        try:
+            return len(await backend.list_workflows())
+        finally:
+            await backend.close()
+
+    assert asyncio.run(count_on_asyncio()) == 128
+
+
+@pytest.mark.parametrize("durability", ["full", "normal"])
 async def test_every_call_lets_other_tasks_run(db_path: Path, durability: str) -> None:
     # A lone call may be answered while the loop thread waits for it, without the loop
     # sleeping; it must still give other tasks a turn, or a task calling in a tight loop
