@@ -6,6 +6,8 @@ mod connection;
 mod open_files;
 mod options;
 mod queries;
+#[cfg(test)]
+mod query_plans;
 mod readers;
 mod recovery;
 mod run_history;

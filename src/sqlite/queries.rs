@@ -573,8 +573,8 @@ pub(crate) fn sql_offset(offset: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sqlite::options::SqliteOptions;
-    use crate::sqlite::schema;
+    use crate::engine::FreshLayout;
+    use crate::sqlite::query_plans::{prepared_file, query_plan};
 
     /// Numbers another program stored where text belongs read as JSON spells them, so that a
     /// JSON column gives back the same number and a status counts under its plain text.
@@ -598,18 +598,6 @@ mod tests {
         assert_eq!(status_text(&Value::Real(2.5)), "2.5");
     }
 
-    /// SQLite's plan for `sql`, one line per step.
-    fn plan(conn: &Connection, sql: &str) -> Vec<String> {
-        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-        // Unbound parameters are NULL; the plan does not depend on their values.
-        let mut rows = stmt.raw_query();
-        let mut steps = Vec::new();
-        while let Some(row) = rows.next().unwrap() {
-            steps.push(row.get::<_, String>(3).unwrap());
-        }
-        steps
-    }
-
     /// The admin queries must find their rows through our indexes, in order, without reading
     /// or sorting the table: a planner that drifted to a scan would still return right answers,
     /// only 50-100x slower, so nothing else would notice. The partial indexes are picked only
@@ -617,9 +605,7 @@ mod tests {
     #[test]
     fn admin_queries_read_our_indexes_without_scanning_or_sorting() {
         let dir = tempfile::tempdir().unwrap();
-        let options = SqliteOptions::new(dir.path().join("plans.db"));
-        let mut conn = Connection::open(&options.path).unwrap();
-        schema::prepare(&mut conn, &options).unwrap();
+        let (conn, _) = prepared_file(dir.path(), FreshLayout::default());
         let expected = [
             (
                 list_workflows_sql(true, false),
@@ -664,7 +650,7 @@ mod tests {
             ),
         ];
         for (sql, index) in expected {
-            let steps = plan(&conn, sql);
+            let steps = query_plan(&conn, sql, &[]);
             assert!(
                 steps
                     .iter()

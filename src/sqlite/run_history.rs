@@ -590,16 +590,7 @@ pub(crate) fn delete_run(conn: &Connection, run_id: &str) -> rusqlite::Result<()
 mod tests {
     use super::*;
     use crate::engine::FreshLayout;
-    use crate::sqlite::options::SqliteOptions;
-    use crate::sqlite::schema;
-
-    fn plan(conn: &Connection, sql: &str, values: &[Value]) -> Vec<String> {
-        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-        let rows = stmt
-            .query_map(params_from_iter(values), |row| row.get::<_, String>(3))
-            .unwrap();
-        rows.map(Result::unwrap).collect()
-    }
+    use crate::sqlite::query_plans::{prepared_file, query_plan as plan};
 
     /// `flujo lens` pages through runs: a plan that sorts every run would still list the right
     /// ones, only ~100x slower at 100,000 runs, so nothing else would notice.
@@ -607,10 +598,7 @@ mod tests {
     fn runs_are_paged_from_an_index_without_sorting_them_all() {
         let dir = tempfile::tempdir().unwrap();
         for fresh_layout in [FreshLayout::Flujo04, FreshLayout::Flujo06] {
-            let mut options = SqliteOptions::new(dir.path().join(format!("{fresh_layout:?}.db")));
-            options.fresh_layout = fresh_layout;
-            let mut conn = Connection::open(&options.path).unwrap();
-            let layout = schema::prepare(&mut conn, &options).unwrap();
+            let (conn, layout) = prepared_file(dir.path(), fresh_layout);
             let time = if layout.runs.contains("start_time") {
                 "start_time"
             } else {

@@ -174,16 +174,7 @@ fn span_statistics_statement(
 mod tests {
     use super::*;
     use crate::engine::FreshLayout;
-    use crate::sqlite::options::SqliteOptions;
-    use crate::sqlite::schema;
-
-    fn plan(conn: &Connection, sql: &str, values: &[Value]) -> Vec<String> {
-        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-        let rows = stmt
-            .query_map(params_from_iter(values), |row| row.get::<_, String>(3))
-            .unwrap();
-        rows.map(Result::unwrap).collect()
-    }
+    use crate::sqlite::query_plans::{prepared_file, query_plan as plan};
 
     /// A filter of `get_span_statistics` must narrow what is read, not only what is counted:
     /// a plan that reads every span gives the same answer, only ~100x slower at 100,000 runs.
@@ -191,10 +182,7 @@ mod tests {
     fn span_statistics_read_only_the_spans_their_filters_select() {
         let dir = tempfile::tempdir().unwrap();
         for fresh_layout in [FreshLayout::Flujo04, FreshLayout::Flujo06] {
-            let mut options = SqliteOptions::new(dir.path().join(format!("{fresh_layout:?}.db")));
-            options.fresh_layout = fresh_layout;
-            let mut conn = Connection::open(&options.path).unwrap();
-            schema::prepare(&mut conn, &options).unwrap();
+            let (conn, _) = prepared_file(dir.path(), fresh_layout);
             let by_pipeline = span_statistics_statement(Some("P"), None);
             let steps = plan(&conn, &by_pipeline.0, &by_pipeline.1);
             assert!(
