@@ -25,6 +25,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -511,6 +512,35 @@ def test_a_real_ctrl_c_under_load_leaves_no_task_that_never_wakes(tmp_path: Path
     _, _reached, in_flujo_sqlite, _stranded_by_asyncio = done.stdout.split()
     # The interrupt landed in our drain or shim at least once, so the rounds tested them.
     assert int(in_flujo_sqlite) >= 1, done.stdout
+
+
+def test_ctrl_c_ends_an_exit_waiting_for_writes_held_up_by_a_lock(tmp_path: Path) -> None:
+    """At exit the queued writes are finished, and they may wait up to ``lock_timeout`` for
+    another process's lock (here 120 s). A Ctrl-C then must end the wait, with a warning rather
+    than a traceback; before, the exit sat out the whole wait, deaf to Ctrl-C."""
+    db_path = tmp_path / "wf.db"
+    asyncio.run(seed_database(db_path, "before"))
+    with lock_held(db_path):
+        child = subprocess.Popen(
+            [sys.executable, str(PROGRAMS / "exit_waiting_for_a_lock.py"), str(db_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "exiting"
+            time.sleep(0.5)  # into the exit's wait
+            assert child.poll() is None, "the exit did not wait for the queued saves"
+            child.send_signal(signal.SIGINT)
+            _, stderr = child.communicate(timeout=30)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
+    assert "interrupted while closing at exit" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+    assert integrity(db_path) == "ok"
 
 
 class _InterruptedInCallSoon(asyncio.SelectorEventLoop):

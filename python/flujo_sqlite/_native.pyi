@@ -152,7 +152,8 @@ class NativeBackend:
     def close_blocking(self) -> None: ...
 
 def wait_for_dropped_backends() -> None:
-    """Wait until every backend dropped without ``close()`` has finished its queued writes."""
+    """Wait until every backend dropped without ``close()`` has finished its queued writes; a
+    Ctrl-C (``KeyboardInterrupt``) ends the wait, not the closing."""
 
 def register_serializer(type_: type, function: Callable[[Any], Any]) -> None:
     """Store instances of ``type_`` (and its subclasses) as ``function(obj)``, encoded again."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import importlib.metadata
+import logging
 import os
 import re
 import sys
@@ -181,10 +182,17 @@ def _installed_flujo_layout(python: tuple[int, int] = sys.version_info[:2]) -> s
 def _close_open_backends() -> None:
     # Acknowledged writes are already durable; this lets queued ones finish and threads stop.
     # Through the backends, so that one used again by a later exit hook opens its file again.
-    SQLiteBackend.shutdown_all()
-    for engine in list(_OPEN_ENGINES):  # those of backends already collected
-        engine.close_blocking()
-    wait_for_dropped_backends()
+    # Queued writes may wait up to lock_timeout for another process's lock: Ctrl-C ends that.
+    try:
+        SQLiteBackend.shutdown_all()
+        for engine in list(_OPEN_ENGINES):  # those of backends already collected
+            engine.close_blocking()
+        wait_for_dropped_backends()
+    except KeyboardInterrupt:
+        logging.getLogger(__name__).warning(
+            "interrupted while closing at exit: writes still queued, which no caller had been "
+            "told were stored, may not be; every acknowledged write is"
+        )
 
 
 def _start_afresh_in_a_forked_child() -> None:
@@ -468,7 +476,8 @@ class SQLiteBackend(_Base):
         await self._engine_to_close().close(_port())
 
     def close_sync(self) -> None:
-        """:meth:`close` for synchronous code (Flujo 0.6's name); waits without the GIL."""
+        """:meth:`close` for synchronous code (Flujo 0.6's name); waits without the GIL, and a
+        Ctrl-C ends the wait (the close goes on)."""
         self._engine_to_close().close_blocking()
 
     def _engine_to_close(self) -> NativeBackend:

@@ -39,6 +39,39 @@ pub(crate) struct NativeBackend {
 /// process that started each thread.
 static CLOSING: Mutex<Vec<(u32, JoinHandle<()>)>> = Mutex::new(Vec::new());
 
+/// How often a wait for an engine to close looks at the signals. A close finishes the queued
+/// writes, which may wait up to `lock_timeout` for another process's lock: Ctrl-C must still
+/// stop a program waiting for that, at exit above all.
+const LOOK_AT_SIGNALS_EVERY: Duration = Duration::from_millis(5);
+
+/// Closes `engine` on a thread of its own, which unparks `waiter` when done.
+fn close_on_its_own_thread(
+    engine: Arc<dyn StateEngine>,
+    waiter: Option<std::thread::Thread>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("flujo-sqlite-close".into())
+        .spawn(move || {
+            engine.close();
+            if let Some(waiter) = waiter {
+                waiter.unpark();
+            }
+        })
+}
+
+/// Waits without the GIL for `closing` to end, or for a signal whose handler raises
+/// (`KeyboardInterrupt`): then the close goes on without anyone waiting for it.
+fn join_closing(py: Python<'_>, closing: JoinHandle<()>) -> PyResult<()> {
+    while !closing.is_finished() {
+        py.detach(|| std::thread::park_timeout(LOOK_AT_SIGNALS_EVERY));
+        py.check_signals()?;
+    }
+    if closing.join().is_err() {
+        log::error!("closing a flujo-sqlite backend panicked");
+    }
+    Ok(())
+}
+
 impl Drop for NativeBackend {
     fn drop(&mut self) {
         if self.forked() {
@@ -50,11 +83,7 @@ impl Drop for NativeBackend {
         // us holding the GIL, perhaps on the event loop's thread (where an engine thread that
         // logs, which takes the GIL, would wait for us forever): close elsewhere, as `close`
         // does. `wait_for_dropped_backends` (run at exit) lets those writes finish.
-        let engine = Arc::clone(&self.engine);
-        let spawned = std::thread::Builder::new()
-            .name("flujo-sqlite-close".into())
-            .spawn(move || engine.close());
-        match spawned {
+        match close_on_its_own_thread(Arc::clone(&self.engine), None) {
             Ok(thread) => {
                 let mut closing = CLOSING.lock().unwrap_or_else(PoisonError::into_inner);
                 closing.retain(|(_, thread)| !thread.is_finished());
@@ -65,20 +94,20 @@ impl Drop for NativeBackend {
     }
 }
 
-/// Waits, without the GIL, until every backend dropped without `close()` has closed.
+/// Waits, without the GIL, until every backend dropped without `close()` has closed; a signal
+/// whose handler raises (Ctrl-C) stops the wait.
 #[pyfunction]
-pub(crate) fn wait_for_dropped_backends(py: Python<'_>) {
+pub(crate) fn wait_for_dropped_backends(py: Python<'_>) -> PyResult<()> {
     let threads = std::mem::take(&mut *CLOSING.lock().unwrap_or_else(PoisonError::into_inner));
     let this_process = std::process::id();
-    py.detach(|| {
-        for (owner_pid, thread) in threads {
-            if owner_pid != this_process {
-                std::mem::forget(thread); // a thread of the parent, inherited by fork()
-            } else if thread.join().is_err() {
-                log::error!("closing a dropped flujo-sqlite backend panicked");
-            }
+    for (owner_pid, thread) in threads {
+        if owner_pid != this_process {
+            std::mem::forget(thread); // a thread of the parent, inherited by fork()
+        } else {
+            join_closing(py, thread)?;
         }
-    });
+    }
+    Ok(())
 }
 
 impl NativeBackend {
@@ -640,7 +669,8 @@ impl NativeBackend {
                     warn,
                     "cannot start a thread to close on ({error}); closing on this one"
                 );
-                self.close_blocking(py);
+                let engine = Arc::clone(&self.engine);
+                py.detach(move || engine.close());
                 done.answer(Ok(Response::Done));
                 logged?;
             }
@@ -648,12 +678,20 @@ impl NativeBackend {
         Ok(future)
     }
 
-    /// Closes from synchronous code (interpreter exit, `__del__`-free cleanup); waits without the GIL.
-    fn close_blocking(&self, py: Python<'_>) {
+    /// Closes from synchronous code (interpreter exit, `__del__`-free cleanup); waits without
+    /// the GIL, and a signal whose handler raises (Ctrl-C) stops the wait, not the close.
+    fn close_blocking(&self, py: Python<'_>) -> PyResult<()> {
         if self.forked() {
-            return; // the parent's engine; the parent closes it
+            return Ok(()); // the parent's engine; the parent closes it
         }
-        let engine = Arc::clone(&self.engine);
-        py.detach(move || engine.close());
+        let waiter = std::thread::current();
+        match close_on_its_own_thread(Arc::clone(&self.engine), Some(waiter)) {
+            Ok(closing) => join_closing(py, closing),
+            // No thread to spare: wait here, as long as the close takes.
+            Err(_) => {
+                py.detach(|| self.engine.close());
+                Ok(())
+            }
+        }
     }
 }
