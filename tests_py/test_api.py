@@ -1206,7 +1206,9 @@ def test_uvloop_runs_the_calls_as_asyncio_does(db_path: Path, durability: str) -
     async def session(tag: str) -> int:
         assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
         run_ids = [f"{tag}-{i}" for i in range(64)]
-        await asyncio.gather(*(backend.save_state(r, build_state(pipeline_id=tag)) for r in run_ids))
+        await asyncio.gather(
+            *(backend.save_state(r, build_state(pipeline_id=tag)) for r in run_ids)
+        )
         loaded = await asyncio.gather(*(backend.load_state(r) for r in run_ids))
         assert [state and state["pipeline_id"] for state in loaded] == [tag] * 64
         for run_id in run_ids[:20]:  # one at a time: each a lone call
