@@ -2027,6 +2027,31 @@ async def test_logging_configured_after_a_first_backend_applies_to_the_next(
     ), [r.getMessage() for r in caplog.records]
 
 
+def test_records_logged_on_engine_threads_leave_no_phantom_threads(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Python's logging names a record's thread through ``threading.current_thread()``, which
+    for a thread Python did not start registers a ``_DummyThread`` that Python before 3.13
+    never removes: each engine thread that logged stayed in ``threading.enumerate()``, "alive",
+    after its backend closed, failing test suites' checks for threads left over."""
+    before = set(threading.enumerate())
+    with caplog.at_level(logging.INFO, logger="flujo_sqlite"):
+        for name in ("a.db", "b.db", "c.db"):
+
+            async def session(path: Path = tmp_path / name) -> None:
+                async with SQLiteBackend(path) as backend:
+                    await backend.save_state("r", build_state())
+
+            asyncio.run(session())
+    on_engine_threads = [
+        r
+        for r in caplog.records
+        if r.name.startswith("flujo_sqlite") and r.thread != threading.get_ident()
+    ]
+    assert on_engine_threads, [r.getMessage() for r in caplog.records]
+    assert [t for t in threading.enumerate() if t not in before] == []
+
+
 def test_first_open_of_a_filled_file_logs_its_index_builds(tmp_path: Path) -> None:
     """Building our indexes is the one slow step of opening a big file Flujo filled (seconds at
     a million runs), so each index is logged through `logging` as it is built, and only once."""

@@ -7,6 +7,7 @@ mod backend;
 mod completion;
 mod errors;
 mod from_python;
+mod logging;
 mod recovery;
 mod results;
 mod run_arguments;
@@ -56,10 +57,11 @@ pub(crate) fn refresh_log_levels_now_and_then() {
 
 pub(crate) fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     // Rust `log` records go to Python's `logging`, under the "flujo_sqlite" logger.
-    let installed = pyo3_log::Logger::new(module.py(), pyo3_log::Caching::LoggersAndLevels)?
-        .filter_target("flujo_sqlite".to_owned(), log::LevelFilter::Trace)
-        .install();
-    if let Ok(levels) = installed {
+    let records = pyo3_log::Logger::new(module.py(), pyo3_log::Caching::LoggersAndLevels)?
+        .filter_target("flujo_sqlite".to_owned(), log::LevelFilter::Trace);
+    let levels = records.reset_handle();
+    if log::set_boxed_logger(Box::new(logging::Logger::new(module.py(), records)?)).is_ok() {
+        log::set_max_level(log::LevelFilter::Trace);
         let _ = LOG_LEVELS.set(levels);
     }
     module.add("__version__", env!("CARGO_PKG_VERSION"))?;
