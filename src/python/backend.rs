@@ -44,18 +44,16 @@ static CLOSING: Mutex<Vec<(u32, JoinHandle<()>)>> = Mutex::new(Vec::new());
 /// stop a program waiting for that, at exit above all.
 const LOOK_AT_SIGNALS_EVERY: Duration = Duration::from_millis(5);
 
-/// Closes `engine` on a thread of its own, which unparks `waiter` when done.
+/// Closes `engine` on a thread of its own, then runs `then` there.
 fn close_on_its_own_thread(
     engine: Arc<dyn StateEngine>,
-    waiter: Option<std::thread::Thread>,
+    then: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("flujo-sqlite-close".into())
         .spawn(move || {
             engine.close();
-            if let Some(waiter) = waiter {
-                waiter.unpark();
-            }
+            then();
         })
 }
 
@@ -83,7 +81,7 @@ impl Drop for NativeBackend {
         // us holding the GIL, perhaps on the event loop's thread (where an engine thread that
         // logs, which takes the GIL, would wait for us forever): close elsewhere, as `close`
         // does. `wait_for_dropped_backends` (run at exit) lets those writes finish.
-        match close_on_its_own_thread(Arc::clone(&self.engine), None) {
+        match close_on_its_own_thread(Arc::clone(&self.engine), || ()) {
             Ok(thread) => {
                 let mut closing = CLOSING.lock().unwrap_or_else(PoisonError::into_inner);
                 closing.retain(|(_, thread)| !thread.is_finished());
@@ -647,17 +645,13 @@ impl NativeBackend {
             done.answer(Ok(Response::Done)); // the parent's engine; the parent closes it
             return Ok(future);
         }
-        let engine = Arc::clone(&self.engine);
         // `done` is handed over once the thread exists, so it is still ours if it cannot start.
         let (hand_over, take) = std::sync::mpsc::channel::<Completion>();
-        let spawned = std::thread::Builder::new()
-            .name("flujo-sqlite-close".into())
-            .spawn(move || {
-                engine.close();
-                if let Ok(done) = take.recv() {
-                    done.answer(Ok(Response::Done));
-                }
-            });
+        let spawned = close_on_its_own_thread(Arc::clone(&self.engine), move || {
+            if let Ok(done) = take.recv() {
+                done.answer(Ok(Response::Done));
+            }
+        });
         match spawned {
             Ok(_) => {
                 let _ = hand_over.send(done);
@@ -685,7 +679,7 @@ impl NativeBackend {
             return Ok(()); // the parent's engine; the parent closes it
         }
         let waiter = std::thread::current();
-        match close_on_its_own_thread(Arc::clone(&self.engine), Some(waiter)) {
+        match close_on_its_own_thread(Arc::clone(&self.engine), move || waiter.unpark()) {
             Ok(closing) => join_closing(py, closing),
             // No thread to spare: wait here, as long as the close takes.
             Err(_) => {
